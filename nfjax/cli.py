@@ -1,0 +1,176 @@
+"""The ``nfjax`` command line.
+
+Each subcommand is a thin handler: parse arguments, call the library, print a short
+report. User errors (:class:`nfjax.errors.NfjaxError`, unreadable files) are printed as one
+line on stderr with exit status 2; no traceback. ``NFJAX_DEBUG=1`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nfjax import __version__
+from nfjax.errors import NfjaxError
+
+
+# --------------------------------------------------------------------------- params
+def _cmd_params_check(args: argparse.Namespace) -> int:
+    from nfjax.params import format_params, read_params
+
+    params = read_params(args.file)
+    for warning in params.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(format_params(params), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- hkls
+def _cmd_hkls(args: argparse.Namespace) -> int:
+    from nfjax.crystal import hkls_from_params, ring_summary
+    from nfjax.io.hkls import write_hkls_csv
+    from nfjax.params import read_params
+
+    params = read_params(args.file)
+    table = hkls_from_params(params)
+    write_hkls_csv(table, args.output)
+    print(f"{len(table.d)} reflections in {int(table.ring.max()) if len(table.d) else 0} rings "
+          f"-> {args.output}")
+    for ring in ring_summary(table):
+        print(ring)
+    return 0
+
+
+# --------------------------------------------------------------------------- grid
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from nfjax.grid import grid_from_params
+    from nfjax.io.gridfile import write_grid
+    from nfjax.params import read_params
+
+    params = read_params(args.file)
+    grid = grid_from_params(params)
+    write_grid(grid, args.output)
+    print(f"{grid.shape[0]} grid points (GridSize {params.grid_size:g} um, "
+          f"EdgeLength {params.edge_length_effective:g} um, Rsample {params.rsample:g} um) "
+          f"-> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- seeds
+def _cmd_seeds_from_grains(args: argparse.Namespace) -> int:
+    from nfjax.io.grains import read_grains_csv
+    from nfjax.io.seeds import write_seeds_from_grains
+    from nfjax.seeds import seeds_from_grains
+
+    grains = read_grains_csv(args.grains)
+    quats = seeds_from_grains(grains)
+    write_seeds_from_grains(args.output, quats, grains)
+    print(f"{quats.shape[0]} seed orientations from {args.grains} -> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from nfjax.compare import compare_mics, format_comparison
+
+    result = compare_mics(args.a, args.b, space_group=args.space_group)
+    print(format_comparison(result), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nfjax.crystal import hkls_from_params, ring_summary
+    from nfjax.data import au_example
+    from nfjax.params import format_params, read_params
+
+    files = au_example()
+    params = read_params(files["params"])
+    print(f"nfjax {__version__} demo: the bundled MIDAS Au example ({files['params']})")
+    print()
+    print(format_params(params), end="")
+    table = hkls_from_params(params)
+    print()
+    print(f"{len(table.d)} reflections in {int(table.ring.max())} rings:")
+    for ring in ring_summary(table):
+        print(f"  {ring}")
+    print()
+    print("The forward model and reconstruction have not landed yet: this demo only parses "
+          "the example and lists its rings.")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nfjax",
+        description="GPU-first JAX near-field HEDM reconstruction (MIDAS-compatible).",
+    )
+    parser.add_argument("--version", action="version", version=f"nfjax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p_params = sub.add_parser("params", help="inspect MIDAS parameter files")
+    params_sub = p_params.add_subparsers(dest="params_command", metavar="ACTION")
+    params_sub.required = True
+    p_check = params_sub.add_parser(
+        "check", help="parse and validate a parameter file; print the normalised values")
+    p_check.add_argument("file", help="MIDAS parameter file")
+    p_check.set_defaults(func=_cmd_params_check)
+
+    p_hkls = sub.add_parser("hkls", help="write hkls.csv (MIDAS GetHKLListNF)")
+    p_hkls.add_argument("file", help="MIDAS parameter file")
+    p_hkls.add_argument("-o", "--output", default="hkls.csv", help="output (default hkls.csv)")
+    p_hkls.set_defaults(func=_cmd_hkls)
+
+    p_grid = sub.add_parser("grid", help="write grid.txt (MIDAS MakeHexGrid + masks)")
+    p_grid.add_argument("file", help="MIDAS parameter file")
+    p_grid.add_argument("-o", "--output", default="grid.txt", help="output (default grid.txt)")
+    p_grid.set_defaults(func=_cmd_grid)
+
+    p_seeds = sub.add_parser("seeds", help="seed orientation files")
+    seeds_sub = p_seeds.add_subparsers(dest="seeds_command", metavar="ACTION")
+    seeds_sub.required = True
+    p_fg = seeds_sub.add_parser(
+        "from-grains", help="one seed per far-field grain (MIDAS GenSeedOrientationsFF2NFHEDM)")
+    p_fg.add_argument("grains", help="far-field Grains.csv")
+    p_fg.add_argument("-o", "--output", default="seeds.csv", help="output (default seeds.csv)")
+    p_fg.set_defaults(func=_cmd_seeds_from_grains)
+
+    p_cmp = sub.add_parser(
+        "compare", help="per-voxel misorientation between two mic files matched by position")
+    p_cmp.add_argument("a", help="mic file to evaluate (text or binary)")
+    p_cmp.add_argument("b", help="reference mic file (text or binary), e.g. ground truth")
+    p_cmp.add_argument("--space-group", type=int, default=225,
+                       help="space group for crystal symmetry (default 225)")
+    p_cmp.set_defaults(func=_cmd_compare)
+
+    p_demo = sub.add_parser("demo", help="run the bundled Au example")
+    p_demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NfjaxError as exc:
+        if os.environ.get("NFJAX_DEBUG"):
+            raise
+        print(f"nfjax: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if os.environ.get("NFJAX_DEBUG"):
+            raise
+        name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"nfjax: error: {name}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nfjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

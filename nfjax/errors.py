@@ -1,0 +1,20 @@
+"""User-facing error type.
+
+Every error caused by the user's input (a parameter file, a data file, a command-line
+value) is raised as :class:`NfjaxError` with a one-line message naming the file, the key or
+line, what was expected and what was found. The CLI prints that line and exits non-zero,
+without a traceback. Programming errors keep their ordinary exception types.
+"""
+from __future__ import annotations
+
+
+class NfjaxError(Exception):
+    """An error in the user's input, with a one-line, self-explanatory message."""
+
+
+class ParamError(NfjaxError):
+    """A problem in a MIDAS parameter file (missing key, wrong count, bad value)."""
+
+
+class InputFileError(NfjaxError):
+    """A data file that is missing, unreadable, or has the wrong size or format."""

@@ -1,0 +1,38 @@
+"""Shared test fixtures: paths to the reference data and the bundled fixtures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import nfjax  # noqa: F401  (turns on x64 before any test builds arrays)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = ROOT / "tests" / "data"
+SHARED = Path(os.environ.get("NFJAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+MIDAS_AU = SHARED / "midas-au"
+REF_RUN = MIDAS_AU / "reference-run"
+FFBIDX = SHARED / "ffbidx-simple"
+
+
+def need(path: Path) -> Path:
+    """Return ``path`` or skip the test with a clear reason if the shared data is absent."""
+    if not path.exists():
+        pytest.skip(f"reference data not available: {path} (set NFJAX_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def ref_run() -> Path:
+    return need(REF_RUN)
+
+
+@pytest.fixture
+def midas_au() -> Path:
+    return need(MIDAS_AU)
+
+
+@pytest.fixture
+def ffbidx_data() -> Path:
+    return need(FFBIDX)
