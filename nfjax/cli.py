@@ -79,6 +79,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- index
+def _cmd_index(args: argparse.Namespace) -> int:
+    from nfjax.indexer.cli import run_index
+
+    return run_index(args)
+
+
+# --------------------------------------------------------------------------- process
+def _cmd_process(args: argparse.Namespace) -> int:
+    from nfjax.images import run_process
+
+    return run_process(args)
+
+
 # --------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nfjax.crystal import hkls_from_params, ring_summary
@@ -145,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--space-group", type=int, default=225,
                        help="space group for crystal symmetry (default 225)")
     p_cmp.set_defaults(func=_cmd_compare)
+
+    p_index = sub.add_parser(
+        "index", help="index serial-crystallography spot files (fast feedback indexer)")
+    p_index.add_argument("files", nargs="+", metavar="FILE", help="simple-data spot files")
+    p_index.add_argument("--method", default="ifssr", choices=["raw", "ifss", "ifse", "ifssr"],
+                         help="refinement method (default ifssr)")
+    p_index.add_argument("--json", action="store_true", help="one JSON object per file per line")
+    p_index.set_defaults(func=_cmd_index)
+
+    p_proc = sub.add_parser(
+        "process", help="raw TIFF frames -> SpotsInfo.bin (MIDAS ProcessImagesCombined)")
+    p_proc.add_argument("params", help="MIDAS parameter file")
+    p_proc.add_argument("--distance", type=int, action="append", metavar="L",
+                        help="process only distance L (1-based; repeatable; default all)")
+    p_proc.add_argument("--max-memory", default=None,
+                        help="host/device memory budget, e.g. 4GB (default: automatic)")
+    p_proc.add_argument("-o", "--output", default=None,
+                        help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
+    p_proc.set_defaults(func=_cmd_process)
 
     p_demo = sub.add_parser("demo", help="run the bundled Au example")
     p_demo.set_defaults(func=_cmd_demo)

@@ -1,0 +1,352 @@
+"""The forward model: where a voxel of a given orientation lights up the NF detector.
+
+Owns the physics of reference §5, written for ONE orientation / ONE spot / ONE voxel and
+lifted with ``jax.vmap`` by the callers (simulation, screening, refinement, calibration and
+users' own code all call these functions; there is no second copy):
+
+* :func:`predict_spots` — Bragg solutions ω (both), η, pole exclusion, ω-range/box filter and
+  the ideal spot position (yl, zl) on the untilted detector at the first distance. Output
+  is a fixed-size, masked :class:`Spots` of ``2·R`` slots (slot ``2i+s`` = reflection i,
+  solution s), so it jits and vmaps; compacting the valid slots gives MIDAS's order.
+* :func:`displace`, :func:`project` — the voxel-vertex ray shift and the tilted-detector
+  projection (§5.2–5.3), in pixels at distance 0.
+* :func:`footprint_offsets` — MIDAS's triangle rasteriser ``CalcPixels2`` on a static box,
+  or the single-pixel rule when the probe triangle is smaller than a pixel (§5.4).
+* :func:`spot_footprint` — everything per (voxel, spot): frame bin (with the wedge
+  correction), vertex-in-detector test, footprint pixels at every distance.
+
+Units: µm for lengths, degrees for ω, η, θ and tilts, radians only for Euler angles,
+pixels for detector coordinates, Å⁻¹ for reciprocal vectors (no 2π). Everything is pure
+``jnp``: no I/O, no globals, no device transfers, and dtype follows the inputs (float64 for
+files and parity, float32 for the accelerator). Integer outputs (pixels, frames) are int32.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from nfjax.geometry import Geometry, tilt_matrix
+
+Array = Any
+
+_LIN_EPS = 1e-12   # |Gy| below which MIDAS solves the linear Bragg branch
+_EDGE_D2 = 0.9801  # (0.99 px)^2: rasteriser edge-distance acceptance
+
+
+class Spots(NamedTuple):
+    """Predicted spots of one orientation; every field has shape ``(2R,)``.
+
+    ``yl, zl`` µm on the ideal detector at ``lsd[0]`` relative to the beam centre;
+    ``omega``, ``eta`` deg; ``theta`` deg (Bragg angle of the reflection); ``refl`` index of
+    the reflection in the (ring-selected) list; ``valid`` the MIDAS keep mask.
+    """
+
+    yl: Array
+    zl: Array
+    omega: Array
+    eta: Array
+    theta: Array
+    refl: Array
+    valid: Array
+
+
+def round_half_away(x: Array) -> Array:
+    """C ``round``: halves away from zero, exact for every float (no ``x + 0.5`` rounding)."""
+    t = jnp.trunc(x)
+    return t + jnp.where(jnp.abs(x - t) >= 0.5, jnp.sign(x), jnp.zeros_like(x))
+
+
+def _safe(x: Array, bad: Array, fill=1.0) -> Array:
+    """Replace ``x`` by ``fill`` where ``bad`` (keeps gradients finite through ``where``)."""
+    return jnp.where(bad, jnp.asarray(fill, x.dtype), x)
+
+
+def eta_deg(y: Array, z: Array) -> Array:
+    """Azimuth η (deg) of a detector/vector component pair: 0 at +z, positive towards −y."""
+    r = jnp.sqrt(y * y + z * z)
+    ratio = jnp.clip(z / _safe(r, r == 0), -1.0, 1.0)
+    eta = jnp.rad2deg(jnp.arccos(ratio))
+    return jnp.where(y > 0, -eta, eta)
+
+
+def bragg_v(g: Array, theta: Array, orient: Array | None = None) -> Array:
+    """Right-hand side ``v = sin θ · |G|`` of the Bragg equation for each reflection.
+
+    With ``orient`` given, |G| is taken of the rotated vector ``U·g`` (MakeDiffrSpots, where
+    U comes from an un-normalised seed quaternion); without, of ``g`` (the fitter's
+    precomputed value). ``g (R,3)``, ``theta (R,)`` deg → ``(R,)``.
+    """
+    G = g if orient is None else g @ orient.T
+    return jnp.sin(jnp.deg2rad(theta)) * jnp.linalg.norm(G, axis=-1)
+
+
+def solve_omega(G: Array, v: Array) -> tuple[Array, Array]:
+    """Both ω (deg) with ``−Gx cos ω + Gy sin ω = v`` for each rotated vector ``G (R,3)``.
+
+    Returns ``omega (R,2)`` and ``ok (R,2)``; MIDAS's branch and tie rules (§5.1 step 3):
+    the linear branch for |Gy| < 1e-12, otherwise the two roots of the quadratic in cos ω,
+    each given the sign of sin ω that satisfies the equation better (ties → negative).
+    """
+    gx, gy = G[..., 0], G[..., 1]
+    linear = jnp.abs(gy) < _LIN_EPS
+    # Linear branch: cos ω = −v/Gx, solutions +acos then −acos.
+    gx_s = _safe(gx, gx == 0)
+    cl = -v / gx_s
+    ok_lin = linear & (gx != 0) & (jnp.abs(cl) <= 1)
+    w_lin = jnp.arccos(jnp.clip(cl, -1.0, 1.0))
+    # Quadratic branch.
+    gy_s = _safe(gy, linear)
+    gy2 = gy_s * gy_s
+    a = 1 + gx * gx / gy2
+    b = 2 * v * gx / gy2
+    c = v * v / gy2 - 1
+    disc = b * b - 4 * a * c
+    ok_disc = (~linear) & (disc >= 0)
+    sq = jnp.sqrt(jnp.where(ok_disc, disc, jnp.zeros_like(disc)))
+    roots = jnp.stack([(-b + sq) / (2 * a), (-b - sq) / (2 * a)], axis=-1)  # cos ω
+    ok_q = ok_disc[..., None] & (jnp.abs(roots) <= 1)
+    wa = jnp.arccos(jnp.clip(roots, -1.0, 1.0))
+    wb = -wa
+    ea = jnp.abs(-gx[..., None] * jnp.cos(wa) + gy[..., None] * jnp.sin(wa) - v[..., None])
+    eb = jnp.abs(-gx[..., None] * jnp.cos(wb) + gy[..., None] * jnp.sin(wb) - v[..., None])
+    w_q = jnp.where(ea < eb, wa, wb)
+    w = jnp.where(linear[..., None], jnp.stack([w_lin, -w_lin], axis=-1), w_q)
+    ok = jnp.where(linear[..., None], jnp.stack([ok_lin, ok_lin], axis=-1), ok_q)
+    return jnp.rad2deg(w), ok
+
+
+def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
+                  v: Array | None = None) -> Spots:
+    """Spots of one orientation (MakeDiffrSpots / CalcDiffractionSpots, §5.1).
+
+    ``orient (3,3)`` orientation matrix U (crystal → lab at ω = 0); ``g (R,3)`` reciprocal
+    vectors (Å⁻¹) and ``theta (R,)`` Bragg angles (deg) of the ring-selected reflections;
+    ``v (R,)`` the Bragg right-hand side (default ``bragg_v(g, theta, orient)``, as
+    MakeDiffrSpots; pass ``bragg_v(g, theta)`` for the fitter's convention).
+    Returns :class:`Spots` with ``2R`` slots in MIDAS order (reflection, then solution).
+    """
+    dtype = jnp.result_type(orient, g)
+    G = g @ orient.T
+    if v is None:
+        v = bragg_v(g, theta, orient)
+    omega, ok = solve_omega(G, v)                       # (R,2)
+    w = jnp.deg2rad(omega)
+    gwy = jnp.sin(w) * G[:, 0:1] + jnp.cos(w) * G[:, 1:2]
+    gwz = jnp.broadcast_to(G[:, 2:3], gwy.shape)
+    eta = eta_deg(gwy, gwz)
+    epa = geom.exclude_pole_angle
+    ok = ok & ~((jnp.abs(eta) < epa) | (180 - jnp.abs(eta) < epa))
+    radius = geom.lsd[0] * jnp.tan(jnp.deg2rad(2 * theta))[:, None]
+    e = jnp.deg2rad(eta)
+    yl = -jnp.sin(e) * radius
+    zl = jnp.cos(e) * radius
+    in_any = jnp.zeros_like(ok)
+    for (olo, ohi), (ymin, ymax, zmin, zmax) in zip(geom.omega_ranges, geom.box_sizes):
+        in_any = in_any | ((omega > olo) & (omega < ohi) & (yl > ymin) & (yl < ymax)
+                           & (zl > zmin) & (zl < zmax))
+    ok = ok & in_any
+    n = g.shape[0]
+    refl = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, 2))
+    th = jnp.broadcast_to(theta[:, None], (n, 2)).astype(dtype)
+    flat = lambda x: x.reshape(-1)  # noqa: E731
+    return Spots(flat(yl), flat(zl), flat(omega), flat(eta), flat(th), flat(refl), flat(ok))
+
+
+def displace(verts: Array, yl: Array, zl: Array, omega: Array, lsd0: Array):
+    """Ideal-detector position of the ray through each voxel vertex (§5.2).
+
+    ``verts (K,2)`` sample-frame (x, y) µm; spot ``yl, zl`` µm, ``omega`` deg; returns
+    ``Y (K,), Z (K,)`` µm on the plane x = lsd0 (the ray from the rotated vertex parallel to
+    the ray from the origin to (lsd0, yl, zl)).
+    """
+    w = jnp.deg2rad(omega)
+    c, s = jnp.cos(w), jnp.sin(w)
+    a, b = verts[..., 0], verts[..., 1]
+    xa = a * c - b * s
+    ya = a * s + b * c
+    t = 1 - xa / lsd0
+    return ya + yl * t, zl * t
+
+
+def project(Y: Array, Z: Array, geom: Geometry, rt: Array | None = None):
+    """Tilted-detector pixel coordinates at distance 0 of ideal points ``(Y, Z)`` µm (§5.3).
+
+    ``rt`` is ``tilt_matrix(geom.tilts)`` (pass it in when projecting many points).
+    Returns ``(y_px, z_px)`` floats, same shape as ``Y``.
+    """
+    if rt is None:
+        rt = tilt_matrix(geom.tilts)
+    lsd0 = geom.lsd[0]
+    p0 = -lsd0 * rt[:, 0]                       # R_t · (−Lsd0, 0, 0)
+    p1x = Y * rt[0, 1] + Z * rt[0, 2]           # R_t · (0, Y, Z)
+    p1y = Y * rt[1, 1] + Z * rt[1, 2]
+    p1z = Y * rt[2, 1] + Z * rt[2, 2]
+    dx, dy, dz = p1x - p0[0], p1y - p0[1], p1z - p0[2]
+    yp = p0[1] - dy * p0[0] / dx
+    zp = p0[2] - dz * p0[0] / dx
+    return yp / geom.px + geom.ybc[0], zp / geom.px + geom.zbc[0]
+
+
+def footprint_box(edge_length: float, px: float) -> int:
+    """Static side (pixels) of the raster box that holds any footprint of a probe triangle
+    of edge ``edge_length`` µm; 1 when MIDAS uses its single-pixel rule (E ≤ px)."""
+    import math
+
+    if edge_length <= px:
+        return 1
+    return int(math.ceil(edge_length / px)) + 3
+
+
+def footprint_offsets(rel: Array, box: int) -> tuple[Array, Array, Array]:
+    """Pixel offsets of a projected triangle footprint (MIDAS ``CalcPixels2``, §5.4).
+
+    ``rel (3,2)`` vertex positions relative to the projected spot centre, px. ``box`` is
+    static: 1 selects the single-pixel rule (offset = rounded mean vertex), otherwise the
+    rasteriser runs over a ``box × box`` window from the rounded bounding-box corner.
+    Returns ``oy (P,), oz (P,)`` int32 and ``ok (P,)`` with ``P = box²`` (z-major order).
+    """
+    if box == 1:
+        m = jnp.mean(rel, axis=0)
+        o = round_half_away(m).astype(jnp.int32)
+        return o[0:1], o[1:2], jnp.ones((1,), bool)
+    vr = round_half_away(rel)
+    ymin, zmin = jnp.min(vr[:, 0]), jnp.min(vr[:, 1])
+    ymax, zmax = jnp.max(vr[:, 0]), jnp.max(vr[:, 1])
+    steps = jnp.arange(box, dtype=rel.dtype)
+    pz, py = jnp.meshgrid(zmin + steps, ymin + steps, indexing="ij")   # outer z, inner y
+    py, pz = py.reshape(-1), pz.reshape(-1)
+    in_box = (py <= ymax) & (pz <= zmax)
+    v0, v1, v2 = vr[0], vr[1], vr[2]
+
+    def orient(a, b):
+        return (b[0] - a[0]) * (pz - a[1]) - (b[1] - a[1]) * (py - a[0])
+
+    o12, o20, o01 = orient(v1, v2), orient(v2, v0), orient(v0, v1)
+    inside = (o12 >= 0) & (o20 >= 0) & (o01 >= 0)
+
+    def near(o, a, b):
+        e2 = (b[0] - a[0]) ** 2 + (b[1] - a[1]) ** 2
+        # A zero-length edge gives 0/0 or x/0 in MIDAS: the comparison is false.
+        return (e2 > 0) & (o * o < _EDGE_D2 * _safe(e2, e2 == 0))
+
+    take = inside | near(o12, v1, v2) | near(o20, v2, v0) | near(o01, v0, v1)
+    return py.astype(jnp.int32), pz.astype(jnp.int32), in_box & take
+
+
+def correct_wedge(eta: Array, theta: Array, wavelength: float, wedge: Array) -> Array:
+    """ω shift δ (deg) of a spot at azimuth ``eta`` and Bragg angle ``theta`` (deg) for a
+    rotation axis tilted by ``wedge`` (deg) about y (MIDAS ``CorrectWedge``, §5.7).
+
+    nfjax passes the Bragg angle θ here; MIDAS's NF code passes 2θ (a bug, inert at
+    Wedge 0). Returns 0 where |wedge| < 1e-10.
+    """
+    th, et, wr = jnp.deg2rad(theta), jnp.deg2rad(eta), jnp.deg2rad(wedge)
+    ds = 2 * jnp.sin(th) / wavelength
+    pole = jnp.abs(jnp.abs(eta) - 90) == 0
+    k1 = -ds * jnp.sin(th)
+    k2 = jnp.where(pole, -jnp.sign(eta) * jnp.cos(th), -ds * jnp.cos(th) * jnp.sin(et))
+    k3 = jnp.where(pole, 0.0, ds * jnp.cos(th) * jnp.cos(et))
+    k1w = k1 * jnp.cos(wr) + k3 * jnp.sin(wr)
+    k3w = k3 * jnp.cos(wr) - k1 * jnp.sin(wr)
+    norm = jnp.sqrt(k1w * k1w + k2 * k2 + k3w * k3w)
+    scale = ds / _safe(norm, norm == 0)
+    g1, g2, g3 = k1w * scale, k2 * scale, k3w * scale
+    A = -(g1 * g1 + g2 * g2 + g3 * g3) * wavelength / 2
+    a = g1 * g1 + g2 * g2
+    a_s = _safe(a, a == 0)
+
+    def roots(b, c):
+        d = b * b - 4 * a * c
+        ok = d >= 0
+        sq = jnp.sqrt(jnp.where(ok, d, 0.0))
+        r1 = (-b + sq) / (2 * a_s)
+        r2 = (-b - sq) / (2 * a_s)
+        r1 = jnp.where(ok & (jnp.abs(r1) <= 1), r1, 0.0)
+        r2 = jnp.where(ok & (jnp.abs(r2) <= 1), r2, 0.0)
+        return r1, r2
+
+    s1, s2 = roots(2 * A * g2, A * A - g1 * g1)
+    c1, c2 = roots(-2 * A * g1, A * A - g2 * g2)
+    straight = jnp.abs(s1 * s1 + c1 * c1 - 1) < jnp.abs(s1 * s1 + c2 * c2 - 1)
+    w1 = jnp.arctan2(s1, jnp.where(straight, c1, c2))
+    w2 = jnp.arctan2(s2, jnp.where(straight, c2, c1))
+    delta = jnp.rad2deg(jnp.where(jnp.abs(w1) <= jnp.abs(w2), w1, w2))
+    return jnp.where(jnp.abs(wedge) < 1e-10, jnp.zeros_like(delta), delta)
+
+
+def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array, Array]:
+    """Frame bin of a spot and whether it is inside the scan (§5.6–5.7).
+
+    With a non-zero wedge the ω is corrected first (θ from the spot radius, see
+    :func:`correct_wedge`), wrapped once into (−180, 180), and must lie strictly inside one
+    of the ω ranges. Returns ``frame`` (int32) and ``ok``.
+    """
+    eta = eta_deg(yl, zl)
+    theta = 0.5 * jnp.rad2deg(jnp.arctan(jnp.sqrt(yl * yl + zl * zl) / geom.lsd[0]))
+    delta = correct_wedge(eta, theta, geom.wavelength, geom.wedge)
+    w = omega - delta
+    w = jnp.where(w >= 180, w - 360, jnp.where(w <= -180, w + 360, w))
+    in_range = jnp.zeros(jnp.shape(w), bool)
+    for olo, ohi in geom.omega_ranges:
+        in_range = in_range | ((w > olo) & (w < ohi))
+    ok = jnp.where(jnp.abs(geom.wedge) < 1e-10, True, in_range)
+    fbin = jnp.floor((w - geom.omega_start) / geom.omega_step)
+    ok = ok & (fbin >= 0) & (fbin < geom.n_frames)
+    return jnp.clip(fbin, -1, geom.n_frames).astype(jnp.int32), ok
+
+
+class Footprint(NamedTuple):
+    """Detector pixels of one (voxel, spot) pair.
+
+    ``frame ()`` int32 and ``frame_ok``; ``verts_in`` whether all three projected vertices
+    are on the detector (the fitter's spot test); ``py, pz (P, D)`` int32 pixel indices per
+    footprint pixel and distance; ``pix_ok (P,)`` the rasteriser mask; ``in_range (P, D)``
+    whether each pixel is on the detector at each distance.
+    """
+
+    frame: Array
+    frame_ok: Array
+    verts_in: Array
+    py: Array
+    pz: Array
+    pix_ok: Array
+    in_range: Array
+
+
+def spot_footprint(verts: Array, yl: Array, zl: Array, omega: Array, geom: Geometry,
+                   box: int, rt: Array | None = None) -> Footprint:
+    """Footprint of the probe triangle ``verts (3,2)`` µm for one spot (§5.4 steps 1–5).
+
+    The footprint offsets are computed once at distance 0 (tilted) and reused at every
+    distance around the spot centre scaled by the Lsd ratio (MIDAS's multi-distance
+    approximation, kept because calibrated geometries are defined through it).
+    """
+    if rt is None:
+        rt = tilt_matrix(geom.tilts)
+    frame, frame_ok = frame_of(omega, yl, zl, geom)
+    Y, Z = displace(verts, yl, zl, omega, geom.lsd[0])
+    ty, tz = project(Y, Z, geom, rt)
+    verts_in = jnp.all((ty <= geom.nr_pixels_y) & (ty >= 0)
+                       & (tz <= geom.nr_pixels_z) & (tz >= 0))
+    cy, cz = project(yl, zl, geom, rt)
+    rel = jnp.stack([ty - cy, tz - cz], axis=-1)
+    oy, oz, pix_ok = footprint_offsets(rel, box)
+    px = geom.px
+    ratio = geom.lsd / geom.lsd[0]
+    base_y = jnp.floor(((cy - geom.ybc[0]) * px) * ratio / px + geom.ybc).astype(jnp.int32)
+    base_z = jnp.floor(((cz - geom.zbc[0]) * px) * ratio / px + geom.zbc).astype(jnp.int32)
+    py = base_y[None, :] + oy[:, None]
+    pz = base_z[None, :] + oz[:, None]
+    in_range = (py >= 0) & (py < geom.nr_pixels_y) & (pz >= 0) & (pz < geom.nr_pixels_z)
+    return Footprint(frame, frame_ok, verts_in, py, pz, pix_ok, in_range)
+
+
+def bit_indices(fp: Footprint, geom: Geometry) -> Array:
+    """SpotsInfo.bit index ``((L·nFrames + frame)·NY + y)·NZ + z`` for each footprint pixel
+    and distance, ``(P, D)`` int64 (invalid entries are garbage: mask them)."""
+    n_dist = fp.py.shape[-1]
+    dist = jnp.arange(n_dist, dtype=jnp.int64)[None, :]
+    k = (dist * geom.n_frames + fp.frame.astype(jnp.int64)) * geom.nr_pixels_y
+    k = (k + fp.py.astype(jnp.int64)) * geom.nr_pixels_z + fp.pz.astype(jnp.int64)
+    return k
