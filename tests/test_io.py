@@ -1,0 +1,154 @@
+"""Mic files (binary, text, AllMatches): byte parity with MIDAS's FitOrientationOMP/ParseMic."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nfjax.errors import InputFileError
+from nfjax.grid import make_hex_grid, up_down
+from nfjax.io.mic import (MicData, read_allmatches, read_binary_mic, read_mic, read_text_mic,
+                          write_allmatches, write_binary_mic, write_text_mic)
+
+
+# --------------------------------------------------------------------------- binary
+def test_binary_mic_reads_and_writes_back_identically(ref_run, tmp_path):
+    src = ref_run / "Au_bin_Reconstructed.mic"
+    size = src.stat().st_size
+    assert size % 88 == 0 and size // 88 == 3456
+    mic = read_binary_mic(src)
+    assert mic.kind == "binary" and mic.records.shape == (3456, 11)
+    assert mic.records.dtype == np.float64
+    # independent decode of record 0 and the holes ParseMic drops
+    first = np.frombuffer(src.read_bytes()[:88], "<f8")
+    assert np.array_equal(mic.records[0], first)
+    assert int(np.sum(mic.records[:, 10] == 0)) == 23
+    assert int(np.sum(np.all(mic.records == 0, axis=1))) == 23  # holes are all-zero records
+    out = tmp_path / "b.mic"
+    write_binary_mic(out, mic.records)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_binary_mic_rows_are_grid_rows(ref_run):
+    mic = read_binary_mic(ref_run / "Au_bin_Reconstructed.mic")
+    grid = make_hex_grid(2.5, 1, 50)
+    ok = mic.valid
+    assert np.array_equal(mic.xy[ok], grid[ok, 2:4])
+    assert np.array_equal(mic.up_down[ok], up_down(grid)[ok])
+    assert np.all(mic.records[ok, 5] == 1.0)
+
+
+def test_text_mic_from_binary_byte_equal_to_parsemic(ref_run, tmp_path):
+    mic = read_binary_mic(ref_run / "Au_bin_Reconstructed.mic")
+    out = tmp_path / "t.mic"
+    write_text_mic(out, mic.records, phase_nr=1, num_phases=1, global_position=0.0)
+    ref = (ref_run / "Au_txt_Reconstructed.mic").read_bytes()
+    assert out.read_bytes() == ref
+    # ParseMic dropped the 23 conf == 0 holes: 4 header lines + 3433 rows
+    assert ref.count(b"\n") == 4 + 3456 - 23
+
+
+@pytest.mark.parametrize("name", ["reference-run/Au_txt_Reconstructed.mic", "Au_txt.mic",
+                                  "Au_txt_Reconstructed.mic"])
+def test_text_mic_round_trip(midas_au, tmp_path, name):
+    src = midas_au / name
+    mic = read_text_mic(src)
+    assert mic.kind == "text" and mic.records.shape[1] == 11
+    assert np.all(mic.phase_nr == 1) and mic.num_phases == 1 and mic.global_position == 0.0
+    out = tmp_path / "t.mic"
+    write_text_mic(out, mic.records, phase_nr=mic.phase_nr, num_phases=mic.num_phases,
+                   global_position=mic.global_position, tri_edge_size=mic.tri_edge_size)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_text_mic_header_values(midas_au):
+    # MIDAS's shipped reconstruction has "%TriEdgeSize 0.000000" (record 0 was a hole)
+    mic = read_text_mic(midas_au / "Au_txt_Reconstructed.mic")
+    assert mic.tri_edge_size == 0.0
+    assert len(mic) == 3120
+    truth = read_text_mic(midas_au / "Au_txt.mic")
+    assert truth.tri_edge_size == 1.0 and len(truth) == 3456
+    assert truth.records[0].tolist() == [11801.0, 7.0, 0.0, -28.75, -50.518149, 1.0, -1.0,
+                                         2.452861, 0.948265, 4.229318, 0.25]
+
+
+def test_text_mic_tri_edge_from_record0_and_hole(tmp_path):
+    rec = np.zeros((3, 11))
+    rec[1] = [5, 2, 0.5, 1.25, -2.5, 1.0, 1, 0.1, 0.2, 0.3, 0.75]
+    rec[2] = [6, 1, 0.25, 2.5, -2.5, 1.0, -1, 1.1, 1.2, 1.3, 0.5]
+    write_text_mic(tmp_path / "m.mic", rec, phase_nr=[1, 2, 3], num_phases=3,
+                   global_position=-7.5)
+    lines = (tmp_path / "m.mic").read_text().splitlines()
+    assert lines[:3] == ["%TriEdgeSize 0.000000", "%NumPhases 3", "%GlobalPosition -7.500000"]
+    assert lines[4] == ("5.000000\t2.000000\t0.500000\t1.250000\t-2.500000\t1.000000\t"
+                        "1.000000\t0.100000\t0.200000\t0.300000\t0.750000\t2")
+    assert len(lines) == 6 and lines[5].endswith("\t3")
+    back = read_mic(tmp_path / "m.mic")
+    assert back.kind == "text" and back.phase_nr.tolist() == [2, 3]
+    assert np.array_equal(back.records, rec[1:])
+    assert back.global_position == -7.5 and back.num_phases == 3
+
+
+# --------------------------------------------------------------------------- AllMatches
+def test_allmatches_round_trip(ref_run, tmp_path):
+    src = ref_run / "Au_bin_Reconstructed.mic.AllMatches"
+    assert src.stat().st_size == 3456 * 19 * 8  # SaveNSolutions 3 -> 7 + 12 doubles
+    am = read_allmatches(src, 3)
+    assert am.shape == (3456, 19)
+    mic = read_binary_mic(ref_run / "Au_bin_Reconstructed.mic")
+    ok = mic.valid
+    # columns 3..6 are x, y, 2gs, UD as in the mic; the best solution fills slot 0
+    assert np.array_equal(am[ok, 3:7], mic.records[ok, 3:7])
+    assert np.array_equal(am[ok, 1], mic.records[ok, 1])
+    out = tmp_path / "a.AllMatches"
+    write_allmatches(out, am)
+    assert out.read_bytes() == src.read_bytes()
+    with pytest.raises(InputFileError, match="multiple of 120 bytes"):
+        read_allmatches(src, 2)  # 525312 is not a multiple of 8*(7+8)
+
+
+# --------------------------------------------------------------------------- auto + errors
+def test_read_mic_autodetect(ref_run):
+    assert read_mic(ref_run / "Au_bin_Reconstructed.mic").kind == "binary"
+    assert read_mic(ref_run / "Au_txt_Reconstructed.mic").kind == "text"
+
+
+def test_read_mic_headerless_text(tmp_path):
+    p = tmp_path / "h.mic"
+    p.write_text("0.000000\t1.000000\t0.0\t1.5\t2.5\t1.0\t1.0\t0.1\t0.2\t0.3\t0.9\t1\n")
+    mic = read_mic(p)
+    assert mic.kind == "text" and mic.records[0, 10] == 0.9 and mic.tri_edge_size == 1.0
+
+
+def test_mic_errors(tmp_path):
+    bad = tmp_path / "bad.mic"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(InputFileError, match=r"bad.mic: .*multiple of 88 bytes.*found 100") as e:
+        read_binary_mic(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputFileError, match="multiple of 88"):
+        read_mic(bad)
+    empty = tmp_path / "empty.mic"
+    empty.write_bytes(b"")
+    with pytest.raises(InputFileError, match="empty"):
+        read_mic(empty)
+    with pytest.raises(InputFileError, match="not found"):
+        read_mic(tmp_path / "missing.mic")
+    txt = tmp_path / "t.mic"
+    txt.write_text("%TriEdgeSize 1.0\n%NumPhases 1\n%GlobalPosition 0\n%hdr\n"
+                   + "\t".join(["1.0"] * 11) + "\t1\n" + "\t".join(["1.0"] * 10) + "\n")
+    with pytest.raises(InputFileError, match=r"t.mic:6: expected 12 columns .*found 10"):
+        read_text_mic(txt)
+    txt.write_text("%TriEdgeSize 1.0\n" + "\t".join(["1.0"] * 5 + ["abc"] + ["1"] * 6) + "\n")
+    with pytest.raises(InputFileError, match=r"t.mic:2: expected 12 numbers"):
+        read_text_mic(txt)
+    txt.write_text("%TriEdgeSize one\n")
+    with pytest.raises(InputFileError, match=r"t.mic:1: expected a number after %TriEdgeSize"):
+        read_text_mic(txt)
+
+
+def test_micdata_is_frozen():
+    mic = MicData(records=np.zeros((1, 11)), phase_nr=np.ones(1, int))
+    with pytest.raises(Exception):
+        mic.kind = "text"
+    with pytest.raises(ValueError):
+        write_binary_mic("/nonexistent/never.mic", np.zeros((2, 10)))
