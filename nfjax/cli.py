@@ -79,6 +79,52 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- spots
+def _cmd_spots(args: argparse.Namespace) -> int:
+    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.geometry import geometry_from_params
+    from nfjax.io.seeds import read_seeds
+    from nfjax.io.spots import write_spot_files
+    from nfjax.params import read_params
+    from nfjax.spots import make_diffraction_spots
+
+    params = read_params(args.params)
+    seeds_path = args.seeds
+    if seeds_path is None:
+        params.require("SeedOrientations")
+        seeds_path = params.resolve(params.seed_orientations)
+    quats = read_seeds(seeds_path)
+    table = select_rings(hkls_from_params(params), params.rings_to_use)
+    spots = make_diffraction_spots(quats, table.g, table.theta, geometry_from_params(params),
+                                   max_memory=args.max_memory)
+    out_dir = Path(args.output) if args.output else params.output_dir
+    write_spot_files(out_dir, spots)
+    counts = spots.key[:, 0]
+    print(f"{len(spots)} orientations, {int(counts.sum())} spots "
+          f"({counts.mean():.1f} per orientation) -> {out_dir}/Key.bin, DiffractionSpots.bin, "
+          f"OrientMat.bin")
+    return 0
+
+
+# --------------------------------------------------------------------------- simulate
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from nfjax import observe
+    from nfjax.params import read_params
+    from nfjax.simulate import simulate_mic, write_tiff_frames
+
+    params = read_params(args.params)
+    vol, n_rendered, n_total = simulate_mic(params, args.mic, max_memory=args.max_memory)
+    out = Path(args.output) if args.output else params.output_dir / "SpotsInfo.bin"
+    observe.write_spots_info(out, vol)
+    shape = "x".join(str(s) for s in vol.shape)
+    print(f"rendered {n_rendered} of {n_total} voxels: {observe.count(vol)} lit pixels in a "
+          f"{shape} volume -> {out}")
+    if args.tiff_dir:
+        paths = write_tiff_frames(params, vol, args.tiff_dir, seed=args.seed)
+        print(f"wrote {len(paths)} TIFF frames -> {args.tiff_dir}")
+    return 0
+
+
 # --------------------------------------------------------------------------- index
 def _cmd_index(args: argparse.Namespace) -> int:
     from nfjax.indexer.cli import run_index
@@ -159,6 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--space-group", type=int, default=225,
                        help="space group for crystal symmetry (default 225)")
     p_cmp.set_defaults(func=_cmd_compare)
+
+    p_spots = sub.add_parser(
+        "spots", help="predicted spots of seed orientations (MIDAS MakeDiffrSpots)")
+    p_spots.add_argument("params", help="MIDAS parameter file")
+    p_spots.add_argument("seeds", nargs="?", default=None,
+                         help="seed CSV (default: the SeedOrientations key)")
+    p_spots.add_argument("-o", "--output", default=None,
+                         help="output folder (default: OutputDirectory or DataDirectory)")
+    p_spots.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
+    p_spots.set_defaults(func=_cmd_spots)
+
+    p_sim = sub.add_parser(
+        "simulate", help="render a mic file into SpotsInfo.bin (MIDAS simulateNF)")
+    p_sim.add_argument("params", help="MIDAS parameter file")
+    p_sim.add_argument("mic", help="mic file (text or binary) to render")
+    p_sim.add_argument("-o", "--output", default=None,
+                       help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
+    p_sim.add_argument("--tiff-dir", default=None,
+                       help="also write raw-like TIFF frames (MIDAS naming) into this folder")
+    p_sim.add_argument("--seed", type=int, default=0, help="noise seed for --tiff-dir")
+    p_sim.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
+    p_sim.set_defaults(func=_cmd_simulate)
 
     p_index = sub.add_parser(
         "index", help="index serial-crystallography spot files (fast feedback indexer)")

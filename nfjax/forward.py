@@ -30,7 +30,6 @@ from nfjax.geometry import Geometry, tilt_matrix
 
 Array = Any
 
-_LIN_EPS = 1e-12   # |Gy| below which MIDAS solves the linear Bragg branch
 _EDGE_D2 = 0.9801  # (0.99 px)^2: rasteriser edge-distance acceptance
 
 
@@ -64,9 +63,8 @@ def _safe(x: Array, bad: Array, fill=1.0) -> Array:
 
 def eta_deg(y: Array, z: Array) -> Array:
     """Azimuth η (deg) of a detector/vector component pair: 0 at +z, positive towards −y."""
-    r = jnp.sqrt(y * y + z * z)
-    ratio = jnp.clip(z / _safe(r, r == 0), -1.0, 1.0)
-    eta = jnp.rad2deg(jnp.arccos(ratio))
+    # |atan2(y, z)| = acos(z/√(y²+z²)) but stays accurate near the poles in float32.
+    eta = jnp.rad2deg(jnp.abs(jnp.arctan2(y, z)))
     return jnp.where(y > 0, -eta, eta)
 
 
@@ -84,36 +82,25 @@ def bragg_v(g: Array, theta: Array, orient: Array | None = None) -> Array:
 def solve_omega(G: Array, v: Array) -> tuple[Array, Array]:
     """Both ω (deg) with ``−Gx cos ω + Gy sin ω = v`` for each rotated vector ``G (R,3)``.
 
-    Returns ``omega (R,2)`` and ``ok (R,2)``; MIDAS's branch and tie rules (§5.1 step 3):
-    the linear branch for |Gy| < 1e-12, otherwise the two roots of the quadratic in cos ω,
-    each given the sign of sin ω that satisfies the equation better (ties → negative).
+    Returns ``omega (R,2)`` and ``ok (R,2)``. Solved in the well-conditioned form
+    ``ρ sin(ω − β) = v`` with ``ρ = |(Gx, Gy)|``, ``β = atan2(Gx, Gy)``: the same two roots as
+    MIDAS's quadratic in cos ω (§5.1 step 3), in MIDAS's order (the root with the larger
+    cos ω first), but accurate in float32 too (MIDAS's ``acos`` near ±1 loses half the
+    digits). A solution exists when ``|v| ≤ ρ``; ω ∈ (−180, 180].
     """
     gx, gy = G[..., 0], G[..., 1]
-    linear = jnp.abs(gy) < _LIN_EPS
-    # Linear branch: cos ω = −v/Gx, solutions +acos then −acos.
-    gx_s = _safe(gx, gx == 0)
-    cl = -v / gx_s
-    ok_lin = linear & (gx != 0) & (jnp.abs(cl) <= 1)
-    w_lin = jnp.arccos(jnp.clip(cl, -1.0, 1.0))
-    # Quadratic branch.
-    gy_s = _safe(gy, linear)
-    gy2 = gy_s * gy_s
-    a = 1 + gx * gx / gy2
-    b = 2 * v * gx / gy2
-    c = v * v / gy2 - 1
-    disc = b * b - 4 * a * c
-    ok_disc = (~linear) & (disc >= 0)
-    sq = jnp.sqrt(jnp.where(ok_disc, disc, jnp.zeros_like(disc)))
-    roots = jnp.stack([(-b + sq) / (2 * a), (-b - sq) / (2 * a)], axis=-1)  # cos ω
-    ok_q = ok_disc[..., None] & (jnp.abs(roots) <= 1)
-    wa = jnp.arccos(jnp.clip(roots, -1.0, 1.0))
-    wb = -wa
-    ea = jnp.abs(-gx[..., None] * jnp.cos(wa) + gy[..., None] * jnp.sin(wa) - v[..., None])
-    eb = jnp.abs(-gx[..., None] * jnp.cos(wb) + gy[..., None] * jnp.sin(wb) - v[..., None])
-    w_q = jnp.where(ea < eb, wa, wb)
-    w = jnp.where(linear[..., None], jnp.stack([w_lin, -w_lin], axis=-1), w_q)
-    ok = jnp.where(linear[..., None], jnp.stack([ok_lin, ok_lin], axis=-1), ok_q)
-    return jnp.rad2deg(w), ok
+    rho = jnp.sqrt(gx * gx + gy * gy)
+    r = v / _safe(rho, rho == 0)
+    ok = (rho > 0) & (jnp.abs(r) <= 1)
+    beta = jnp.arctan2(gx, gy)
+    a = jnp.arcsin(jnp.clip(r, -1.0, 1.0))
+    w1 = beta + a
+    w2 = beta + jnp.pi - a
+    w1 = jnp.arctan2(jnp.sin(w1), jnp.cos(w1))
+    w2 = jnp.arctan2(jnp.sin(w2), jnp.cos(w2))
+    first = jnp.cos(w1) >= jnp.cos(w2)
+    w = jnp.stack([jnp.where(first, w1, w2), jnp.where(first, w2, w1)], axis=-1)
+    return jnp.rad2deg(w), jnp.stack([ok, ok], axis=-1)
 
 
 def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,

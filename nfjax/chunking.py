@@ -1,0 +1,133 @@
+"""The one place that splits large batches into device-sized chunks.
+
+Owns memory budgets (parsing ``--max-memory 8GB``, reading free device/host memory), the
+chunk-size rule, and :func:`map_chunked`, which runs a jitted per-chunk function over a
+batch axis with a fixed chunk shape (the last chunk is padded, so there is exactly one
+compilation) and a progress bar with rate and ETA. Nothing else in nfjax picks chunk sizes.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from nfjax.errors import NfjaxError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
+          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
+          "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_memory(text: str | int | None, what: str = "--max-memory") -> int | None:
+    """``"8GB"``, ``"512M"``, ``"1.5GiB"`` or a byte count → bytes (binary units)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise NfjaxError(f"{what}: expected a size such as 8GB or 512MB, found {text!r}")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value <= 0:
+        raise NfjaxError(f"{what}: expected a positive size, found {text!r}")
+    return int(value)
+
+
+def host_available_bytes() -> int:
+    """Available host memory (``MemAvailable``), or 4 GiB when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def device_free_bytes(device=None) -> int:
+    """Free memory of ``device`` (default: the first JAX device).
+
+    Accelerators report their allocator statistics; on the CPU the device memory is host
+    memory, so the host's available memory is used.
+    """
+    device = device or jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without statistics
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return host_available_bytes()
+
+
+def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None = None,
+               *, device=None, fraction: float = 0.5, multiple: int = 1,
+               maximum: int | None = None) -> int:
+    """Items per chunk so that ``chunk · bytes_per_item`` fits the budget.
+
+    The budget is ``max_memory`` if given, else ``fraction`` of the free device memory.
+    The result is at least 1 (at least ``multiple``), a multiple of ``multiple``, at most
+    ``maximum`` and never larger than needed for ``n_items``.
+    """
+    budget = parse_memory(max_memory)
+    if budget is None:
+        budget = int(device_free_bytes(device) * fraction)
+    n = max(1, budget // max(1, int(bytes_per_item)))
+    if maximum is not None:
+        n = min(n, maximum)
+    n = min(n, max(1, n_items))
+    if multiple > 1:
+        n = max(multiple, (n // multiple) * multiple)
+    return int(n)
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool | None = None):
+    """A tqdm progress bar on stderr (rate and ETA); silent when not a terminal unless
+    ``NFJAX_PROGRESS=1``, or when ``enabled`` is False."""
+    from tqdm import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty() or os.environ.get("NFJAX_PROGRESS") == "1"
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, unit_scale=True, mininterval=0.5)
+
+
+def _pad_to(x: np.ndarray | jax.Array, n: int):
+    """Pad axis 0 of ``x`` to length ``n`` by repeating its last row (valid data, so the
+    padded rows compute harmlessly and are dropped afterwards)."""
+    extra = n - x.shape[0]
+    if extra <= 0:
+        return x
+    tail = np.repeat(np.asarray(x[-1:]), extra, axis=0)
+    return np.concatenate([np.asarray(x), tail], axis=0)
+
+
+def map_chunked(fn: Callable[..., Any], arrays: Sequence[Any], chunk: int, *,
+                desc: str = "", unit: str = "it", progress: bool | None = None,
+                collect: Callable[[Any, int], Any] | None = None,
+                units_per_item: int = 1) -> list:
+    """Apply ``fn(*chunk_arrays)`` to consecutive chunks of axis 0 of ``arrays``.
+
+    Every call sees exactly ``chunk`` rows (the tail is padded), so a jitted ``fn`` compiles
+    once. ``collect(output, n_valid)`` turns each chunk's output into what is kept (default:
+    ``jax.device_get`` of the output trimmed to the valid rows); the list of kept values is
+    returned in order. ``units_per_item`` scales the progress counter (e.g. pairs/voxel).
+    """
+    n = int(np.shape(arrays[0])[0])
+    out = []
+    if n == 0:
+        return out
+    if collect is None:
+        def collect(o, k):
+            return jax.tree_util.tree_map(lambda a: np.asarray(a)[:k], jax.device_get(o))
+    with progress_bar(n * units_per_item, desc, unit, progress) as bar:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            parts = [_pad_to(a[start:stop], chunk) for a in arrays]
+            out.append(collect(fn(*parts), stop - start))
+            bar.update((stop - start) * units_per_item)
+    return out

@@ -1,0 +1,259 @@
+"""Forward model against MIDAS's MakeDiffrSpots and simulateNF outputs, closed forms and
+independent oracles."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import need
+from nfjax import observe
+from nfjax.cli import main
+from nfjax.crystal import hkls_from_params, select_rings
+from nfjax.errors import InputFileError
+from nfjax.forward import (displace, footprint_box, footprint_offsets, predict_spots, project,
+                           round_half_away, spot_footprint, bit_indices, bragg_v)
+from nfjax.geometry import geometry_from_params, tilt_matrix
+from nfjax.grid import triangle_vertices
+from nfjax.io.mic import read_mic
+from nfjax.io.seeds import read_seeds
+from nfjax.io.spots import read_spot_files, write_spot_files
+from nfjax.orientation import euler_to_matrix_midas
+from nfjax.params import read_params
+from nfjax.simulate import mic_grid_rows, select_rendered, simulate_mic
+from nfjax.spots import make_diffraction_spots, predict_many, seed_matrices
+
+
+@pytest.fixture(scope="module")
+def au(request):
+    from conftest import REF_RUN
+
+    need(REF_RUN)
+    params = read_params(REF_RUN / "params_used.txt")
+    table = select_rings(hkls_from_params(params), params.rings_to_use)
+    return params, table, geometry_from_params(params)
+
+
+def _reference_spots(directory):
+    key = np.fromfile(directory / "Key.bin", np.int32).reshape(-1, 2)
+    spots = np.fromfile(directory / "DiffractionSpots.bin", np.float64).reshape(-1, 3)
+    orient = np.fromfile(directory / "OrientMat.bin", np.float64).reshape(-1, 9)
+    return key, spots, orient
+
+
+def _as_set(rows):
+    return rows[np.lexsort((rows[:, 1], rows[:, 0], rows[:, 2]))]
+
+
+@pytest.mark.parametrize("case", ["seeds4", "spots1000"])
+def test_spots_match_makediffrspots(au, ref_run, case):
+    params, table, geom = au
+    if case == "seeds4":
+        directory, seeds = ref_run, ref_run / "seedOrientations.txt"
+    else:
+        directory, seeds = ref_run / "spots1000", ref_run / "spots1000" / "seeds.csv"
+    key, spots, orient = _reference_spots(directory)
+    got = make_diffraction_spots(read_seeds(seeds), table.g, table.theta, geom, progress=False)
+    assert len(got) == len(key)
+    np.testing.assert_array_equal(got.orient, orient)           # same matrix, bit for bit
+    np.testing.assert_array_equal(got.key[:, 0], key[:, 0])     # same count per orientation
+    assert int(key[:, 0].sum()) == (382 if case == "seeds4" else 98722)
+    for i in range(len(key)):
+        mine, ref = _as_set(got.of(i)), _as_set(spots[key[i, 1]:key[i, 1] + key[i, 0]])
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-6)
+    # nfjax also keeps MIDAS's order (its hkls.csv order is MIDAS's): compare unsorted too.
+    np.testing.assert_allclose(got.spots, spots, rtol=0, atol=1e-6)
+
+
+def test_spots_float32_within_1e2_um(au, ref_run):
+    params, table, geom = au
+    key, spots, orient = _reference_spots(ref_run / "spots1000")
+    from nfjax.orientation import quat_to_matrix
+    seeds = read_seeds(ref_run / "spots1000" / "seeds.csv")
+    np.testing.assert_allclose(np.asarray(quat_to_matrix(jnp.asarray(seeds))).reshape(-1, 9),
+                               orient, rtol=0, atol=1e-15)
+    orients = seed_matrices(read_seeds(ref_run / "spots1000" / "seeds.csv"))
+    yl, zl, om, valid = predict_many(orients, table.g, table.theta, geom, dtype=jnp.float32,
+                                     progress=False)
+    assert yl.dtype == np.float32
+    np.testing.assert_array_equal(valid.sum(axis=1), key[:, 0])
+    mine = np.stack([yl[valid], zl[valid], om[valid]], axis=1).astype(np.float64)
+    assert np.abs(mine[:, :2] - spots[:, :2]).max() < 1e-2
+    assert np.abs(mine[:, 2] - spots[:, 2]).max() < 1e-3
+
+
+def test_spot_files_round_trip_and_checks(au, ref_run, tmp_path):
+    params, table, geom = au
+    got = make_diffraction_spots(read_seeds(ref_run / "seedOrientations.txt"), table.g,
+                                 table.theta, geom, progress=False)
+    write_spot_files(tmp_path, got)
+    back = read_spot_files(tmp_path)
+    np.testing.assert_array_equal(back.key, got.key)
+    np.testing.assert_array_equal(back.spots, got.spots)
+    assert (tmp_path / "Key.bin").stat().st_size == 4 * 2 * 4
+    # MIDAS's own files read through the same checks.
+    ref = read_spot_files(ref_run)
+    assert ref.key[:, 0].tolist() == [98, 94, 100, 90]
+    # A Key/DiffractionSpots mismatch is a one-line error naming the file.
+    (tmp_path / "DiffractionSpots.bin").write_bytes(got.spots[:-1].tobytes())
+    with pytest.raises(InputFileError, match="DiffractionSpots.bin: holds 381 spots but"):
+        read_spot_files(tmp_path)
+
+
+def test_cli_spots(ref_run, tmp_path, capsys):
+    rc = main(["spots", str(ref_run / "params_used.txt"), str(ref_run / "seedOrientations.txt"),
+               "-o", str(tmp_path)])
+    assert rc == 0
+    assert "4 orientations, 382 spots" in capsys.readouterr().out
+    got = read_spot_files(tmp_path)
+    np.testing.assert_allclose(got.spots, read_spot_files(ref_run).spots, atol=1e-6, rtol=0)
+
+
+def test_simulate_reproduces_simulatenf_bits(au, midas_au, ref_run):
+    params, table, geom = au
+    vol, n_rendered, n_total = simulate_mic(params, midas_au / "Au_txt.mic", progress=False)
+    assert (n_rendered, n_total) == (1514, 3456)
+    ref = np.load(ref_run / "SpotsInfo_lit.npz")["index"]
+    got = observe.lit_indices(vol)
+    assert got.size == 87646
+    np.testing.assert_array_equal(got, np.sort(ref))
+
+
+def test_simulate_distance_rule_difference_is_counted(au, midas_au, ref_run):
+    """simulateNF stops a pixel's distance loop at the first distance where it is off the
+    detector; nfjax lights every distance where the pixel is on it (documented difference).
+    Count the bits that rule explains on the Au example: none, so both agree exactly."""
+    params, table, geom = au
+    recs = select_rendered(read_mic(midas_au / "Au_txt.mic").records, params.min_confidence)
+    verts = jnp.asarray(triangle_vertices(mic_grid_rows(recs)))
+    g, th = jnp.asarray(table.g), jnp.asarray(table.theta)
+    v = bragg_v(g, th)
+    box = footprint_box(1.0, 1.48)
+    rt = tilt_matrix(geom.tilts)
+
+    def one(eul, vv):
+        sp = predict_spots(euler_to_matrix_midas(eul), g, th, geom, v=v)
+        fp = jax.vmap(lambda a, b, c: spot_footprint(vv, a, b, c, geom, box, rt))(
+            sp.yl, sp.zl, sp.omega)
+        k = jax.vmap(lambda f: bit_indices(f, geom))(fp)
+        base = (sp.valid & fp.frame_ok)[:, None, None] & fp.pix_ok[:, :, None]
+        return k, base, fp.in_range
+
+    k, base, inr = (np.asarray(a) for a in jax.jit(jax.vmap(one))(jnp.asarray(recs[:, 7:10]),
+                                                                   verts))
+    nfjax_rule = np.unique(k[base & inr])
+    midas_rule = np.unique(k[base & np.cumprod(inr, axis=-1).astype(bool)])
+    explained = np.setdiff1d(nfjax_rule, midas_rule)
+    assert explained.size == 0
+    np.testing.assert_array_equal(midas_rule, np.sort(np.load(ref_run / "SpotsInfo_lit.npz")["index"]))
+
+
+@pytest.mark.slow
+def test_cli_simulate_writes_full_spotsinfo(ref_run, midas_au, tmp_path, capsys):
+    out = tmp_path / "SpotsInfo.bin"
+    rc = main(["simulate", str(ref_run / "params_used.txt"), str(midas_au / "Au_txt.mic"),
+               "-o", str(out)])
+    assert rc == 0
+    assert out.stat().st_size == 1_509_949_440
+    vol = observe.read_spots_info(out, (2, 1440, 2048, 2048))
+    np.testing.assert_array_equal(observe.lit_indices(vol),
+                                  np.sort(np.load(ref_run / "SpotsInfo_lit.npz")["index"]))
+
+
+# ----------------------------------------------------------------------------- closed forms
+def _geom_untilted(au):
+    import dataclasses
+
+    _, _, geom = au
+    return dataclasses.replace(geom, tilts=jnp.zeros(3))
+
+
+def test_untilted_projection_is_linear(au):
+    geom = _geom_untilted(au)
+    Y, Z = jnp.array([-300.0, 12.5, 801.0]), jnp.array([150.0, -7.0, 2200.0])
+    yp, zp = project(Y, Z, geom)
+    np.testing.assert_allclose(yp, Y / 1.48 + 985.415831, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(zp, Z / 1.48 + 17.510494, rtol=0, atol=1e-9)
+
+
+def test_tilted_projection_matches_ray_plane_oracle(au):
+    _, _, geom = au
+    rng = np.random.default_rng(3)
+    Y, Z = rng.uniform(-1000, 1000, 50), rng.uniform(0, 2500, 50)
+    yp, zp = project(jnp.asarray(Y), jnp.asarray(Z), geom)
+    # Oracle: intersect the line through the tilted source point and the tilted detector
+    # point with the plane x = 0, written independently with numpy.
+    t = np.deg2rad([0.536238, 0.557035, 0.474936])
+    rx = np.array([[1, 0, 0], [0, np.cos(t[0]), -np.sin(t[0])], [0, np.sin(t[0]), np.cos(t[0])]])
+    ry = np.array([[np.cos(t[1]), 0, np.sin(t[1])], [0, 1, 0], [-np.sin(t[1]), 0, np.cos(t[1])]])
+    rz = np.array([[np.cos(t[2]), -np.sin(t[2]), 0], [np.sin(t[2]), np.cos(t[2]), 0], [0, 0, 1]])
+    r = rz @ ry @ rx
+    p0 = r @ np.array([-8289.154576, 0, 0])
+    for i in range(50):
+        p1 = r @ np.array([0, Y[i], Z[i]])
+        s = -p0[0] / (p1[0] - p0[0])
+        hit = p0 + s * (p1 - p0)
+        assert abs(hit[1] / 1.48 + 985.415831 - float(yp[i])) < 1e-9
+        assert abs(hit[2] / 1.48 + 17.510494 - float(zp[i])) < 1e-9
+
+
+def test_displacement_of_origin_is_identity(au):
+    Y, Z = displace(jnp.zeros((1, 2)), 100.0, 900.0, 37.0, 8000.0)
+    assert float(Y[0]) == 100.0 and float(Z[0]) == 900.0
+    # A vertex on the beam axis upstream of the origin (x < 0 at ω = 0) moves the spot
+    # outward by the factor t = 1 + |x|/Lsd (closed form).
+    Y, Z = displace(jnp.array([[-80.0, 0.0]]), 100.0, 900.0, 0.0, 8000.0)
+    np.testing.assert_allclose([float(Y[0]), float(Z[0])], [100 * 1.01, 900 * 1.01], rtol=1e-15)
+
+
+def test_round_half_away_from_zero():
+    x = jnp.array([2.5, -2.5, 0.49999999999999994, 2.4999999999999996, -0.5, 1.5, 3.2, -3.7])
+    np.testing.assert_array_equal(round_half_away(x), [3, -3, 0, 2, -1, 2, 3, -4])
+
+
+def _calcpixels2_oracle(rel):
+    """A literal scalar transcription of MIDAS's CalcPixels2 rules (§5.4)."""
+    def cround(v):
+        return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+
+    v = [(cround(a), cround(b)) for a, b in rel]
+    ys, zs = [p[0] for p in v], [p[1] for p in v]
+    out = set()
+
+    def orient(a, b, p):
+        return (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0])
+
+    edges = [(v[1], v[2]), (v[2], v[0]), (v[0], v[1])]
+    for z in range(min(zs), max(zs) + 1):
+        for y in range(min(ys), max(ys) + 1):
+            p = (y, z)
+            o = [orient(a, b, p) for a, b in edges]
+            if all(x >= 0 for x in o):
+                out.add(p)
+                continue
+            for (a, b), oo in zip(edges, o):
+                e2 = (b[0] - a[0]) ** 2 + (b[1] - a[1]) ** 2
+                if e2 > 0 and oo * oo / e2 < 0.9801:
+                    out.add(p)
+                    break
+    return out
+
+
+def test_rasteriser_matches_scalar_oracle():
+    rng = np.random.default_rng(7)
+    box = footprint_box(6.0, 1.48)
+    fn = jax.jit(lambda r: footprint_offsets(r, box))
+    for _ in range(300):
+        rel = rng.uniform(-3, 3, size=(3, 2)) * rng.choice([0.3, 1.0])
+        oy, oz, ok = (np.asarray(a) for a in fn(jnp.asarray(rel)))
+        got = set(zip(oy[ok].tolist(), oz[ok].tolist()))
+        assert got == _calcpixels2_oracle(rel)
+
+
+def test_single_pixel_rule():
+    rel = jnp.array([[0.4, -0.2], [0.6, 0.1], [0.55, 0.5]])     # mean (0.5167, 0.1333)
+    oy, oz, ok = footprint_offsets(rel, 1)
+    assert (int(oy[0]), int(oz[0]), bool(ok[0])) == (1, 0, True)
