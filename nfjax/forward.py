@@ -93,7 +93,7 @@ def solve_omega(G: Array, v: Array) -> tuple[Array, Array]:
     r = v / _safe(rho, rho == 0)
     ok = (rho > 0) & (jnp.abs(r) <= 1)
     beta = jnp.arctan2(gx, gy)
-    a = jnp.arcsin(jnp.clip(r, -1.0, 1.0))
+    a = jnp.arcsin(jnp.where(ok, r, jnp.zeros_like(r)))   # no inf·0 gradients off-solution
     w1 = beta + a
     w2 = beta + jnp.pi - a
     w1 = jnp.arctan2(jnp.sin(w1), jnp.cos(w1))

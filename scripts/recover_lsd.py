@@ -61,9 +61,11 @@ def main(argv=None) -> int:
     v_sel = jnp.asarray(verts[pick])
     true_lsd0 = float(geom.lsd[0])
 
-    def loss(delta):
+    def loss(delta, words):
+        # ``words`` is an argument, not a closure: jit would bake a closed-over array into
+        # the program as a constant.
         gm = dataclasses.replace(geom, lsd=geom.lsd.at[0].add(delta))
-        per_voxel = jax.vmap(lambda vv, u: soft_overlap(vv, u, g, theta, gm, obs.words,
+        per_voxel = jax.vmap(lambda vv, u: soft_overlap(vv, u, g, theta, gm, words,
                                                         obs.shape, sigma=args.sigma))
         return -jnp.mean(per_voxel(v_sel, orients))
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     print(f"true Lsd0 {true_lsd0:.3f} um, start {true_lsd0 + args.offset:.3f} um "
           f"({len(pick)} voxels, {int(bits.size)} lit pixels)")
     for it in range(args.steps):
-        value, grad = step(delta)
+        value, grad = step(delta, obs.words)
         updates, state = opt.update(grad, state, delta)
         delta = optax.apply_updates(delta, updates)
         if it % 10 == 0 or it == args.steps - 1:

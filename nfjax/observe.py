@@ -1,0 +1,331 @@
+"""The observation volume: which detector pixels are lit, bit-packed as MIDAS's SpotsInfo.bin.
+
+This module owns the boolean volume ``[n_distances, n_frames, NY, NZ]`` (distance L and
+frame f 0-based, y/z the *flipped* detector indices of reference §0.1, §8.3) and its one
+storage format: uint32 words, bit ``k = ((L*n_frames + f)*NY + y)*NZ + z`` in word
+``k >> 5`` at bit ``k & 31`` (LSB first), little-endian (reference §6.1). Files are read and
+written byte-exactly in that layout. The volume is never expanded to one byte (or one bool)
+per pixel — 2 x 1440 x 2048² pixels are 1.5 GB packed and 12 GB as bytes — so every helper
+here works on words: building goes through sorted word indices, unpacking touches only the
+non-zero words, and :func:`lookup` reads single bits on the device. Word arrays are
+``numpy`` on the host and ``jax`` on the device; :class:`ObsVolume` is a pytree so it passes
+through ``jax.jit`` with its shape static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfjax.errors import InputFileError
+from nfjax.io.atomic import atomic_write
+
+__all__ = [
+    "ObsVolume",
+    "n_bits",
+    "n_words",
+    "bit_index",
+    "empty",
+    "from_bit_indices",
+    "from_lit",
+    "lit_indices",
+    "count",
+    "lookup",
+    "lookup_all_distances",
+    "read_spots_info",
+    "write_spots_info",
+    "spots_info_shape",
+    "file_words",
+]
+
+# Words processed per step when scanning a large volume on the host (64 MiB of uint32).
+_CHUNK_WORDS = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class ObsVolume:
+    """Bit-packed boolean volume ``[n_distances, n_frames, NY, NZ]``.
+
+    ``words``: 1-D uint32 array (numpy or jax) of length ``ceil(prod(shape) / 32)``; bit k
+    as in the module docstring. ``shape``: ``(n_distances, n_frames, NY, NZ)`` plain ints,
+    static under ``jit``.
+    """
+
+    words: object
+    shape: tuple
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) != 4 or any(s <= 0 for s in shape):
+            raise ValueError(f"ObsVolume shape must be 4 positive ints, got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+        words = self.words
+        # Tracers and placeholders (e.g. inside tree_util transformations) skip the checks.
+        if isinstance(words, (np.ndarray, jax.Array)) and not isinstance(words, jax.core.Tracer):
+            if words.ndim != 1 or words.shape[0] != n_words(shape):
+                raise ValueError(
+                    f"ObsVolume words must be 1-D of length {n_words(shape)} for shape {shape}, "
+                    f"got {words.shape}")
+            if words.dtype != np.uint32:
+                raise ValueError(f"ObsVolume words must be uint32, got {words.dtype}")
+
+    @property
+    def n_bits(self) -> int:
+        return n_bits(self.shape)
+
+    def to_device(self, device=None) -> "ObsVolume":
+        """The same volume with ``words`` as a jax array (on ``device`` if given)."""
+        return ObsVolume(jax.device_put(jnp.asarray(self.words), device), self.shape)
+
+    def to_host(self) -> "ObsVolume":
+        """The same volume with ``words`` as a numpy array."""
+        return ObsVolume(np.asarray(self.words), self.shape)
+
+    def lookup(self, L, f, y, z):
+        """``lookup(self.words, self.shape, L, f, y, z)``."""
+        return lookup(self.words, self.shape, L, f, y, z)
+
+
+jax.tree_util.register_pytree_node(
+    ObsVolume,
+    lambda v: ((v.words,), v.shape),
+    lambda shape, children: ObsVolume(children[0], shape),
+)
+
+
+def n_bits(shape) -> int:
+    """Number of pixels (bits) of a volume of ``shape`` (python int, no overflow)."""
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def n_words(shape) -> int:
+    """Number of uint32 words that hold every bit of ``shape``: ``ceil(n_bits / 32)``."""
+    return (n_bits(shape) + 31) // 32
+
+
+def file_words(shape) -> tuple[int, int]:
+    """The two word counts a SpotsInfo.bin of ``shape`` may have: (MIDAS floor, simulateNF ceil)."""
+    return n_bits(shape) // 32, n_words(shape)
+
+
+def _is_jax(*arrays) -> bool:
+    return any(isinstance(a, jax.Array) for a in arrays)
+
+
+def bit_index(shape, L, f, y, z):
+    """Flat bit index ``((L*n_frames + f)*NY + y)*NZ + z`` as int64.
+
+    Works on numpy or jax arrays (jax needs x64 for volumes of 2**31 bits or more; importing
+    nfjax turns it on). No range check: see :func:`lookup` for the masked version.
+    """
+    _, nf, ny, nz = (int(s) for s in shape)
+    if _is_jax(L, f, y, z):
+        i64 = jnp.int64
+        L, f, y, z = (jnp.asarray(a).astype(i64) for a in (L, f, y, z))
+    else:
+        L, f, y, z = (np.asarray(a, dtype=np.int64) for a in (L, f, y, z))
+    return ((L * nf + f) * ny + y) * nz + z
+
+
+def empty(shape, *, device: bool = False) -> ObsVolume:
+    """An all-false volume (host numpy words, or jax words if ``device``)."""
+    words = np.zeros(n_words(shape), dtype=np.uint32)
+    vol = ObsVolume(words, tuple(shape))
+    return vol.to_device() if device else vol
+
+
+def words_from_bit_indices(nwords: int, k) -> np.ndarray:
+    """uint32 words of length ``nwords`` with the bits ``k`` (int, any order, duplicates ok) set.
+
+    Sort + unique + one segmented sum per word: after ``unique`` the bits that land in one
+    word are distinct, so their sum equals their OR. Memory ~ 3 x 8 bytes per index.
+    """
+    k = np.unique(np.asarray(k, dtype=np.int64).ravel())
+    words = np.zeros(nwords, dtype=np.uint32)
+    if k.size == 0:
+        return words
+    if k[0] < 0 or k[-1] >= 32 * nwords:
+        raise ValueError(f"bit index out of range [0, {32 * nwords}): min {k[0]}, max {k[-1]}")
+    w = k >> 5
+    bits = np.left_shift(np.uint32(1), (k & 31).astype(np.uint32))
+    starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]])
+    words[w[starts]] = np.add.reduceat(bits, starts, dtype=np.uint32)
+    return words
+
+
+def from_bit_indices(shape, k) -> ObsVolume:
+    """Volume with the flat bit indices ``k`` set (duplicates allowed; host words).
+
+    Raises ValueError for an index outside ``[0, n_bits)``.
+    """
+    shape = tuple(int(s) for s in shape)
+    k = np.asarray(k, dtype=np.int64).ravel()
+    if k.size and (k.min() < 0 or k.max() >= n_bits(shape)):
+        raise ValueError(
+            f"bit index out of range [0, {n_bits(shape)}) for shape {shape}: "
+            f"min {k.min()}, max {k.max()}")
+    return ObsVolume(words_from_bit_indices(n_words(shape), k), shape)
+
+
+def from_lit(shape, L, f, y, z) -> ObsVolume:
+    """Volume with the pixels (L, f, y, z) set (broadcast int arrays; ValueError if outside)."""
+    shape = tuple(int(s) for s in shape)
+    L, f, y, z = np.broadcast_arrays(*(np.asarray(a, dtype=np.int64) for a in (L, f, y, z)))
+    for name, a, s in zip("Lfyz", (L, f, y, z), shape):
+        if a.size and (a.min() < 0 or a.max() >= s):
+            raise ValueError(f"{name} index out of range [0, {s}): min {a.min()}, max {a.max()}")
+    return from_bit_indices(shape, bit_index(shape, L, f, y, z))
+
+
+def _unpack_nonzero(words: np.ndarray, base_word: int) -> np.ndarray:
+    """Sorted int64 bit indices of the set bits of numpy uint32 ``words``, plus base_word*32."""
+    nz = np.flatnonzero(words)
+    if nz.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    w = words[nz]
+    shifts = np.arange(32, dtype=np.uint32)
+    bits = ((w[:, None] >> shifts[None, :]) & np.uint32(1)).astype(bool)
+    rows, cols = np.nonzero(bits)  # row-major, so already sorted by (word, bit)
+    return (nz[rows].astype(np.int64) + base_word) * 32 + cols.astype(np.int64)
+
+
+def lit_indices(vol: ObsVolume) -> np.ndarray:
+    """Sorted int64 flat bit indices of every set bit (host; scans the words chunk by chunk).
+
+    Padding bits past ``n_bits`` in the last word are ignored.
+    """
+    words = vol.words
+    out = []
+    for start in range(0, words.shape[0], _CHUNK_WORDS):
+        chunk = np.asarray(words[start:start + _CHUNK_WORDS])
+        out.append(_unpack_nonzero(chunk, start))
+    k = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    return k[k < vol.n_bits]
+
+
+def unravel(shape, k):
+    """(L, f, y, z) int64 arrays of flat bit indices ``k`` (inverse of :func:`bit_index`)."""
+    return np.unravel_index(np.asarray(k, dtype=np.int64), tuple(int(s) for s in shape))
+
+
+def count(vol: ObsVolume) -> int:
+    """Number of set bits (popcount; padding bits past ``n_bits`` excluded)."""
+    words = vol.words
+    nb = vol.n_bits
+    tail_bits = nb - 32 * (nb // 32)
+    if isinstance(words, jax.Array):
+        total = int(jnp.sum(jax.lax.population_count(words).astype(jnp.int64)))
+        last = int(words[-1]) if tail_bits else 0
+    else:
+        total = 0
+        for start in range(0, words.shape[0], _CHUNK_WORDS):
+            total += int(np.bitwise_count(words[start:start + _CHUNK_WORDS]).sum(dtype=np.int64))
+        last = int(words[-1]) if tail_bits else 0
+    if tail_bits:
+        total -= bin(last >> tail_bits).count("1")
+    return total
+
+
+def lookup(words, shape, L, f, y, z):
+    """Is pixel (L, f, y, z) lit?  Pure jnp; jit-, vmap- and grad-safe (no gradient flows).
+
+    words: 1-D uint32 (jax or numpy); shape: static 4-tuple; L, f, y, z: int arrays that
+    broadcast together. Returns a bool array of the broadcast shape. Indices outside the
+    volume return False (they are masked, never clipped onto another pixel's bit).
+
+    When NZ is a multiple of 32 (every real detector) the word index is computed as
+    ``((L*n_frames + f)*NY + y)*(NZ/32) + z//32`` in int32 if the word count allows, which
+    avoids 64-bit integer math on the accelerator; otherwise int64 (needs x64).
+    """
+    nd, nf, ny, nz = (int(s) for s in shape)
+    L, f, y, z = (jnp.asarray(a) for a in (L, f, y, z))
+    inside = ((L >= 0) & (L < nd) & (f >= 0) & (f < nf)
+              & (y >= 0) & (y < ny) & (z >= 0) & (z < nz))
+    nw = n_words(shape)
+    if nz % 32 == 0:
+        it = jnp.int32 if nw < 2**31 - 1 else jnp.int64
+        Li, fi, yi, zi = (jnp.where(inside, a, 0).astype(it) for a in (L, f, y, z))
+        word = ((Li * nf + fi) * ny + yi) * (nz // 32) + (zi >> 5)
+        bit = (zi & 31).astype(jnp.uint32)
+    else:
+        Li, fi, yi, zi = (jnp.where(inside, a, 0).astype(jnp.int64) for a in (L, f, y, z))
+        k = ((Li * nf + fi) * ny + yi) * nz + zi
+        word = k >> 5
+        bit = (k & 31).astype(jnp.uint32)
+    w = jnp.asarray(words)[word]
+    return inside & (((w >> bit) & jnp.uint32(1)) != 0)
+
+
+def lookup_all_distances(words, shape, f, y, z):
+    """Lit flags at every distance: ``y``, ``z`` have a trailing axis of size n_distances.
+
+    f: int array (...) (frame, shared by the distances); y, z: int arrays (..., n_distances)
+    (pixel at distance L in column L). Returns bool (..., n_distances). Pure jnp.
+    """
+    nd = int(shape[0])
+    L = jnp.arange(nd, dtype=jnp.int32)
+    f = jnp.asarray(f)[..., None]
+    return lookup(words, shape, L, f, y, z)
+
+
+def spots_info_shape(params) -> tuple[int, int, int, int]:
+    """``(n_distances, n_frames, NY, NZ)`` of a parameter set (n_frames = EndNr - StartNr + 1)."""
+    return (int(params.n_distances), int(params.n_frames),
+            int(params.nr_pixels_y), int(params.nr_pixels_z))
+
+
+def read_spots_info(path, shape, *, mmap: bool = False) -> ObsVolume:
+    """Read a SpotsInfo.bin of ``shape`` into host words.
+
+    MIDAS's ProcessImagesCombined writes ``floor(n_bits/32)`` words, simulateNF
+    ``ceil(n_bits/32)``; both are accepted (a floor file is padded with one zero word in
+    memory; with ``mmap`` the padding forces a copy). Any other size raises InputFileError
+    naming the file and the expected and found byte counts.
+    """
+    path = Path(path)
+    shape = tuple(int(s) for s in shape)
+    floor_w, ceil_w = file_words(shape)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: SpotsInfo file not found") from None
+    if size not in (4 * floor_w, 4 * ceil_w):
+        expected = f"{4 * floor_w}" if floor_w == ceil_w else f"{4 * floor_w} or {4 * ceil_w}"
+        raise InputFileError(
+            f"{path}: expected {expected} bytes for a SpotsInfo volume of shape "
+            f"(distances, frames, NY, NZ) = {shape}, found {size} bytes")
+    if mmap and size == 4 * ceil_w:
+        words = np.memmap(path, dtype="<u4", mode="r", shape=(ceil_w,))
+    else:
+        words = np.zeros(ceil_w, dtype=np.uint32)
+        with open(path, "rb") as fh:
+            n = fh.readinto(memoryview(words[:size // 4]).cast("B"))
+        if n != size:
+            raise InputFileError(f"{path}: expected {size} bytes, read {n}")
+    if words.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts only
+        words = words.astype(np.uint32)
+    return ObsVolume(np.asarray(words, dtype=np.uint32) if not mmap else words.view(np.uint32),
+                     shape)
+
+
+def write_spots_info(path, vol: ObsVolume) -> None:
+    """Write ``vol`` as SpotsInfo.bin, atomically, byte-exact layout.
+
+    Length: ``n_bits/32`` words when n_bits is a multiple of 32 (identical to MIDAS's
+    ProcessImagesCombined and simulateNF). Otherwise ``ceil(n_bits/32)`` words as simulateNF
+    writes them, so no bit is lost (MIDAS's ProcessImagesCombined would write one word
+    fewer and drop the tail bits); :func:`read_spots_info` accepts both.
+    """
+    words = vol.words
+    with atomic_write(path, "wb") as fh:
+        for start in range(0, words.shape[0], _CHUNK_WORDS):
+            chunk = np.ascontiguousarray(np.asarray(words[start:start + _CHUNK_WORDS]),
+                                         dtype="<u4")
+            fh.write(memoryview(chunk).cast("B"))

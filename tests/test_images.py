@@ -1,0 +1,402 @@
+"""Image processing: filters against scipy, the lower temporal median against numpy, MIDAS file
+naming, bad-input errors, and a synthetic frames -> SpotsInfo round trip."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import tifffile
+
+from nfjax import images, observe
+from nfjax.cli import main as cli_main
+from nfjax.errors import InputFileError, ParamError
+
+
+# ----------------------------------------------------------------------------- filters
+def _scipy_median_midas_border(img, r):
+    out = ndi.median_filter(img, size=2 * r + 1, mode="nearest")
+    out[:r], out[-r:], out[:, :r], out[:, -r:] = img[:r], img[-r:], img[:, :r], img[:, -r:]
+    return out
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_median_matches_scipy_exactly(radius):
+    rng = np.random.default_rng(radius)
+    frames = rng.integers(0, 40, size=(3, 37, 53)).astype(np.int32)  # many ties
+    frames[1] = rng.integers(0, 65535, size=(37, 53))
+    got = np.asarray(images.median_filter(frames, radius))
+    for b in range(3):
+        np.testing.assert_array_equal(got[b], _scipy_median_midas_border(frames[b], radius))
+    # any other radius is a plain copy (MIDAS)
+    np.testing.assert_array_equal(np.asarray(images.median_filter(frames, 0)), frames)
+
+
+def test_gaussian_and_log_match_scipy():
+    rng = np.random.default_rng(7)
+    img = rng.random((41, 58)) * 1000.0
+    for sigma in (1.0, 1.7):
+        ref = ndi.gaussian_filter(img, sigma)
+        got = np.asarray(images.gaussian_filter(img, sigma))
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+        ref = ndi.gaussian_laplace(img, sigma)
+        got = np.asarray(images.gaussian_laplace(img, sigma))
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("radius,sigma", [(4, 1.0), (6, 2.0)])
+def test_log_response_float_and_integer(radius, sigma):
+    rng = np.random.default_rng(radius)
+    img = rng.integers(0, 65535, size=(2, 30, 44))
+    r = radius
+    # float kernel: MIDAS's formula sampled; oracle = scipy correlate with the dense kernel
+    k = images.log_kernel_float(radius, sigma)
+    d = np.arange(-r, r + 1)
+    r2 = d[:, None] ** 2 + d[None, :] ** 2
+    closed = -1 / (np.pi * sigma**4) * (1 - r2 / (2 * sigma**2)) * np.exp(-r2 / (2 * sigma**2))
+    np.testing.assert_allclose(k, closed, rtol=1e-15)
+    got = np.asarray(images.log_response(img, radius, sigma, integer=False))
+    for b in range(2):
+        ref = ndi.correlate(img[b].astype(np.float64), k, mode="constant")
+        inner = (slice(r, -r), slice(r, -r))
+        assert np.max(np.abs(got[b][inner] - ref[inner])) <= 1e-4 * np.max(np.abs(ref[inner]))
+        assert not got[b][:r].any() and not got[b][:, -r:].any()  # border L = 0
+    # integer kernel: exact int64 against scipy in int64
+    ki = images.log_kernel_int(radius, sigma)
+    np.testing.assert_array_equal(ki, np.trunc(79720 * closed).astype(np.int64))
+    got = np.asarray(images.log_response(img, radius, sigma, integer=True))
+    assert got.dtype == np.int64
+    for b in range(2):
+        ref = ndi.correlate(img[b].astype(np.int64), ki, mode="constant")
+        np.testing.assert_array_equal(got[b][r:-r, r:-r], ref[r:-r, r:-r])
+        assert not got[b][:r].any() and not got[b][-r:].any()
+
+
+def test_log_kernel_int_sigma1_values():
+    # hand values of (int)(79720 * -1/pi * (1 - r2/2) * exp(-r2/2)) for sigma = 1
+    k = images.log_kernel_int(4, 1.0)
+    assert k[4, 4] == int(-79720 / np.pi) == -25375
+    assert k[4, 5] == int(-79720 / np.pi * 0.5 * np.exp(-0.5)) == -7695
+    assert k[4, 6] == 3434 and k[0, 0] == 0
+
+
+def test_zero_crossing_edges_match_flat_index_loop():
+    rng = np.random.default_rng(3)
+    nz, ny = 9, 11
+    L = rng.integers(-5, 5, size=(nz, ny))
+    img = rng.integers(0, 2, size=(nz, ny))
+    got = np.asarray(images.zero_crossing_edges(L, img))
+    flat_l, flat_i = L.ravel(), img.ravel()
+    expect = np.zeros(nz * ny, bool)
+    for i in range(ny + 1, nz * ny - (ny + 1)):  # MIDAS's loop, wrapping at row ends
+        if flat_i[i] == 0:
+            continue
+        for off in (1, -1, ny, -ny, ny + 1, ny - 1, -ny + 1, -ny - 1):
+            if (flat_l[i] < 0) != (flat_l[i + off] < 0):
+                expect[i] = True
+    np.testing.assert_array_equal(got.ravel(), expect)
+
+
+def test_lit_mask_semantics_against_scipy_oracle():
+    # lit = nonzero & OR over passes of (L < 0 | edge), L from scipy's exact int64 correlate
+    rng = np.random.default_rng(11)
+    img = np.zeros((40, 50), np.int64)
+    for _ in range(12):
+        r, c = rng.integers(5, 35), rng.integers(5, 45)
+        img[r - 2:r + 3, c - 1:c + 2] += rng.integers(1, 500)
+    img[rng.random(img.shape) < 0.05] += 3  # dim isolated pixels
+    passes = ((5, 1.5), (4, 1.0))
+    expect = np.zeros(img.shape, bool)
+    for radius, sigma in passes:
+        L = ndi.correlate(img, images.log_kernel_int(radius, sigma), mode="constant")
+        L[:radius], L[-radius:], L[:, :radius], L[:, -radius:] = 0, 0, 0, 0
+        edges = np.zeros(img.size, bool)
+        fl, fi = L.ravel(), img.ravel()
+        ny = img.shape[1]
+        for i in range(ny + 1, img.size - ny - 1):
+            if fi[i] and any((fl[i] < 0) != (fl[i + o] < 0)
+                             for o in (1, -1, ny, -ny, ny + 1, ny - 1, 1 - ny, -1 - ny)):
+                edges[i] = True
+        expect |= (L < 0) | edges.reshape(img.shape)
+    expect &= img != 0
+    got = np.asarray(images.lit_mask(img, do_log_filter=1, log_passes=passes))
+    np.testing.assert_array_equal(got, expect)
+    assert 0 < expect.sum() < (img != 0).sum()  # the LoG rule drops some non-zero pixels
+    np.testing.assert_array_equal(np.asarray(images.lit_mask(img, do_log_filter=0)), img != 0)
+
+
+def test_pack_frames_flip_and_bit_order():
+    lit = np.zeros((2, 4, 8), bool)  # (B, NZ rows, NY columns)
+    lit[0, 3, 7] = True   # last row/column -> y = 0, z = 0 -> bit 0
+    lit[1, 0, 0] = True   # first row/column -> y = 7, z = 3 -> bit 7*4+3 = 31
+    lit[1, 2, 6] = True   # row 2, col 6 -> y = 1, z = 1 -> bit 5
+    words = np.asarray(images.pack_frames(lit))
+    assert words.tolist() == [[1], [(1 << 31) | (1 << 5)]]
+
+
+# ----------------------------------------------------------------------------- temporal median
+@pytest.mark.parametrize("n", [1, 6, 7, 40])
+def test_temporal_median_is_numpy_lower_median(n):
+    rng = np.random.default_rng(n)
+    stack = rng.integers(0, 300, size=(n, 13, 17)).astype(np.uint16)
+    expect = np.sort(stack, axis=0)[(n - 1) // 2]
+    got = images.temporal_median(iter(stack), n, (13, 17))
+    np.testing.assert_array_equal(got, expect)
+    # banded: a budget of ~3 rows forces 5 bands, each a fresh pass over the frames
+    calls = []
+
+    def bands(r0, r1):
+        calls.append((r0, r1))
+        return (stack[j, r0:r1] for j in range(n))
+
+    got = images.temporal_median(bands, n, (13, 17), max_memory=2 * n * 17 * 3)
+    np.testing.assert_array_equal(got, expect)
+    assert calls[0] == (0, 3) and len(calls) == 5 and calls[-1] == (12, 13)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+NZ, NY, NF = 96, 128, 15  # rows, columns (non-square to catch axis swaps), frames
+
+
+def _disc(r2):
+    d = np.arange(-4, 5)
+    return np.argwhere(d[:, None] ** 2 + d[None, :] ** 2 <= r2) - 4
+
+
+def make_dataset(root, n_distances=2, seed=0, raw_start=3, wf=2, spots_per_frame=6):
+    """Poisson frames with bright disc spots, MIDAS-named TIFFs; returns (params, truth, stacks).
+
+    truth: flat SpotsInfo bit indices of every drawn spot pixel (flipped as MIDAS does).
+    The discs (r^2 <= 5 or 10: 21 or 37 pixels) are fixed points of the 3x3 median, so an
+    ideal processor recovers exactly the drawn pixels.
+    """
+    rng = np.random.default_rng(seed)
+    raw = root / "raw"
+    raw.mkdir()
+    bg = rng.uniform(50, 150, size=(NZ, NY))
+    truth, stacks = [], []
+    for L in range(n_distances):
+        stack = np.empty((NF, NZ, NY), np.uint16)
+        for f in range(NF):
+            lam = bg.copy()
+            mask = np.zeros((NZ, NY), bool)
+            placed = 0
+            while placed < spots_per_frame:
+                shape = _disc(rng.choice([5, 10]))
+                rz, cy = rng.integers(8, NZ - 8), rng.integers(8, NY - 8)
+                pix = shape + [rz, cy]
+                region = mask[rz - 6:rz + 7, cy - 6:cy + 7]
+                if region.any():  # keep spots apart (>= 2 px gap)
+                    continue
+                mask[pix[:, 0], pix[:, 1]] = True
+                lam[pix[:, 0], pix[:, 1]] += rng.uniform(300, 1500)
+                placed += 1
+            stack[f] = np.minimum(rng.poisson(lam), 65535).astype(np.uint16)
+            rows, cols = np.nonzero(mask)
+            truth.append(observe.bit_index((n_distances, NF, NY, NZ), L, f,
+                                           NY - 1 - cols, NZ - 1 - rows))
+            nr = L * NF + raw_start + L * wf + f
+            tifffile.imwrite(raw / f"scan_{nr:06d}.tif", stack[f])
+        stacks.append(stack)
+    params = types.SimpleNamespace(
+        n_distances=n_distances, nr_pixels_y=NY, nr_pixels_z=NZ, start_nr=0, end_nr=NF - 1,
+        n_frames=NF, nr_files_per_distance=NF, raw_start_nr=raw_start, wf_images=wf,
+        data_directory=str(raw), output_dir=root / "out", orig_file_name="scan",
+        reduced_file_name="red", ext_orig="tif", ext_reduced="bin", blanket_subtraction=80,
+        med_filt_radius=1, gauss_filt_radius=1.5, log_mask_radius=5, do_log_filter=0,
+        source=str(root / "params.txt"))
+    return params, np.sort(np.concatenate(truth)), stacks
+
+
+def test_frame_path_naming(tmp_path):
+    p = types.SimpleNamespace(nr_files_per_distance=1440, raw_start_nr=7, wf_images=3,
+                              data_directory=str(tmp_path), orig_file_name="Au", ext_orig="tif",
+                              start_nr=0, end_nr=1439)
+    # FileNr = L*1440 + 7 + L*3 + j
+    assert images.frame_path(p, 0, 0) == tmp_path / "Au_000007.tif"
+    assert images.frame_path(p, 1, 5) == tmp_path / "Au_001455.tif"
+    p.output_dir = tmp_path / "o"
+    p.reduced_file_name, p.ext_reduced = "red", "bin"
+    assert images.median_image_path(p, 1) == tmp_path / "o" / "red_Median_Background_Distance_1.bin"
+
+
+@pytest.mark.parametrize("do_log", [0, 1])
+def test_synthetic_round_trip(tmp_path, do_log):
+    params, truth, stacks = make_dataset(tmp_path)
+    params.do_log_filter = do_log
+    medians = {}
+    vol = images.process_all(params, progress=False,
+                             median_dir_writer=lambda L, m: medians.setdefault(L, m))
+    assert vol.shape == (2, NF, NY, NZ)
+    for L, stack in enumerate(stacks):
+        np.testing.assert_array_equal(medians[L], np.sort(stack, axis=0)[(NF - 1) // 2])
+    lit = observe.lit_indices(vol)
+    hits = np.intersect1d(lit, truth).size
+    recall, false = hits / truth.size, (lit.size - hits) / truth.size
+    assert recall >= 0.99 and false <= 0.01, (recall, false)
+    if not do_log:
+        np.testing.assert_array_equal(lit, truth)  # this data is clean enough to be exact
+
+
+def test_band_reading_and_compressed_tiffs_agree(tmp_path):
+    params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=5)
+    ref = images.process_all(params, progress=False)
+    # a budget far below the stack forces the banded median (re-reading row bands from disk)
+    small = images.process_all(params, progress=False, max_memory=200_000)
+    np.testing.assert_array_equal(small.words, ref.words)
+    # zlib-compressed frames go through tifffile's decoder instead of direct row reads
+    for p in images.frame_paths(params, 0):
+        tifffile.imwrite(p, tifffile.imread(p), compression="zlib")
+    comp = images.process_all(params, progress=False, max_memory=200_000)
+    np.testing.assert_array_equal(comp.words, ref.words)
+    median, one = images.process_distance(params, 0, progress=False)
+    assert one.shape == (1, NF, NY, NZ)
+    np.testing.assert_array_equal(one.words, ref.words)
+    np.testing.assert_array_equal(observe.lit_indices(one), truth)
+
+
+def test_unaligned_frame_size(tmp_path):
+    # NY*NZ not a multiple of 32: bits set one by one must give the same lit set
+    global NZ, NY
+    old = (NZ, NY)
+    NZ, NY = 45, 51
+    try:
+        params, truth, _ = make_dataset(tmp_path, n_distances=2, seed=9, spots_per_frame=2)
+        vol = images.process_all(params, progress=False)
+        np.testing.assert_array_equal(observe.lit_indices(vol), truth)
+        assert vol.words.size == -(-2 * NF * NY * NZ // 32)
+    finally:
+        NZ, NY = old
+
+
+# ----------------------------------------------------------------------------- CLI and errors
+PARAM_TEXT = """nDistances 2
+Lsd 1000
+Lsd 2000
+BC 10 10
+BC 10 10
+px 1.48
+Wavelength 0.17
+LatticeParameter 4.08 4.08 4.08 90 90 90
+NrPixelsY {ny}
+NrPixelsZ {nz}
+StartNr 0
+EndNr {end}
+NrFilesPerDistance {nf}
+RawStartNr 3
+WFImages 2
+DataDirectory raw
+OutputDirectory out
+OrigFileName scan
+ReducedFileName red
+extOrig tif
+extReduced bin
+BlanketSubtraction 80
+MedFiltRadius 1
+DoLoGFilter 0
+"""
+
+
+def _write_params(root, end=NF - 1, nf=NF):
+    path = root / "params.txt"
+    path.write_text(PARAM_TEXT.format(ny=NY, nz=NZ, end=end, nf=nf))
+    return path
+
+
+def test_cli_process_writes_spotsinfo_and_medians(tmp_path, capsys):
+    params, truth, stacks = make_dataset(tmp_path)
+    pfile = _write_params(tmp_path)
+    assert cli_main(["process", str(pfile)]) == 0
+    out = tmp_path / "out"
+    spots = out / "SpotsInfo.bin"
+    assert spots.stat().st_size == 2 * NF * NY * NZ // 8
+    vol = observe.read_spots_info(spots, (2, NF, NY, NZ))
+    np.testing.assert_array_equal(observe.lit_indices(vol), truth)
+    for L in range(2):
+        med = np.fromfile(out / f"red_Median_Background_Distance_{L}.bin", dtype="<u2")
+        np.testing.assert_array_equal(med.reshape(NZ, NY),
+                                      np.sort(stacks[L], axis=0)[(NF - 1) // 2])
+    assert "frames/s" in capsys.readouterr().out
+    # a tight --max-memory takes the banded-median path and writes the same bytes
+    banded = tmp_path / "banded.bin"
+    assert cli_main(["process", str(pfile), "--max-memory", "300KB", "-o", str(banded)]) == 0
+    assert banded.read_bytes() == spots.read_bytes()
+
+    # --distance 2 re-processes distance 2 only and keeps distance 1's bits
+    per = NF * NY * NZ
+    frame = images.frame_path(params, 1, 0)
+    tifffile.imwrite(frame, np.zeros((NZ, NY), np.uint16))  # now nothing is lit there
+    assert cli_main(["process", str(pfile), "--distance", "2", "-o", str(spots)]) == 0
+    lit = observe.lit_indices(observe.read_spots_info(spots, (2, NF, NY, NZ)))
+    np.testing.assert_array_equal(lit[lit < per], truth[truth < per])
+    keep = (truth >= per) & (truth >= per + NY * NZ)  # frame 0 of distance 2 cleared
+    np.testing.assert_array_equal(lit[lit >= per], truth[keep])
+
+
+def _expect_error(tmp_path, capsys, fragment):
+    spots = tmp_path / "out" / "SpotsInfo.bin"
+    before = spots.read_bytes() if spots.exists() else None
+    assert cli_main(["process", str(tmp_path / "params.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and fragment in err, err
+    # no partial output: the old file (or nothing) is still there, no temp files remain
+    assert (spots.read_bytes() if spots.exists() else None) == before
+    out = tmp_path / "out"
+    leftovers = [p.name for p in out.glob(".*part")] if out.exists() else []
+    assert leftovers == []
+    return err
+
+
+def test_missing_frame_file(tmp_path, capsys):
+    params, _, _ = make_dataset(tmp_path)
+    _write_params(tmp_path)
+    victim = images.frame_path(params, 1, 4)
+    victim.unlink()
+    err = _expect_error(tmp_path, capsys, str(victim))
+    assert "not found" in err
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage"])
+def test_bad_frame_files(tmp_path, capsys, bad):
+    params, _, _ = make_dataset(tmp_path, n_distances=2)
+    _write_params(tmp_path)
+    victim = images.frame_path(params, 0, 3)
+    if bad == "shape":
+        tifffile.imwrite(victim, np.zeros((NZ, NY + 1), np.uint16))
+        frag = f"expected a frame of {NZ} rows x {NY} columns"
+    elif bad == "dtype":
+        tifffile.imwrite(victim, np.zeros((NZ, NY), np.float32))
+        frag = "expected uint16 pixels, found float32"
+    elif bad == "truncated":
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) - 5000])
+        frag = str(victim)
+    else:
+        victim.write_bytes(b"this is not a tiff file at all")
+        frag = "not a readable TIFF"
+    err = _expect_error(tmp_path, capsys, frag)
+    assert str(victim) in err
+    with pytest.raises(InputFileError):
+        images.read_frame(victim, (NZ, NY))
+
+
+def test_end_before_start_and_file_count(tmp_path, capsys):
+    make_dataset(tmp_path, n_distances=2)
+    _write_params(tmp_path, end=-2, nf=NF)
+    assert cli_main(["process", str(tmp_path / "params.txt")]) == 2
+    assert "EndNr" in capsys.readouterr().err
+    p = types.SimpleNamespace(start_nr=5, end_nr=3, nr_files_per_distance=None, source="x.txt")
+    with pytest.raises(ParamError, match="EndNr"):
+        images.frame_paths(types.SimpleNamespace(orig_file_name="a", ext_orig="tif", **vars(p)), 0)
+    p = types.SimpleNamespace(start_nr=0, end_nr=9, nr_files_per_distance=8, source="x.txt",
+                              orig_file_name="a", ext_orig="tif")
+    with pytest.raises(ParamError, match="NrFilesPerDistance"):
+        images.frame_paths(p, 0)
+
+
+def test_bad_distance_option(tmp_path, capsys):
+    make_dataset(tmp_path, n_distances=2)
+    pfile = _write_params(tmp_path)
+    assert cli_main(["process", str(pfile), "--distance", "3"]) == 2
+    assert "--distance 3: expected 1..2" in capsys.readouterr().err
