@@ -125,6 +125,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- fit
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from nfjax.fit import run_fit
+
+    return run_fit(args)
+
+
 # --------------------------------------------------------------------------- index
 def _cmd_index(args: argparse.Namespace) -> int:
     from nfjax.indexer.cli import run_index
@@ -141,24 +148,9 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from nfjax.crystal import hkls_from_params, ring_summary
-    from nfjax.data import au_example
-    from nfjax.params import format_params, read_params
+    from nfjax.demo import run_demo
 
-    files = au_example()
-    params = read_params(files["params"])
-    print(f"nfjax {__version__} demo: the bundled MIDAS Au example ({files['params']})")
-    print()
-    print(format_params(params), end="")
-    table = hkls_from_params(params)
-    print()
-    print(f"{len(table.d)} reflections in {int(table.ring.max())} rings:")
-    for ring in ring_summary(table):
-        print(f"  {ring}")
-    print()
-    print("The forward model and reconstruction have not landed yet: this demo only parses "
-          "the example and lists its rings.")
-    return 0
+    return run_demo(args.output)
 
 
 # --------------------------------------------------------------------------- parser
@@ -228,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
     p_sim.set_defaults(func=_cmd_simulate)
 
+    p_fit = sub.add_parser(
+        "fit", help="screen and refine orientations on a grid (MIDAS FitOrientationOMP)")
+    p_fit.add_argument("params", help="MIDAS parameter file")
+    p_fit.add_argument("--block", type=int, default=0, help="block number (0-based)")
+    p_fit.add_argument("--nblocks", type=int, default=1, help="number of blocks")
+    p_fit.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                       help="JAX device (default: the first available)")
+    p_fit.add_argument("--max-memory", default=None, help="device memory budget, e.g. 8GB")
+    p_fit.add_argument("--polish", action="store_true",
+                       help="optax polish on the smooth surrogate after Nelder-Mead")
+    p_fit.add_argument("--record-time", action="store_true",
+                       help="write wall seconds into the RunTime column (default 0)")
+    p_fit.add_argument("--spots-info", default=None,
+                       help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
+    p_fit.set_defaults(func=_cmd_fit)
+
     p_index = sub.add_parser(
         "index", help="index serial-crystallography spot files (fast feedback indexer)")
     p_index.add_argument("files", nargs="+", metavar="FILE", help="simple-data spot files")
@@ -247,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
     p_proc.set_defaults(func=_cmd_process)
 
-    p_demo = sub.add_parser("demo", help="run the bundled Au example")
+    p_demo = sub.add_parser("demo", help="run the bundled Au example end to end")
+    p_demo.add_argument("-o", "--output", default="demo-output",
+                        help="output folder (default demo-output)")
     p_demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -23,7 +23,8 @@ from nfjax.errors import InputFileError, NfjaxError
 from nfjax.io.mic import read_mic
 from nfjax.orientation import euler_to_quat, misorientation
 
-__all__ = ["ComparisonResult", "compare_mics", "format_comparison", "THRESHOLDS_DEG"]
+__all__ = ["ComparisonResult", "compare_mics", "compare_records", "format_comparison",
+           "THRESHOLDS_DEG"]
 
 #: Misorientation thresholds (degrees) of the report.
 THRESHOLDS_DEG: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 5.0)
@@ -109,11 +110,19 @@ def compare_mics(a: str | Path, b: str | Path, space_group: int = 225) -> Compar
     file is used. Misorientation uses the crystal symmetry of ``space_group`` (MIDAS
     tables) and is reported in degrees.
     """
+    return compare_records(_load_mic_rows(a), _load_mic_rows(b), space_group,
+                           name_a=str(a), name_b=str(b))
+
+
+def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 225, *,
+                    name_a: str = "A", name_b: str = "B") -> ComparisonResult:
+    """:func:`compare_mics` on in-memory mic records ``(N, 11)`` (binary-record columns)."""
+    a, b = name_a, name_b
     if not 1 <= int(space_group) <= 230:
         raise NfjaxError(f"space group: expected an integer in 1..230, found {space_group}")
     sym = _symmetry(int(space_group))
-    rows_a = _load_mic_rows(a)
-    rows_b = _load_mic_rows(b)
+    rows_a = np.asarray(rows_a, dtype=np.float64)
+    rows_b = np.asarray(rows_b, dtype=np.float64)
     keep_a = _kept(rows_a)
     keep_b = _kept(rows_b)
     if keep_b.size == 0:
