@@ -10,6 +10,7 @@ distance where it is off), and hits are bits, not uint16 counters.
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -155,8 +156,10 @@ def write_tiff_frames(params, vol: observe.ObsVolume, directory: str | Path, *,
                 cols = ny - 1 - yy[s:e]
                 img[rows, cols] += rng.poisson(intensity, size=e - s)
                 path = directory / frame_path(params, L, f).name
+                buf = io.BytesIO()     # tifffile wants a named file; encode in memory first
+                tifffile.imwrite(buf, np.clip(img, 0, 65535).astype(np.uint16))
                 with atomic_write(path, "wb") as fh:
-                    tifffile.imwrite(fh, np.clip(img, 0, 65535).astype(np.uint16))
+                    fh.write(buf.getvalue())
                 paths.append(path)
                 bar.update(1)
     return paths
