@@ -70,6 +70,45 @@ def _cmd_seeds_from_grains(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_seeds_uniform(args: argparse.Namespace) -> int:
+    from nfjax.io.seeds import write_seeds
+    from nfjax.seeds import uniform_seeds
+
+    quats = uniform_seeds(args.space_group, args.resolution, seed=args.seed)
+    write_seeds(args.output, quats)
+    print(f"{quats.shape[0]} orientations in the fundamental zone of space group "
+          f"{args.space_group} (~{args.resolution:g} deg spacing) -> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- cluster
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from nfjax.cluster import cluster_mic, write_grains_csv
+    from nfjax.io.mic import read_mic
+
+    params = None
+    if args.params:
+        from nfjax.params import read_params
+
+        params = read_params(args.params)
+    mic = read_mic(args.mic)
+    grains = cluster_mic(mic, params=params, max_angle=args.max_angle,
+                         min_confidence=args.min_confidence, space_group=args.space_group,
+                         neighbours=args.neighbours)
+    write_grains_csv(args.output, grains)
+    print(f"{len(grains.ids)} grains from {args.mic} -> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- plot
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from nfjax.plot import plot_mic
+
+    out = plot_mic(args.mic, args.output, space_group=args.space_group)
+    print(f"orientation and confidence maps -> {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- compare
 def _cmd_compare(args: argparse.Namespace) -> int:
     from nfjax.compare import compare_mics, format_comparison
@@ -189,6 +228,34 @@ def build_parser() -> argparse.ArgumentParser:
     p_fg.add_argument("grains", help="far-field Grains.csv")
     p_fg.add_argument("-o", "--output", default="seeds.csv", help="output (default seeds.csv)")
     p_fg.set_defaults(func=_cmd_seeds_from_grains)
+
+    p_uni = seeds_sub.add_parser(
+        "uniform", help="near-uniform orientations in the fundamental zone")
+    p_uni.add_argument("--space-group", type=int, required=True, help="space group number")
+    p_uni.add_argument("--resolution", type=float, default=1.5,
+                       help="approximate spacing in degrees (default 1.5)")
+    p_uni.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_uni.add_argument("-o", "--output", default="seeds.csv", help="output (default seeds.csv)")
+    p_uni.set_defaults(func=_cmd_seeds_uniform)
+
+    p_cl = sub.add_parser("cluster", help="group a mic into grains (MIDAS Mic2GrainsList)")
+    p_cl.add_argument("mic", help="mic file (text or binary)")
+    p_cl.add_argument("-o", "--output", default="Grains.csv", help="output (default Grains.csv)")
+    p_cl.add_argument("--params", default=None,
+                      help="parameter file for SpaceGroup, LatticeParameter, MaxAngle, MinConfidence")
+    p_cl.add_argument("--max-angle", type=float, default=None, help="degrees (default 1.0)")
+    p_cl.add_argument("--min-confidence", type=float, default=None,
+                      help="minimum voxel confidence (default 0.04)")
+    p_cl.add_argument("--space-group", type=int, default=None, help="default 225")
+    p_cl.add_argument("--neighbours", action="store_true",
+                      help="grow grains through spatial neighbours (Mic2GrainsList mode 1)")
+    p_cl.set_defaults(func=_cmd_cluster)
+
+    p_plot = sub.add_parser("plot", help="IPF orientation map and confidence map as PNG")
+    p_plot.add_argument("mic", help="mic file (text or binary)")
+    p_plot.add_argument("-o", "--output", default="map.png", help="output PNG (default map.png)")
+    p_plot.add_argument("--space-group", type=int, default=225, help="default 225")
+    p_plot.set_defaults(func=_cmd_plot)
 
     p_cmp = sub.add_parser(
         "compare", help="per-voxel misorientation between two mic files matched by position")
