@@ -1,0 +1,80 @@
+"""`nfjax index` (nfjax.indexer.cli) and the indexer's environment handling."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nfjax.cli import main
+from indexer_helpers import GOLD, lattice_match
+
+
+def test_index_json(ffbidx_data, capsys):
+    files = [str(ffbidx_data / "image0_local.txt"), str(ffbidx_data / "test2.txt")]
+    assert main(["index", "--json", *files]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    recs = [json.loads(line) for line in lines]
+    assert set(recs[0]) == {"file", "cell", "score", "indexed_spots", "n_crystals", "seconds"}
+    assert recs[0]["file"] == files[0]
+    _, det, mis = lattice_match(np.array(recs[0]["cell"]), GOLD)
+    assert round(det) == 1 and mis < 2.0
+    assert 0 < recs[0]["score"] < 0.00075
+    assert recs[0]["n_crystals"] >= 1 and 20 <= recs[0]["indexed_spots"] <= 297
+    assert 0 < recs[0]["seconds"] < 5
+    # test2: perfect monoclinic lattice, every spot indexed
+    input_cell = np.array([[40, 0, 0], [0, 45, 0], [10.4421, 0, 79.3156]])
+    dev, det, _ = lattice_match(np.array(recs[1]["cell"]), input_cell)
+    assert dev < 1e-3 and round(det) == 1
+    assert recs[1]["indexed_spots"] == 90 and recs[1]["n_crystals"] == 1
+
+
+def test_index_text_raw(ffbidx_data, capsys):
+    assert main(["index", "--method", "raw", str(ffbidx_data / "test0.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "score -90.9982" in out and "90 of 90 spots indexed" in out
+    assert "|a| = 30.000" in out and "|c| = 50.000" in out
+
+
+def test_index_malformed_file(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("36.9 0 0 0 78.95 0 0 0 78.95\n0.1 0.2\n")
+    assert main(["index", str(bad)]) == 2
+    assert f"{bad}:2: expected a spot 'x y z', found 2 numbers" in capsys.readouterr().err
+
+
+def test_log_level_env():
+    code = ("import numpy as np, nfjax\n"
+            "from nfjax.indexer import Indexer\n"
+            "ix = Indexer(max_output_cells=1, max_spots=20, num_candidate_vectors=2)\n"
+            "s = np.ascontiguousarray(np.random.default_rng(0).normal(size=(3, 20)), np.float32)\n"
+            "ix.run(s, np.eye(3, dtype=np.float32) * 30, method='raw',"
+            " num_halfsphere_points=2048)\n")
+    env = dict(os.environ, INDEXER_LOG_LEVEL="info")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "(info) using device" in res.stderr
+    assert "(info) indexing_time: " in res.stderr
+    env["INDEXER_LOG_LEVEL"] = "error"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "(info)" not in res.stderr
+
+
+def test_drop_in_import():
+    from nfjax.indexer import ffbidx
+
+    assert {"Indexer", "indexer", "index", "release", "runtime_check", "__version__"} <= set(
+        dir(ffbidx))
+    assert ffbidx.__version__.startswith("1.1.3")
+    assert ffbidx.runtime_check() is None
+    with ffbidx.Indexer(4, 1, 100, 8) as ix:
+        assert ix.initialized and isinstance(ix.handle, int)
+    assert not ix.initialized
+    with pytest.raises(RuntimeError, match="^invalid handle$"):
+        ix.run(np.zeros((3, 10), np.float32), np.eye(3, dtype=np.float32))
