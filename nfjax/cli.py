@@ -164,6 +164,34 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- reconstruct
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from nfjax.workflow import reconstruct
+
+    params = args.params or args.paramFN
+    if not params:
+        raise NfjaxError("reconstruct: give the parameter file (PARAMS or -paramFN FILE)")
+    if args.params and args.paramFN and args.params != args.paramFN:
+        raise NfjaxError(f"reconstruct: two parameter files given ({args.params} and "
+                         f"-paramFN {args.paramFN})")
+    for flag in ("ffSeedOrientations", "doImageProcessing"):
+        value = getattr(args, flag)
+        if value is not None and value not in (0, 1):
+            raise NfjaxError(f"-{flag}: expected 0 or 1, found {value}")
+    if args.machineName:
+        print(f"note: -machineName {args.machineName} ignored: MPI (mpiexec) decides where "
+              "ranks run", file=sys.stderr)
+    if args.nCPUs is not None or args.nNodes is not None:
+        print("note: -nCPUs/-nNodes ignored: JAX uses all cores of its device; run under "
+              "mpiexec -n R to split the grid over R ranks", file=sys.stderr)
+    ff = args.ff_seeds or args.ffSeedOrientations == 1
+    images = not args.no_image_processing and args.doImageProcessing != 0
+    final = reconstruct(params, ff_seeds=ff, image_processing=images, resume=args.resume,
+                        max_memory=args.max_memory, device=args.device)
+    print(f"final reconstruction: {final}")
+    return 0
+
+
 # --------------------------------------------------------------------------- fit
 def _cmd_fit(args: argparse.Namespace) -> int:
     from nfjax.fit import run_fit
@@ -286,6 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--seed", type=int, default=0, help="noise seed for --tiff-dir")
     p_sim.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
     p_sim.set_defaults(func=_cmd_simulate)
+
+    p_rec = sub.add_parser(
+        "reconstruct", help="the whole NF workflow (nf_MIDAS_Multiple_Resolutions.py)")
+    p_rec.add_argument("params", nargs="?", default=None, help="MIDAS parameter file")
+    p_rec.add_argument("--ff-seeds", action="store_true",
+                       help="seed orientations from the far-field GrainsFile")
+    p_rec.add_argument("--no-image-processing", action="store_true",
+                       help="reuse the existing SpotsInfo.bin")
+    p_rec.add_argument("--resume", action="store_true",
+                       help="skip stages whose inputs are unchanged since the last run")
+    p_rec.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
+    p_rec.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                       help="JAX platform (default: the first available)")
+    midas = p_rec.add_argument_group("MIDAS driver flags (accepted for existing scripts)")
+    midas.add_argument("-paramFN", default=None, help="parameter file")
+    midas.add_argument("-ffSeedOrientations", type=int, default=None, help="0|1")
+    midas.add_argument("-doImageProcessing", type=int, default=None, help="0|1")
+    midas.add_argument("-nCPUs", type=int, default=None, help="ignored")
+    midas.add_argument("-nNodes", type=int, default=None, help="ignored (use mpiexec)")
+    midas.add_argument("-machineName", default=None, help="ignored (MPI decides placement)")
+    p_rec.set_defaults(func=_cmd_reconstruct)
 
     p_fit = sub.add_parser(
         "fit", help="screen and refine orientations on a grid (MIDAS FitOrientationOMP)")

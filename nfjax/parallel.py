@@ -1,0 +1,92 @@
+"""Splitting grid blocks across MPI ranks.
+
+Owns the block arithmetic (contiguous, every grid row in exactly one block — MIDAS's
+FitOrientationOMP gives blocks > 0 the previous row's data and never fits the last row)
+and the MPI plumbing: under ``mpiexec -n R`` each rank fits its block on its own device and
+rank 0 gathers the records in grid order and writes the files. mpi4py is imported only
+when the process was started by an MPI launcher, so a plain install runs without MPI.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from nfjax.errors import NfjaxError
+
+# Variables set by the common launchers (MPICH/Hydra, Open MPI, Slurm's PMI, Intel MPI).
+_LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+                  "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "HYDRA_CONTROL_FD")
+
+
+def block_range(n_rows: int, block: int, n_blocks: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of block ``block`` of ``n_blocks`` contiguous blocks.
+
+    Blocks differ in size by at most one row and cover ``0..n_rows-1`` exactly once.
+    """
+    if n_blocks < 1:
+        raise NfjaxError(f"--nblocks: expected a positive integer, found {n_blocks}")
+    if not 0 <= block < n_blocks:
+        raise NfjaxError(f"--block: expected 0..{n_blocks - 1}, found {block}")
+    base, extra = divmod(int(n_rows), int(n_blocks))
+    start = block * base + min(block, extra)
+    return start, start + base + (1 if block < extra else 0)
+
+
+@dataclass(frozen=True)
+class Comm:
+    """The MPI world as nfjax uses it: ``rank``, ``size`` and the mpi4py communicator
+    (``None`` when running without MPI)."""
+
+    rank: int = 0
+    size: int = 1
+    mpi: object = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """Concatenate every rank's ``rows`` (in rank order) on rank 0; ``None`` elsewhere."""
+        if self.mpi is None:
+            return rows
+        parts = self.mpi.gather(np.ascontiguousarray(rows), root=0)
+        return np.concatenate(parts, axis=0) if self.rank == 0 else None
+
+    def bcast(self, value):
+        return value if self.mpi is None else self.mpi.bcast(value, root=0)
+
+    def barrier(self) -> None:
+        if self.mpi is not None:
+            self.mpi.Barrier()
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process (so mpi4py can initialise)."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def world(force: bool | None = None) -> Comm:
+    """The MPI world, or a single-process :class:`Comm` without MPI.
+
+    ``force=True`` requires MPI (an error if mpi4py is missing); ``None`` uses MPI only
+    when the process was started by a launcher.
+    """
+    if force is False or (force is None and not launched_by_mpi()):
+        return Comm()
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise NfjaxError("started under an MPI launcher but mpi4py is not installed: "
+                         "pip install 'nfjax[mpi]' (or mpi4py against the site MPI)") from exc
+    comm = MPI.COMM_WORLD
+    return Comm(rank=comm.Get_rank(), size=comm.Get_size(), mpi=comm)
+
+
+def local_device(comm: Comm, platform: str | None = None):
+    """The JAX device this rank should use: ranks on one node take its devices in turn."""
+    import jax
+
+    devices = jax.devices(platform) if platform else jax.devices()
+    return devices[comm.rank % len(devices)]

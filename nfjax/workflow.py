@@ -1,0 +1,488 @@
+"""``nfjax reconstruct``: MIDAS's single- and multi-resolution NF workflow.
+
+Owns the orchestration of ``nf_MIDAS_Multiple_Resolutions.py`` (reference §10): which stage
+runs when, which files it writes (MIDAS's names, so MIDAS tools can read them), the resume
+manifest, logs in ``midas_log/``, and splitting the fit across MPI ranks. The physics is
+elsewhere; in-memory objects flow from stage to stage, files are written for compatibility
+and for ``--resume`` only.
+
+Stages and their inputs (a stage reruns when the hash of its inputs changes):
+``hkls`` (lattice, space group, λ, Lsd, ring cut) → ``seeds`` (GrainsFile or seed file)
+→ ``grid`` (GridSize, EdgeLength, Rsample, masks) → ``spots`` (hkls, seeds, geometry)
+→ ``images`` (image keys, frame files) → ``fit`` (grid, spots, observations, fit keys)
+→ ``map``. Multi-resolution repeats grid/spots/fit per loop with ``clusterK``,
+``seededK``, ``unseededK`` and ``mergeK`` stages.
+
+Differences from MIDAS (also in docs/midas-differences.md): the merge keeps, per voxel, the
+better of the seeded and unseeded results (MIDAS overwrites unconditionally, so an empty
+unseeded record can erase a seeded solution); voxels with confidence 0 are retried by the
+unseeded pass (MIDAS drops them from the text mic and never retries them); the unseeded
+passes search ``SeedOrientationsAll`` (MIDAS silently reuses loop 0's spot files).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nfjax.errors import NfjaxError, ParamError
+
+MANIFEST = "nfjax_manifest.json"
+MASTER_LOG = "midas_nf_workflow_multires.log"
+_BIG = 64 << 20   # files above this are fingerprinted by size and mtime, not hashed
+
+
+# --------------------------------------------------------------------------- hashing
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes (size and mtime for files over 64 MiB)."""
+    path = Path(path)
+    st = path.stat()
+    if st.st_size > _BIG:
+        return f"size={st.st_size};mtime={st.st_mtime_ns}"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def value_hash(*values: Any) -> str:
+    """Stable hash of JSON-able values (tuples become lists)."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Manifest:
+    """Finished stages with the hash of their inputs and the fingerprints of their outputs,
+    kept in ``<output>/nfjax_manifest.json`` (rewritten atomically after every stage)."""
+
+    def __init__(self, directory: Path, resume: bool):
+        self.path = Path(directory) / MANIFEST
+        self.resume = resume
+        self.stages: dict[str, dict] = {}
+        if resume and self.path.exists():
+            try:
+                self.stages = json.loads(self.path.read_text())["stages"]
+            except (ValueError, KeyError) as exc:
+                raise NfjaxError(f"{self.path}: not a valid nfjax manifest ({exc}); delete it "
+                                 "or run without --resume") from exc
+
+    def is_done(self, name: str, inputs: str) -> bool:
+        entry = self.stages.get(name)
+        if not self.resume or not entry or entry.get("inputs") != inputs:
+            return False
+        base = self.path.parent
+        for rel, fp in entry.get("outputs", {}).items():
+            p = base / rel
+            if not p.exists() or file_fingerprint(p) != fp:
+                return False
+        return True
+
+    def record(self, name: str, inputs: str, outputs: list[Path]) -> None:
+        from nfjax.io.atomic import atomic_write
+
+        base = self.path.parent
+        self.stages[name] = {
+            "inputs": inputs,
+            "outputs": {os.path.relpath(p, base): file_fingerprint(p) for p in outputs},
+        }
+        with atomic_write(self.path, "w") as fh:
+            json.dump({"version": 1, "stages": self.stages}, fh, indent=1, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- context
+@dataclasses.dataclass
+class Run:
+    params: Any
+    out: Path
+    manifest: Manifest
+    log: logging.Logger
+    comm: Any
+    max_memory: Any = None
+    progress: bool | None = None
+    image_processing: bool = True
+    ff_seeds: bool = False
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    def stage(self, name: str, inputs: str, outputs: list[Path], compute: Callable[[], Any],
+              load: Callable[[], Any]):
+        """Run ``compute`` (which writes ``outputs``) unless the manifest says the stage is
+        done with the same inputs, in which case ``load`` re-reads its outputs."""
+        if self.manifest.is_done(name, inputs):
+            self.log.info("stage %-14s skipped (inputs unchanged, --resume)", name)
+            return load()
+        t0 = time.perf_counter()
+        self.log.info("stage %-14s started", name)
+        value = compute()
+        if self.comm.is_root:
+            self.manifest.record(name, inputs, outputs)
+        dt = time.perf_counter() - t0
+        self.timings[name] = dt
+        _stage_log(self.out, name, f"{name} finished in {dt:.2f} s\n")
+        self.log.info("stage %-14s finished in %.2f s", name, dt)
+        return value
+
+
+def _stage_log(out: Path, name: str, text: str) -> None:
+    logdir = out / "midas_log"
+    logdir.mkdir(parents=True, exist_ok=True)
+    with open(logdir / f"{name}_out.csv", "a") as fh:
+        fh.write(text)
+    (logdir / f"{name}_err.csv").touch()
+
+
+def _logger(out: Path, root: bool) -> logging.Logger:
+    log = logging.getLogger("nfjax.workflow")
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.propagate = False
+    if root:
+        (out / "midas_log").mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out / "midas_log" / MASTER_LOG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(fh)
+        sh = logging.StreamHandler()
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(sh)
+    else:
+        log.addHandler(logging.NullHandler())
+    return log
+
+
+# --------------------------------------------------------------------------- validation
+def validate(params, ff_seeds: bool) -> None:
+    """Every check that can fail before any work starts (one-line errors)."""
+    src = params.source
+    if params.grid_refactor is not None:
+        if not params.seed_orientations_all:
+            raise ParamError(f"{src}: GridRefactor needs SeedOrientationsAll (the orientation "
+                             "library for the unseeded passes)")
+        if params.seed_orientations and (params.resolve(params.seed_orientations_all)
+                                         == params.resolve(params.seed_orientations)):
+            raise ParamError(f"{src}: SeedOrientationsAll must differ from SeedOrientations "
+                             f"(both are {params.seed_orientations}): each multi-resolution "
+                             "loop rewrites SeedOrientations")
+        if not params.resolve(params.seed_orientations_all).is_file():
+            raise ParamError(f"{src}: SeedOrientationsAll file not found: "
+                             f"{params.resolve(params.seed_orientations_all)}")
+    if ff_seeds:
+        params.require("GrainsFile", why="--ff-seeds")
+        path = params.resolve(params.grains_file)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ParamError(f"{src}: GrainsFile is not a readable file: {path}")
+    elif params.grid_refactor is None:
+        params.require("SeedOrientations", why="the orientations to search")
+        if not params.resolve(params.seed_orientations).is_file():
+            raise ParamError(f"{src}: SeedOrientations file not found: "
+                             f"{params.resolve(params.seed_orientations)} (make one with "
+                             "'nfjax seeds uniform' or use --ff-seeds)")
+    elif not params.seed_orientations or not params.resolve(params.seed_orientations).is_file():
+        if not params.resolve(params.seed_orientations_all).is_file():
+            raise ParamError(f"{src}: loop 0 needs SeedOrientations or SeedOrientationsAll")
+    params.require("MinFracAccept", "OrientTol", "GridSize", "Rsample", "MicFileBinary",
+                   "MicFileText", why="nfjax reconstruct")
+
+
+# --------------------------------------------------------------------------- stages
+def _hkls(run: Run):
+    from nfjax.crystal import hkls_from_params
+    from nfjax.io.hkls import read_hkls_csv, write_hkls_csv
+
+    p = run.params
+    path = run.out / "hkls.csv"
+    inputs = value_hash(p.lattice_parameter, p.space_group, p.wavelength, p.lsd,
+                        p.max_ring_rad)
+
+    def compute():
+        table = hkls_from_params(p)
+        if run.comm.is_root:
+            write_hkls_csv(table, path)
+        return table
+
+    return run.stage("hkls", inputs, [path], compute, lambda: read_hkls_csv(path))
+
+
+def _seeds_from_grains_stage(run: Run, name: str, grains_path: Path, out_path: Path):
+    from nfjax.io.grains import read_grains_csv
+    from nfjax.io.seeds import read_seeds, write_seeds_from_grains
+    from nfjax.seeds import seeds_from_grains
+
+    def compute():
+        grains = read_grains_csv(grains_path)
+        quats = seeds_from_grains(grains)
+        if run.comm.is_root:
+            write_seeds_from_grains(out_path, quats, grains)
+        return read_seeds(out_path) if run.comm.is_root else quats
+
+    return run.stage(name, value_hash(file_fingerprint(grains_path)), [out_path], compute,
+                     lambda: read_seeds(out_path))
+
+
+def _grid(run: Run, name: str, params, path: Path):
+    from nfjax.grid import grid_from_params
+    from nfjax.io.gridfile import read_grid, write_grid
+
+    tomo = params.resolve(params.tomo_image) if params.tomo_image else None
+    inputs = value_hash(params.grid_size, params.edge_length_effective, params.rsample,
+                        params.grid_mask, params.tomo_pixel_size,
+                        file_fingerprint(tomo) if tomo and tomo.exists() else None)
+
+    def compute():
+        grid = grid_from_params(params)
+        if run.comm.is_root:
+            write_grid(grid, path)
+        return grid
+
+    return run.stage(name, inputs, [path], compute, lambda: read_grid(path))
+
+
+def _spots(run: Run, name: str, hkls, quats, out_dir: Path):
+    from nfjax.crystal import select_rings
+    from nfjax.geometry import geometry_from_params
+    from nfjax.io.spots import NAMES, read_spot_files, write_spot_files
+    from nfjax.spots import make_diffraction_spots
+
+    p = run.params
+    table = select_rings(hkls, p.rings_to_use)
+    geom = geometry_from_params(p)
+    paths = [out_dir / n for n in NAMES]
+    inputs = value_hash(hashlib.sha256(np.ascontiguousarray(quats).tobytes()).hexdigest(),
+                        hashlib.sha256(np.ascontiguousarray(table.g).tobytes()).hexdigest(),
+                        p.lsd, p.omega_ranges, p.box_sizes, p.exclude_pole_angle)
+
+    def compute():
+        spots = make_diffraction_spots(quats, table.g, table.theta, geom,
+                                       max_memory=run.max_memory, progress=run.progress)
+        if run.comm.is_root:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_spot_files(out_dir, spots)
+        return spots
+
+    return run.stage(name, inputs, paths, compute, lambda: read_spot_files(out_dir))
+
+
+def _observations(run: Run):
+    from nfjax import observe
+
+    p = run.params
+    path = run.out / "SpotsInfo.bin"
+    shape = observe.spots_info_shape(p)
+    if not run.image_processing:
+        if not path.exists():
+            raise NfjaxError(f"{path}: not found (image processing was skipped with "
+                             "--no-image-processing / -doImageProcessing 0)")
+        return observe.read_spots_info(path, shape)
+    from nfjax.images import frame_paths, median_image_path, process_all, write_median_image
+
+    frames = [f for L in range(p.n_distances) for f in frame_paths(p, L)]
+    missing = [f for f in frames if not f.exists()]
+    if missing:
+        raise NfjaxError(f"{missing[0]}: raw frame not found ({len(missing)} of {len(frames)} "
+                         "frames missing; use --no-image-processing to reuse SpotsInfo.bin)")
+    inputs = value_hash(p.blanket_subtraction, p.med_filt_radius, p.gauss_filt_radius,
+                        p.log_mask_radius, p.do_log_filter, shape,
+                        [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in frames])
+    medians = [median_image_path(p, L) for L in range(p.n_distances)]
+
+    def compute():
+        vol = None
+        if run.comm.is_root:
+            vol = process_all(p, None, run.max_memory, progress=run.progress,
+                              median_dir_writer=lambda L, m: write_median_image(
+                                  median_image_path(p, L), m))
+            observe.write_spots_info(path, vol)
+        run.comm.barrier()
+        return vol if vol is not None else observe.read_spots_info(path, shape)
+
+    return run.stage("images", inputs, [path, *medians], compute,
+                     lambda: observe.read_spots_info(path, shape))
+
+
+def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
+         text_path: Path) -> np.ndarray:
+    """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic."""
+    from nfjax.fit import fit_grid
+    from nfjax.io.mic import read_binary_mic, write_allmatches, write_binary_mic, write_text_mic
+    from nfjax.parallel import block_range
+
+    n_sol = max(1, int(params.save_n_solutions or 1))
+    am_path = Path(str(bin_path) + ".AllMatches")
+    inputs = value_hash(
+        hashlib.sha256(np.ascontiguousarray(grid).tobytes()).hexdigest(),
+        hashlib.sha256(np.ascontiguousarray(spots.spots).tobytes()).hexdigest(),
+        file_fingerprint(run.out / "SpotsInfo.bin") if (run.out / "SpotsInfo.bin").exists()
+        else value_hash(int(obs.words.shape[0])),
+        params.min_frac_accept, params.orient_tol, n_sol, params.min_miso_n_saves,
+        params.space_group, params.lsd, params.bc, params.tx, params.ty, params.tz,
+        params.px, params.wedge, params.omega_start, params.omega_step)
+
+    def compute():
+        start, stop = block_range(len(grid), run.comm.rank, run.comm.size)
+        result = fit_grid(params, grid[start:stop], spots, obs, hkls=hkls,
+                          max_memory=run.max_memory, progress=run.progress)
+        records = run.comm.gather_rows(np.asarray(result.records))
+        allm = run.comm.gather_rows(np.asarray(result.allmatches))
+        if run.comm.is_root:
+            write_binary_mic(bin_path, records)
+            write_allmatches(am_path, allm)
+            write_text_mic(text_path, records, phase_nr=params.phase_nr or 1,
+                           num_phases=params.num_phases or 1,
+                           global_position=params.global_position or 0.0)
+        run.comm.barrier()
+        return records if run.comm.is_root else read_binary_mic(bin_path).records
+
+    return run.stage(name, inputs, [bin_path, am_path, text_path], compute,
+                     lambda: read_binary_mic(bin_path).records)
+
+
+def _map(run: Run, name: str, mic_path: Path) -> None:
+    if not run.comm.is_root:
+        return
+    try:
+        from nfjax.plot import plot_mic
+
+        png = Path(str(mic_path) + ".png")
+        plot_mic(mic_path, png, space_group=run.params.space_group)
+        run.log.info("map %s", png)
+    except (NfjaxError, ImportError) as exc:   # e.g. no matplotlib: the map is optional
+        run.log.info("map skipped: %s", exc)
+
+
+# --------------------------------------------------------------------------- modes
+def _single(run: Run, hkls, quats) -> Path:
+    p = run.params
+    grid = _grid(run, "grid", p, run.out / (p.grid_file_name or "grid.txt"))
+    spots = _spots(run, "spots", hkls, quats, run.out)
+    obs = _observations(run)
+    bin_path = run.out / p.mic_file_binary
+    text_path = run.out / p.mic_file_text
+    _fit(run, "fit", p, grid, spots, obs, hkls, bin_path, text_path)
+    _map(run, "map", text_path)
+    return text_path
+
+
+_SUFFIX = re.compile(r"(_all_solutions|_merged)?(\.\d+)+$")
+
+
+def _merge(seeded: np.ndarray, unseeded: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per voxel keep the better (higher confidence) of the seeded and unseeded records."""
+    merged = seeded.copy()
+    better = unseeded[:, 10] > seeded[rows, 10]
+    merged[rows[better]] = unseeded[better]
+    return merged
+
+
+def _multi(run: Run, hkls, quats0) -> Path:
+    from nfjax.cluster import cluster_records, write_grains_csv
+    from nfjax.io.mic import write_binary_mic, write_text_mic
+    from nfjax.io.seeds import read_seeds
+
+    p = run.params
+    g0, scale, n_loops = p.grid_refactor
+    base = _SUFFIX.sub("", p.mic_file_text)
+    sbase = _SUFFIX.sub("", Path(p.seed_orientations).name if p.seed_orientations
+                        else "seeds.txt")
+    all_path = p.resolve(p.seed_orientations_all)
+    backup = run.out / (Path(p.seed_orientations_all).name + "_Backup")
+    if run.comm.is_root:
+        shutil.copyfile(all_path, backup)
+    quats_all = read_seeds(backup)
+    obs = _observations(run)
+    # Loop 0: unseeded at the start size.
+    p0 = p.replace(grid_size=float(f"{g0:.6f}"))
+    grid = _grid(run, "grid0", p0, run.out / (p.grid_file_name or "grid.txt"))
+    spots_all = _spots(run, "spots_all", hkls, quats0, run.out)
+    current = run.out / f"{base}.0"
+    records = _fit(run, "fit0", p0, grid, spots_all, obs, hkls, run.out / p.mic_file_binary,
+                   current)
+    if not np.array_equal(quats0, quats_all):
+        spots_all = _spots(run, "spots_library", hkls, quats_all, run.out / "library")
+    min_conf = p.min_confidence if p.min_confidence is not None else 0.5
+    for k in range(1, int(n_loops) + 1):
+        pk = p.replace(grid_size=float(f"{g0 / scale ** k:.6f}"))
+        grains_path = run.out / f"Grains.csv.{k}"
+
+        def cluster(records=records, grains_path=grains_path):
+            grains = cluster_records(records, params=p)
+            if run.comm.is_root:
+                write_grains_csv(grains_path, grains)
+            return grains
+
+        run.stage(f"cluster{k}", value_hash(hashlib.sha256(records.tobytes()).hexdigest()),
+                  [grains_path], cluster, lambda: None)
+        seeds_k = _seeds_from_grains_stage(run, f"seeds{k}", grains_path,
+                                           run.out / f"{sbase}.{k}")
+        grid = _grid(run, f"grid{k}", pk, run.out / (p.grid_file_name or "grid.txt"))
+        spots_k = _spots(run, f"spots{k}", hkls, seeds_k, run.out / f"seeded{k}")
+        seeded = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls,
+                      run.out / f"{p.mic_file_binary}.seeded{k}", run.out / f"{base}.{k}")
+        bad = np.flatnonzero(seeded[:, 10] < min_conf)
+        merged_path = run.out / f"{base}_merged.{k}"
+        if bad.size:
+            unseeded = _fit(run, f"unseeded{k}", pk, grid[bad], spots_all, obs, hkls,
+                            run.out / f"{p.mic_file_binary}.unseeded{k}",
+                            run.out / f"{base}_all_solutions.{k}")
+            records = _merge(seeded, unseeded, bad)
+        else:
+            records = seeded
+        if run.comm.is_root:
+            write_binary_mic(run.out / p.mic_file_binary, records)
+            write_text_mic(merged_path, records, phase_nr=p.phase_nr or 1,
+                           num_phases=p.num_phases or 1,
+                           global_position=p.global_position or 0.0)
+        run.log.info("loop %d: GridSize %.6f, %d voxels, %d below MinConfidence %.2f retried "
+                     "unseeded", k, pk.grid_size, len(grid), bad.size, min_conf)
+        current = merged_path
+    _map(run, "map", current)
+    return current
+
+
+# --------------------------------------------------------------------------- entry
+def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool = True,
+                resume: bool = False, max_memory=None, device: str | None = None,
+                progress: bool | None = None, comm=None) -> Path:
+    """Run the whole workflow; returns the final text mic path (on every rank)."""
+    from nfjax.io.seeds import read_seeds
+    from nfjax.params import read_params
+    from nfjax.parallel import local_device, world
+
+    params = read_params(params_path)
+    validate(params, ff_seeds)
+    comm = comm or world()
+    if device:
+        import jax
+
+        jax.config.update("jax_default_device", local_device(comm, device))
+    out = params.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(params=params, out=out, manifest=Manifest(out, resume), log=_logger(out,
+              comm.is_root), comm=comm, max_memory=max_memory, progress=progress,
+              image_processing=image_processing, ff_seeds=ff_seeds)
+    run.log.info("nfjax reconstruct %s (output %s, %d rank(s))", params.source, out, comm.size)
+    t0 = time.perf_counter()
+    hkls = _hkls(run)
+    if ff_seeds:
+        seeds_path = out / Path(params.seed_orientations or "seeds.csv").name
+        quats = _seeds_from_grains_stage(run, "seeds", params.resolve(params.grains_file),
+                                         seeds_path)
+    else:
+        src = params.seed_orientations if params.seed_orientations and \
+            params.resolve(params.seed_orientations).is_file() else params.seed_orientations_all
+        quats = read_seeds(params.resolve(src))
+    if params.grid_refactor is None:
+        final = _single(run, hkls, quats)
+    else:
+        final = _multi(run, hkls, quats)
+    run.log.info("finished in %.1f s -> %s", time.perf_counter() - t0, final)
+    return final
