@@ -11,7 +11,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,plot]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,plot,mpi]"
 	touch $(STAMP)
 
 demo: $(STAMP)

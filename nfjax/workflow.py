@@ -223,7 +223,9 @@ def _seeds_from_grains_stage(run: Run, name: str, grains_path: Path, out_path: P
         quats = seeds_from_grains(grains)
         if run.comm.is_root:
             write_seeds_from_grains(out_path, quats, grains)
-        return read_seeds(out_path) if run.comm.is_root else quats
+        # Every rank continues with the values as written (6 decimals, like MIDAS, which
+        # only ever sees the file), so all ranks and a resumed run search the same seeds.
+        return np.array([[float(f"{v:f}") for v in row] for row in quats[:, :4]])
 
     return run.stage(name, value_hash(file_fingerprint(grains_path)), [out_path], compute,
                      lambda: read_seeds(out_path))

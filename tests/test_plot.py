@@ -1,0 +1,137 @@
+"""IPF colouring (closed forms, symmetry invariance) and the mic map PNG (nfjax.plot)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+pytest.importorskip("matplotlib")
+
+from nfjax.plot import (FIGURE_DPI, FIGURE_SIZE_IN, ipf_color, ipf_color_directions,  # noqa: E402
+                        ipf_reduce, plot_mic)
+
+S2, S3 = math.sqrt(2.0), math.sqrt(3.0)
+
+
+def test_cubic_corners_are_red_green_blue():
+    d = np.array([[0, 0, 1], [1, 0, 1], [1, 1, 1]], dtype=float)
+    np.testing.assert_allclose(ipf_color_directions(d, 225), np.eye(3), atol=1e-12)
+    # Equivalent corners: [100], [0-11], [-1-1-1].
+    d2 = np.array([[1, 0, 0], [0, -1, 1], [-1, -1, -1]], dtype=float)
+    np.testing.assert_allclose(ipf_color_directions(d2, 225), np.eye(3), atol=1e-12)
+
+
+def test_cubic_interior_matches_closed_form():
+    # Inside z >= x >= y >= 0: weights (z - x, sqrt2 (x - y), sqrt3 y) over their maximum.
+    rng = np.random.default_rng(3)
+    v = np.abs(rng.normal(size=(200, 3)))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    a = np.sort(v, axis=1)
+    x, y, z = a[:, 1], a[:, 0], a[:, 2]
+    w = np.stack([z - x, S2 * (x - y), S3 * y], axis=1)
+    expected = w / w.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(ipf_color_directions(v, 225), expected, atol=1e-12)
+
+
+def test_hexagonal_corners_are_red_green_blue():
+    # MIDAS crystal frame (x || a*): a1 = [2-1-10] lies at -30 deg, [10-10] = 2a1 + a2 along x.
+    from nfjax.crystal import reciprocal_matrix
+
+    real = np.linalg.inv(reciprocal_matrix([3.0, 3.0, 5.0, 90, 90, 120])).T   # columns a1 a2 a3
+    a1, a2, c = real[:, 0], real[:, 1], real[:, 2]
+    d = np.stack([c, 3 * a1, 2 * a1 + a2])       # [0001], [2-1-10], [10-10]
+    np.testing.assert_allclose(ipf_color_directions(d, 194), np.eye(3), atol=1e-12)
+
+
+def test_ipf_z_uses_the_crystal_direction_of_sample_z():
+    # U = identity: sample z is crystal [001] -> red. U = 45 deg about x... [0 -1 1]/sqrt2 ~ [101].
+    mats = np.stack([np.eye(3), Rotation.from_euler("x", 45, degrees=True).as_matrix(),
+                     Rotation.from_rotvec(np.array([1, -1, 0]) / S2 * math.acos(1 / S3)).as_matrix()])
+    np.testing.assert_allclose(ipf_color(mats, 225), np.eye(3), atol=1e-12)
+
+
+@pytest.mark.parametrize("sg, group, axis", [
+    (225, "O", "Z"), (194, "D6", "Z"), (100, "D4", "Z"), (20, "D2", "Z"), (80, "C4", "Z"),
+    (170, "C6", "Z"), (146, "C3", "Z"), (149, "D3", "Z"), (200, "T", "Z"), (10, "C2", "Y"),
+    (1, "C1", "Z"),
+])
+def test_symmetry_equivalent_orientations_get_the_same_colour(sg, group, axis):
+    rng = np.random.default_rng(sg)
+    u = Rotation.random(300, random_state=sg)
+    ops = Rotation.create_group(group, axis=axis)
+    pick = ops[rng.integers(0, len(ops), size=300)]
+    base = ipf_color(u.as_matrix(), sg)
+    moved = ipf_color((u * pick).as_matrix(), sg)     # U·S: the same crystal orientation
+    np.testing.assert_allclose(moved, base, atol=1e-6)
+    assert (base >= 0).all() and (base <= 1 + 1e-12).all()
+
+
+@pytest.mark.parametrize("sg", [225, 194, 100, 1])
+def test_reduced_directions_are_unit_and_fixed(sg):
+    d = Rotation.random(100, random_state=1).apply([0, 0, 1])
+    r = ipf_reduce(d, sg)
+    np.testing.assert_allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(ipf_reduce(r, sg), r, atol=1e-12)
+    assert (r[:, 2] >= -1e-12).all()
+
+
+def test_au_map_png(midas_au, tmp_path):
+    import matplotlib.image as mpimg
+
+    from nfjax.io.grains import read_grains_csv
+    from nfjax.io.mic import read_mic
+
+    out = plot_mic(midas_au / "Au_txt.mic", tmp_path / "map.png", space_group=225)
+    assert out == tmp_path / "map.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(out)
+    assert img.shape[:2] == (round(FIGURE_SIZE_IN[1] * FIGURE_DPI),
+                             round(FIGURE_SIZE_IN[0] * FIGURE_DPI))
+    # The orientation panel is the left 38 % of the figure.
+    left = img[:, : int(0.38 * img.shape[1]), :3].reshape(-1, 3)
+    truth = read_grains_csv(midas_au / "grs.csv")
+    colours = ipf_color(truth.matrices, 225)
+    mic = read_mic(midas_au / "Au_txt.mic")
+    # Pixels within 0.05 of each ground-truth grain's IPF colour, in the orientation panel.
+    counts = (np.abs(left[:, None, :] - colours[None]).max(axis=2) < 0.05).sum(axis=0)
+    # Grains 1 and 2 (1863 and 1585 voxels) dominate the map in their voxel proportion;
+    # grain 4 (7 voxels, ~50 px each before antialiasing) is visible; grain 3 (1 voxel)
+    # is 0.1 away from grain 1's blue.
+    assert counts[0] > 50_000 and counts[1] > 40_000
+    assert counts[0] / counts[1] == pytest.approx(1863 / 1585, rel=0.15)
+    assert counts[3] > 7 * 20
+    assert counts[2] > 10
+    shown = colours[counts > 140]
+    assert len(shown) == 3
+    gaps = np.abs(shown[:, None] - shown[None]).max(axis=2) + np.eye(3)
+    assert gaps.min() > 0.5          # three clearly distinct dominant colours
+    assert len(mic) == 3456
+
+
+def test_missing_mic_is_a_user_error(tmp_path):
+    from nfjax.errors import NfjaxError
+
+    with pytest.raises(NfjaxError):
+        plot_mic(tmp_path / "none.mic", tmp_path / "x.png")
+
+
+def test_cli_plot(midas_au, tmp_path, capsys):
+    from nfjax.cli import main
+
+    out = tmp_path / "m.png"
+    assert main(["plot", str(midas_au / "Au_txt.mic"), "-o", str(out), "--space-group",
+                 "225"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(out) in capsys.readouterr().out
+
+
+def test_without_matplotlib_the_error_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from nfjax.errors import NfjaxError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(NfjaxError, match=r"pip install 'nfjax\[plot\]'"):
+        plot_mic(tmp_path / "a.mic", tmp_path / "a.png")

@@ -1,0 +1,195 @@
+"""``nfjax reconstruct``: the Au example from its parameter file, MIDAS's file map, resume
+after a kill, stage invalidation, bad input, and MPI equivalence."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nfjax import observe
+from nfjax.cli import main
+from nfjax.compare import compare_records
+from nfjax.data import au_example
+from nfjax.errors import NfjaxError
+from nfjax.io.mic import read_mic
+from nfjax.params import read_params, update_param_text
+from nfjax.workflow import reconstruct
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def spotsinfo(tmp_path_factory):
+    """SpotsInfo.bin simulated once from the Au ground truth (nfjax simulate)."""
+    from nfjax.crystal import hkls_from_params
+    from nfjax.simulate import select_rendered, simulate_records
+
+    files = au_example()
+    params = read_params(files["params"])
+    recs = select_rendered(read_mic(files["mic"]).records, params.min_confidence)
+    vol = simulate_records(params, recs, hkls_from_params(params), progress=False)
+    path = tmp_path_factory.mktemp("obs") / "SpotsInfo.bin"
+    observe.write_spots_info(path, vol)
+    return path
+
+
+def _setup(directory: Path, spotsinfo: Path, raw: str = "", **changes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = au_example()
+    shutil.copy(files["grains"], directory / "grs.csv")
+    os.symlink(spotsinfo, directory / "SpotsInfo.bin")
+    values = {"DataDirectory": ".", "GrainsFile": "grs.csv",
+              "SeedOrientations": "seeds.csv"}
+    values.update(changes)
+    text = update_param_text(files["params"].read_text(), values) + raw
+    path = directory / "params.txt"
+    path.write_text(text)
+    return path
+
+
+def _small(**extra):
+    """A 20 x 20 um window of the grid: fast, and it holds parts of all four grains."""
+    return dict(GridMask=(-10.0, 10.0, -10.0, 10.0), **extra)
+
+
+MIDAS_FILES = ["hkls.csv", "grid.txt", "seeds.csv", "Key.bin", "DiffractionSpots.bin",
+               "OrientMat.bin", "Au_bin_Reconstructed.mic", "Au_bin_Reconstructed.mic.AllMatches",
+               "Au_txt_Reconstructed.mic", "midas_log/hkls_out.csv", "midas_log/grid_out.csv",
+               "midas_log/spots_out.csv", "midas_log/fit_out.csv",
+               "midas_log/midas_nf_workflow_multires.log"]
+
+
+def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
+    params = _setup(tmp_path / "run", spotsinfo)
+    final = reconstruct(params, ff_seeds=True, image_processing=False, progress=False)
+    out = tmp_path / "run"
+    assert final == out / "Au_txt_Reconstructed.mic"
+    for name in MIDAS_FILES:
+        assert (out / name).exists(), name
+    rec = read_mic(out / "Au_bin_Reconstructed.mic").records
+    assert rec.shape == (3456, 11)
+    truth = read_mic(au_example()["mic"]).records
+    rendered = truth[truth[:, 10] >= 0.7]
+    cmp = compare_records(rec, rendered)
+    assert cmp.n_matched == 1514
+    assert cmp.frac_reference[0] >= 0.99          # within 0.25 deg (MIDAS: 99.21 %)
+    conf = rec[rec[:, 10] > 0][cmp.index_a, 10]
+    assert conf.mean() >= 0.96
+
+
+def _final_bytes(out: Path) -> dict[str, bytes]:
+    names = ["Au_bin_Reconstructed.mic", "Au_bin_Reconstructed.mic.AllMatches",
+             "Au_txt_Reconstructed.mic", "grid.txt", "hkls.csv", "seeds.csv", "Key.bin",
+             "DiffractionSpots.bin", "OrientMat.bin"]
+    return {n: (out / n).read_bytes() for n in names}
+
+
+def test_resume_after_kill_gives_identical_files(tmp_path, spotsinfo, monkeypatch, caplog):
+    import nfjax.fit
+
+    ref = _setup(tmp_path / "ref", spotsinfo, **_small())
+    reconstruct(ref, ff_seeds=True, image_processing=False, progress=False)
+    run = _setup(tmp_path / "run", spotsinfo, **_small())
+    real_fit = nfjax.fit.fit_grid
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt      # what a SIGINT during the fit stage raises
+    monkeypatch.setattr(nfjax.fit, "fit_grid", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(run, ff_seeds=True, image_processing=False, progress=False)
+    out = tmp_path / "run"
+    assert not (out / "Au_bin_Reconstructed.mic").exists()     # nothing half-written
+    assert not list(out.glob("*.part"))
+    monkeypatch.setattr(nfjax.fit, "fit_grid", real_fit)
+    import logging
+    caplog.set_level(logging.INFO, logger="nfjax.workflow")
+    logger = logging.getLogger("nfjax.workflow")
+    reconstruct(run, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    log = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    for stage in ("hkls", "seeds", "grid", "spots"):
+        assert f"stage {stage:<14s} skipped" in log, stage
+    assert _final_bytes(out) == _final_bytes(tmp_path / "ref")
+    del logger
+
+
+def _skipped(out: Path) -> set[str]:
+    last = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    last = last.split("nfjax reconstruct")[-1]
+    return {line.split()[3] for line in last.splitlines()
+            if len(line.split()) > 4 and line.split()[2] == "stage"
+            and line.split()[4] == "skipped"}
+
+
+def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
+    params = _setup(tmp_path / "run", spotsinfo, **_small())
+    out = tmp_path / "run"
+    reconstruct(params, ff_seeds=True, image_processing=False, progress=False)
+    reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit"}
+    params.write_text(update_param_text(params.read_text(), {"OrientTol": 1.5}))
+    reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots"}       # only the fit reran
+    params.write_text(update_param_text(params.read_text(), {"GridMask": (-8.0, 10.0, -10.0,
+                                                                          10.0)}))
+    reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    assert _skipped(out) == {"hkls", "seeds", "spots"}               # grid and fit reran
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"GridRefactor": (5.0, 2.0, 2)}, "GridRefactor needs SeedOrientationsAll"),
+    ({"GridRefactor": (5.0, 2.0, 2), "SeedOrientationsAll": "seeds.csv"},
+     "SeedOrientationsAll must differ from SeedOrientations"),
+    ({"GrainsFile": "missing_grains.csv"}, "GrainsFile is not a readable file"),
+    ({"raw": "GridRefactor 5.0 2.0 2.5\n"}, "GridRefactor: expected an integer"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, spotsinfo, capsys, changes, message):
+    out = tmp_path / "run"
+    params = _setup(out, spotsinfo, **changes)
+    (out / "seeds.csv").write_text("1,0,0,0\n")
+    rc = main(["reconstruct", str(params), "--ff-seeds", "--no-image-processing"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "hkls.csv").exists()                 # nothing ran
+
+
+def test_midas_driver_flags_are_accepted(tmp_path, spotsinfo, capsys):
+    params = _setup(tmp_path / "run", spotsinfo, **_small())
+    rc = main(["reconstruct", "-paramFN", str(params), "-nCPUs", "8", "-machineName", "local",
+               "-ffSeedOrientations", "1", "-doImageProcessing", "0"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "-machineName local ignored" in err
+    assert (tmp_path / "run" / "Au_txt_Reconstructed.mic").exists()
+
+
+def _mpiexec() -> str | None:
+    candidate = Path(sys.executable).parent / "mpiexec"
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which("mpiexec")
+
+
+def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
+    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    one = _setup(tmp_path / "one", spotsinfo, **_small())
+    reconstruct(one, ff_seeds=True, image_processing=False, progress=False)
+    two = _setup(tmp_path / "two", spotsinfo, **_small())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
+                           str(two), "--ff-seeds", "--no-image-processing"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 rank(s)" in (tmp_path / "two" / "midas_log" /
+                           "midas_nf_workflow_multires.log").read_text()
+    a, b = _final_bytes(tmp_path / "one"), _final_bytes(tmp_path / "two")
+    for name in a:
+        assert a[name] == b[name], name
