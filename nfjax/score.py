@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nfjax.forward import bragg_v, displace, predict_spots, project
+from nfjax.forward import bragg_v, displace, predict_spots, project, spot_footprint
 from nfjax.geometry import Geometry, tilt_matrix
-from nfjax.observe import lookup
+from nfjax.observe import lookup, lookup_all_distances
 
 Array = Any
 
@@ -91,3 +91,72 @@ def soft_overlap(verts: Array, orient: Array, g: Array, theta: Array, geom: Geom
     scores, valid = soft_spot_scores(verts, orient, g, theta, geom, words, shape, **kwargs)
     n = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, scores, 0.0)) / jnp.maximum(n, 1)
+
+
+# --------------------------------------------------------------------------- hard overlap
+def hard_spot_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Array,
+                     geom: Geometry, box: int, words: Array, shape: tuple,
+                     rt: Array | None = None, *, sticky: bool = False) -> tuple[Array, Array]:
+    """MIDAS's pixel counts (``CalcFracOverlap``, reference §5.4) for one voxel, per spot.
+
+    ``verts (3,2)`` µm probe triangle; ``yl, zl`` µm, ``omega`` deg, ``valid`` bool, all
+    ``(S,)``: the spots of one orientation (a compacted table row or the ``2R`` slots of
+    :func:`nfjax.forward.predict_spots`); ``box`` the static footprint box
+    (:func:`nfjax.forward.footprint_box`); ``words``/``shape`` the bit-packed observations.
+    A spot counts if it is valid, its frame is in the scan and all three projected vertices
+    are on the detector. Each of its footprint pixels counts in the denominator unless it
+    is off the detector at some distance, and in the numerator if it is lit at every
+    distance. ``sticky=True`` reproduces MIDAS's never-reset out-of-bounds flag (a pixel off
+    the detector also drops every later pixel of the same spot, §12 item 6); the default
+    drops only that pixel. Returns ``(total (S,), overlap (S,))`` int32.
+    """
+    if rt is None:
+        rt = tilt_matrix(geom.tilts)
+    fp = jax.vmap(lambda y, z, w: spot_footprint(verts, y, z, w, geom, box, rt))(yl, zl, omega)
+    spot_ok = valid & fp.frame_ok & fp.verts_in                        # (S,)
+    on_det = jnp.all(fp.in_range, axis=-1)                             # (S, P)
+    if sticky:
+        bad = fp.pix_ok & ~on_det
+        on_det = jnp.cumsum(bad.astype(jnp.int32), axis=-1) == 0
+    keep = spot_ok[:, None] & fp.pix_ok & on_det                       # (S, P)
+    lit = lookup_all_distances(words, shape, fp.frame[:, None], fp.py, fp.pz)   # (S, P, D)
+    found = keep & jnp.all(lit, axis=-1)
+    return (jnp.sum(keep, axis=-1, dtype=jnp.int32),
+            jnp.sum(found, axis=-1, dtype=jnp.int32))
+
+
+def hard_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Array,
+                geom: Geometry, box: int, words: Array, shape: tuple,
+                rt: Array | None = None, *, sticky: bool = False) -> tuple[Array, Array]:
+    """``(Total, Overlap)`` int32 scalars of one voxel and one orientation's spots: the sums
+    of :func:`hard_spot_counts` over the spots."""
+    total, overlap = hard_spot_counts(verts, yl, zl, omega, valid, geom, box, words, shape,
+                                      rt, sticky=sticky)
+    return jnp.sum(total), jnp.sum(overlap)
+
+
+def frac_from_counts(total: Array, overlap: Array, dtype=jnp.float64) -> Array:
+    """``FracOverlap = Overlap / Total`` (0 when Total is 0), reference §5.5."""
+    t = total.astype(dtype)
+    return jnp.where(total > 0, overlap.astype(dtype) / jnp.where(total > 0, t, 1), 0)
+
+
+def hard_overlap(verts: Array, orient: Array, g: Array, theta: Array, geom: Geometry,
+                 words: Array, shape: tuple, *, box: int, v: Array | None = None,
+                 refl_mask: Array | None = None, sticky: bool = False) -> Array:
+    """MIDAS's FracOverlap of one voxel for an orientation matrix (refinement objective
+    ``1 − hard_overlap``, reference §5.5, §7.3).
+
+    Spots are predicted from ``orient (3,3)`` with ``v`` (default ``bragg_v(g, theta)``,
+    the fitter's convention); ``refl_mask (R,)`` optionally switches reflections off
+    (padding of per-problem reflection lists). Returns a float scalar in [0, 1].
+    """
+    if v is None:
+        v = bragg_v(g, theta)
+    sp = predict_spots(orient, g, theta, geom, v=v)
+    valid = sp.valid
+    if refl_mask is not None:
+        valid = valid & jnp.repeat(refl_mask, 2)
+    total, overlap = hard_counts(verts, sp.yl, sp.zl, sp.omega, valid, geom, box, words,
+                                 shape, sticky=sticky)
+    return frac_from_counts(total, overlap, sp.yl.dtype)
