@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nfjax.errors import NfjaxError
+
 
 def _step(label: str, t0: float) -> float:
     t = time.perf_counter()
@@ -88,8 +90,22 @@ def _reconstruct(params, grid, spots, vol, rendered, truth, hkls, out, t, progre
     t = _step(f"reconstruction: {int((result.records[:, 10] > 0).sum())} voxels fitted", t)
     cmp = compare_records(result.records, rendered, space_group=params.space_group)
     print()
-    print("accuracy on the rendered ground-truth voxels:")
+    print(f"accuracy against the ground truth ({len(rendered)} voxels with confidence >= "
+          f"{params.min_confidence:g} in {files_truth_name(truth)} were rendered):")
     print(format_comparison(cmp), end="")
-    conf = result.records[:, 10]
-    print(f"mean confidence on matched voxels: {float(np.mean(conf[conf > 0])):.3f}")
+    conf = result.records[result.records[:, 10] > 0][cmp.index_a, 10]
+    print(f"mean confidence on those voxels: {float(np.mean(conf)):.3f}")
+    try:
+        from nfjax.plot import plot_mic
+
+        png = plot_mic(out / "Au_txt_Reconstructed.mic", out / "Au_txt_Reconstructed.png",
+                       space_group=params.space_group)
+        print(f"orientation and confidence maps -> {png}")
+    except (ImportError, NfjaxError) as exc:
+        print(f"map not written: {exc}")
+    print(f"all files in {out}/")
     return 0
+
+
+def files_truth_name(truth) -> str:
+    return Path(str(truth.path)).name if getattr(truth, "path", None) else "the ground truth"
