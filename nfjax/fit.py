@@ -782,6 +782,8 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
                          f"file {params.source} describes {geom.shape}")
     table = select_rings(hkls if hkls is not None else hkls_from_params(params),
                          params.rings_to_use)
+    # One device copy of the words for every stage (jnp.asarray of host words copies).
+    obs = observe.ObsVolume(jnp.asarray(obs.words), obs.shape)
     verts = triangle_vertices(grid)
     edge = float(np.max(2 * grid[:, 4]))
     box = footprint_box(edge, float(params.px))

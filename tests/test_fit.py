@@ -1,0 +1,353 @@
+"""The fitting engine against MIDAS's own outputs on the Au example.
+
+Oracles: MIDAS's screening output (``screen_cpu.csv``), MIDAS's refined binary mic
+(``Au_bin_Reconstructed.mic``) and the ground-truth microstructure (``Au_txt.mic``); a
+plain-loop transcription of CalcFracOverlap's pixel loop for the sticky-flag difference; a
+plain-loop transcription of §7.3's selection rule.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import MIDAS_AU, REF_RUN, need
+from nfjax import observe
+from nfjax.crystal import symmetry_quaternions
+from nfjax.errors import InputFileError, NfjaxError
+from nfjax.forward import spot_footprint
+from nfjax.geometry import Geometry, geometry_from_params, tilt_matrix
+from nfjax.grid import triangle_vertices
+from nfjax.io.gridfile import read_grid, write_grid
+from nfjax.io.mic import read_allmatches, read_binary_mic, read_mic, read_text_mic
+from nfjax.io.spots import read_spot_files
+from nfjax.orientation import euler_to_quat, misorientation
+from nfjax.params import read_params
+from nfjax.score import hard_spot_counts
+
+SYM = jnp.asarray(symmetry_quaternions(225))
+
+
+def _miso_deg(a, b):
+    return np.degrees(np.asarray(misorientation(euler_to_quat(jnp.asarray(a)),
+                                                euler_to_quat(jnp.asarray(b)), SYM)))
+
+
+@pytest.fixture(scope="module")
+def au():
+    need(REF_RUN)
+    params = read_params(REF_RUN / "params_used.txt")
+    geom = geometry_from_params(params)
+    obs = observe.from_bit_indices(geom.shape, np.load(REF_RUN / "SpotsInfo_lit.npz")["index"])
+    return params, geom, obs, read_spot_files(REF_RUN), read_grid(REF_RUN / "grid.txt")
+
+
+# --------------------------------------------------------------------------- screening
+def test_screening_reproduces_midas_screen_cpu(au):
+    """All 3456 × 4 (voxel, seed) pairs: the same 11,501 winners as MIDAS, fractions equal
+    to MIDAS's %.6f print. Sticky vs per-pixel out-of-bounds differs on 0 pairs here
+    (EdgeLength 1 < px: one-pixel footprints)."""
+    from nfjax.fit import screen, screen_counts
+
+    params, geom, obs, table, grid = au
+    verts = triangle_vertices(grid)
+    w = screen(verts, table, obs, geom, min_frac=params.min_frac_accept, box=1, progress=False)
+    ref = np.loadtxt(REF_RUN / "screen_cpu.csv", delimiter=",", skiprows=1)
+    assert len(w) == len(ref) == 11501
+    np.testing.assert_array_equal(w.voxel, ref[:, 0].astype(int))
+    np.testing.assert_array_equal(w.orient, ref[:, 1].astype(int))
+    assert np.max(np.abs(w.frac - ref[:, 2])) <= 5.0000001e-7
+    np.testing.assert_array_equal(w.count, np.bincount(ref[:, 0].astype(int), minlength=3456))
+    spots, mask = table.padded()
+    per_pixel = screen_counts(verts, spots, mask, obs, geom, box=1)
+    sticky = screen_counts(verts, spots, mask, obs, geom, box=1, sticky=True)
+    n_diff = int(np.sum((per_pixel[0] != sticky[0]) | (per_pixel[1] != sticky[1])))
+    assert n_diff == 0
+
+
+def test_sticky_flag_against_midas_pixel_loop():
+    """A footprint that crosses the detector edge: per-pixel (nfjax) and sticky (MIDAS)
+    counts equal a literal transcription of CalcFracOverlap's loop over the pixels."""
+    geom = Geometry(lsd=jnp.array([5000.0, 7000.0]), ybc=jnp.array([10.0, 3.0]),
+                    zbc=jnp.array([500.0, 500.5]), tilts=jnp.array([0.2, -0.1, 0.3]),
+                    px=jnp.asarray(1.5), wedge=jnp.asarray(0.0), omega_start=180.0,
+                    omega_step=-1.0, n_frames=360, nr_pixels_y=64, nr_pixels_z=1024)
+    verts = jnp.array([[0.0, -8.0], [-12.0, 6.0], [12.0, 6.0]])
+    box = 12
+    rng = np.random.default_rng(3)
+    rt = tilt_matrix(geom.tilts)
+    # Spots whose triangle is on the detector at distance 0 but whose footprint leaves it
+    # at distance 1 (beam centre 7 px lower there): found by a scan along y.
+    yl, zl, om, fps = [], [], [], []
+    for i, y in enumerate(np.arange(-8.0, 6.0, 0.25)):
+        z, w = 200.0 + 37.0 * (i % 7), -170.0 + 29.0 * i
+        fp = spot_footprint(verts, y, z, w, geom, box, rt)
+        edge = np.any(np.asarray(fp.pix_ok) & ~np.all(np.asarray(fp.in_range), axis=1))
+        if bool(fp.frame_ok) and bool(fp.verts_in) and edge:
+            yl.append(y), zl.append(z), om.append(w), fps.append(fp)
+    assert len(fps) >= 3
+    yl, zl, om = (np.array(a) for a in (yl, zl, om))
+    lit = []
+    for fp in fps:
+        f = int(fp.frame)
+        for L in range(2):
+            for y, z in zip(np.asarray(fp.py[:, L]), np.asarray(fp.pz[:, L])):
+                if 0 <= y < 64 and 0 <= z < 1024 and rng.random() < 0.6:
+                    lit.append(observe.bit_index(geom.shape, L, f, y, z))
+    obs = observe.from_bit_indices(geom.shape, np.array(lit, np.int64))
+    valid = jnp.ones(len(fps), bool)
+    got = {s: hard_spot_counts(verts, jnp.asarray(yl), jnp.asarray(zl), jnp.asarray(om),
+                               valid, geom, box, jnp.asarray(obs.words), geom.shape,
+                               sticky=s) for s in (False, True)}
+    words = np.asarray(obs.words)
+
+    def bit(L, f, y, z):
+        k = int(observe.bit_index(geom.shape, L, f, y, z))
+        return (words[k >> 5] >> (k & 31)) & 1
+
+    n_differ = 0
+    for j, fp in enumerate(fps):
+        assert bool(fp.frame_ok) and bool(fp.verts_in)
+        for sticky in (False, True):
+            total = overlap = 0
+            oob = False
+            for p in np.flatnonzero(np.asarray(fp.pix_ok)):
+                if not sticky:
+                    oob = False
+                found = True
+                for L in range(2):
+                    y, z = int(fp.py[p, L]), int(fp.pz[p, L])
+                    if not (0 <= y < 64 and 0 <= z < 1024):
+                        oob = True
+                        continue
+                    found = found and bool(bit(L, int(fp.frame), y, z))
+                if oob:
+                    continue
+                total += 1
+                overlap += found
+            assert int(got[sticky][0][j]) == total
+            assert int(got[sticky][1][j]) == overlap
+        n_differ += int(got[True][0][j] != got[False][0][j])
+    assert n_differ >= 2          # the case is really on the edge for several spots
+
+
+# --------------------------------------------------------------------------- refinement
+def test_refinement_matches_midas_nelder_mead(au):
+    """MIDAS's procedure (Euler box, no restarts) on 100 random voxels: the refined angles
+    equal MIDAS's (NLopt) to 0.01° on >= 99 % of the fitted voxels, the chosen seed and the
+    winner counts are identical, and the confidence equals MIDAS's on >= 98 %."""
+    from nfjax.fit import fit_grid
+
+    params, geom, obs, table, grid = au
+    rows = np.sort(np.random.default_rng(7).choice(len(grid), 100, replace=False))
+    res = fit_grid(params, grid[rows], table, obs, param="euler", restarts=(), progress=False)
+    ref = read_binary_mic(REF_RUN / "Au_bin_Reconstructed.mic").records[rows]
+    has = ref[:, 10] > 0
+    assert has.sum() > 60
+    np.testing.assert_array_equal(res.records[:, 1], ref[:, 1])        # winner counts
+    np.testing.assert_array_equal(res.records[has, 3:7], ref[has, 3:7])
+    assert np.all(res.records[has, 10] > 0) and np.all(res.records[~has, 10] == 0)
+    d = _miso_deg(res.records[has, 7:10], ref[has, 7:10])
+    assert np.mean(d < 0.01) >= 0.99
+    assert np.mean(res.records[has, 0] == ref[has, 0]) >= 0.99
+    assert np.mean(np.abs(res.records[has, 10] - ref[has, 10]) < 1e-12) >= 0.98
+    assert np.all(res.records[:, 2] == 0)                              # RunTime off
+
+
+def test_select_solutions_follows_midas_rule():
+    """§7.3: best by >= (later wins); saved list skips near-duplicates even when better,
+    inserts by descending fraction, new entry before equal ones."""
+    from nfjax.fit import Winners, select_solutions
+
+    rng = np.random.default_rng(11)
+    base = rng.uniform(0, 1, (3, 3)) * [6.28, 3.14, 6.28]
+    # voxel 0: 7 winners built around 3 distinct orientations with small offsets.
+    pick = np.array([0, 1, 0, 2, 1, 0, 2])
+    eul = base[pick] + rng.normal(0, 0.002, (7, 3))
+    frac = np.array([0.5, 0.7, 0.9, 0.7, 0.7, 0.9, 0.3])
+    # voxel 1: 2 winners; voxel 2: none.
+    eul = np.vstack([eul, base[[1, 2]]])
+    frac = np.concatenate([frac, [0.2, 0.2]])
+    w = Winners(voxel=np.array([0] * 7 + [1, 1]), orient=np.arange(9),
+                frac=np.zeros(9), count=np.array([7, 2, 0]))
+    best, saved = select_solutions(w, eul, frac, 3, n_save=3, min_miso_deg=1.0,
+                                   space_group=225)
+
+    def oracle(idx):
+        b, bf, s = -1, -1.0, []
+        for i in idx:
+            if frac[i] >= bf:
+                b, bf = i, frac[i]
+            if any(_miso_deg(eul[i], eul[j]) < 1.0 for j in s):
+                continue
+            pos = next((k for k, j in enumerate(s) if frac[j] <= frac[i]), len(s))
+            s.insert(pos, i)
+            s = s[:3]
+        return b, s + [-1] * (3 - len(s))
+
+    for v, idx in ((0, range(7)), (1, [7, 8])):
+        b, s = oracle(idx)
+        assert best[v] == b
+        assert list(saved[v]) == s
+    assert best[2] == -1 and list(saved[2]) == [-1, -1, -1]
+    assert best[0] == 5                      # tie at 0.9: the later winner
+
+
+@pytest.mark.slow
+def test_seeded_au_reconstruction_accuracy(au):
+    """Seeded fit of the whole Au grid with the defaults; on the 1514 rendered voxels
+    >= 99.3 % within 0.25° of the ground truth (measured 99.41 %; MIDAS 99.21 %; the
+    issue's 99.5 % target is not reached) and mean confidence >= 0.96."""
+    from nfjax.fit import fit_grid
+
+    params, geom, obs, table, grid = au
+    res = fit_grid(params, grid, table, obs, progress=False)
+    _check_accuracy(res.records, 0.993, 0.96)
+
+
+def _check_accuracy(records, min_within, min_conf):
+    truth = read_mic(MIDAS_AU / "Au_txt.mic").records
+    key = {(round(r[3], 3), round(r[4], 3)): r for r in truth if r[10] >= 0.7}
+    pairs = [(r, key[(round(r[3], 3), round(r[4], 3))]) for r in records
+             if (round(r[3], 3), round(r[4], 3)) in key]
+    assert len(pairs) == 1514
+    got = np.array([p[0] for p in pairs])
+    tru = np.array([p[1] for p in pairs])
+    d = _miso_deg(got[:, 7:10], tru[:, 7:10])
+    assert np.mean(d < 0.25) >= min_within
+    assert np.mean(got[:, 10]) >= min_conf
+
+
+# --------------------------------------------------------------------------- CLI and files
+def _job(tmp_path: Path, n_rows: int = 24, **edits) -> Path:
+    """A small fit job in ``tmp_path``: the Au parameters, the first grid rows around the
+    sample centre, MIDAS's spot files; observations via --spots-info."""
+    need(REF_RUN)
+    text = (REF_RUN / "params_used.txt").read_text()
+    lines = [ln for ln in text.splitlines() if not ln.startswith(("DataDirectory",
+                                                                 "OutputDirectory"))]
+    lines.append(f"OutputDirectory {tmp_path}")
+    for k, v in edits.items():
+        lines = [ln for ln in lines if not ln.startswith(k + " ")]
+        lines.append(f"{k} {v}")
+    (tmp_path / "params.txt").write_text("\n".join(lines) + "\n")
+    grid = read_grid(REF_RUN / "grid.txt")
+    centre = np.argsort(np.hypot(grid[:, 2], grid[:, 3] - 10))[:n_rows]
+    write_grid(grid[np.sort(centre)], tmp_path / "grid.txt")
+    for name in ("Key.bin", "DiffractionSpots.bin", "OrientMat.bin"):
+        shutil.copy(REF_RUN / name, tmp_path / name)
+    return tmp_path / "params.txt"
+
+
+def _args(params, **kw):
+    base = dict(params=str(params), block=0, nblocks=1, device=None, max_memory=None,
+                polish=False, record_time=False,
+                spots_info=str(REF_RUN / "SpotsInfo_lit.npz"))
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_run_fit_writes_midas_files_and_blocks_agree(tmp_path):
+    from nfjax.fit import run_fit
+
+    params = _job(tmp_path)
+    assert run_fit(_args(params)) == 0
+    one = read_binary_mic(tmp_path / "Au_bin_Reconstructed.mic").records
+    am = read_allmatches(tmp_path / "Au_bin_Reconstructed.mic.AllMatches", 3)
+    txt = read_text_mic(tmp_path / "Au_txt_Reconstructed.mic")
+    assert one.shape == (24, 11) and am.shape == (24, 19)
+    assert np.count_nonzero(one[:, 10]) > 10
+    np.testing.assert_array_equal(txt.records, np.round(one[one[:, 10] != 0], 6))
+    np.testing.assert_array_equal(am[:, 3:7], one[:, 3:7])
+    fitted = one[:, 10] > 0
+    np.testing.assert_array_equal(am[fitted, 10], one[fitted, 10])   # slot 0 = the best
+    # MIDAS's answer at the same rows.
+    grid = read_grid(tmp_path / "grid.txt")
+    full = read_grid(REF_RUN / "grid.txt")
+    rows = [int(np.flatnonzero((full[:, 2] == g[2]) & (full[:, 3] == g[3]))[0]) for g in grid]
+    ref = read_binary_mic(REF_RUN / "Au_bin_Reconstructed.mic").records[rows]
+    # (the restart rounds may move a plateau voxel away from MIDAS's NLopt answer)
+    assert np.mean(_miso_deg(one[fitted, 7:10], ref[fitted, 7:10]) < 0.25) >= 0.9
+    # Two blocks written into the same files give the same bytes as one run.
+    for f in tmp_path.glob("Au_*"):
+        f.unlink()
+    assert run_fit(_args(params, block=1, nblocks=2)) == 0
+    half = read_binary_mic(tmp_path / "Au_bin_Reconstructed.mic").records
+    assert np.all(half[:12] == 0) and np.array_equal(half[12:], one[12:])
+    assert run_fit(_args(params, block=0, nblocks=2)) == 0
+    np.testing.assert_array_equal(read_binary_mic(tmp_path / "Au_bin_Reconstructed.mic")
+                                  .records, one)
+
+
+def test_run_fit_bad_inputs(tmp_path, monkeypatch):
+    from nfjax import fit as fitmod
+
+    params = _job(tmp_path, n_rows=4)
+    # SpotsInfo.bin of the wrong size.
+    bad = tmp_path / "SpotsInfo.bin"
+    bad.write_bytes(b"\0" * 1000)
+    with pytest.raises(InputFileError, match=r"SpotsInfo.bin: expected 1509949440 bytes.*"
+                                             r"found 1000 bytes"):
+        fitmod.run_fit(_args(params, spots_info=None))
+    # Key.bin / DiffractionSpots.bin mismatch.
+    (tmp_path / "DiffractionSpots.bin").write_bytes(
+        (REF_RUN / "DiffractionSpots.bin").read_bytes()[:-24])
+    with pytest.raises(InputFileError, match="DiffractionSpots.bin: holds 381 spots but "
+                                             "Key.bin counts 382"):
+        fitmod.run_fit(_args(params))
+    # No spot files: the seeds are read, and a malformed line is named.
+    for name in ("Key.bin", "DiffractionSpots.bin", "OrientMat.bin"):
+        (tmp_path / name).unlink()
+    seeds = tmp_path / "seeds.csv"
+    seeds.write_text("0.9,0.1,0.2,0.3\n0.5,abc,0.1,0.2\n")
+    params = _job(tmp_path, n_rows=4, SeedOrientations=str(seeds))
+    for name in ("Key.bin", "DiffractionSpots.bin", "OrientMat.bin"):
+        (tmp_path / name).unlink()
+    with pytest.raises(InputFileError, match=r"seeds.csv:2: expected 4 numbers"):
+        fitmod.run_fit(_args(params))
+    # Empty grid.
+    params = _job(tmp_path, n_rows=4)
+    (tmp_path / "grid.txt").write_text("0\n")
+    with pytest.raises(NfjaxError, match="grid.*empty"):
+        fitmod.run_fit(_args(params))
+    # A run interrupted in the middle leaves no mic file behind.
+    params = _job(tmp_path, n_rows=4)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitmod, "refine", boom)
+    with pytest.raises(KeyboardInterrupt):
+        fitmod.run_fit(_args(params))
+    assert not list(tmp_path.glob("Au_*"))
+
+
+@pytest.mark.slow
+def test_unseeded48_best_orientation_matches_midas():
+    """48 voxels × 243,129 orientations: the best orientation agrees with MIDAS's within
+    0.25° wherever MIDAS's confidence >= 0.5."""
+    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.fit import fit_grid
+    from nfjax.io.seeds import read_seeds
+    from nfjax.spots import make_diffraction_spots
+
+    u = need(REF_RUN / "unseeded48")
+    params = read_params(u / "params_used.txt")
+    geom = geometry_from_params(params)
+    obs = observe.from_bit_indices(geom.shape, np.load(REF_RUN / "SpotsInfo_lit.npz")["index"])
+    hk = select_rings(hkls_from_params(params), params.rings_to_use)
+    spots = make_diffraction_spots(read_seeds(u / "seeds_random243129.csv.gz"), hk.g,
+                                   hk.theta, geom, progress=False)
+    grid = read_grid(u / "grid.txt")
+    res = fit_grid(params, grid, spots, obs, progress=False)
+    ref = read_binary_mic(u / "Au_bin_Reconstructed.mic").records
+    if ref.shape[0] != grid.shape[0]:          # MIDAS may leave the file short (holes)
+        ref = np.vstack([ref, np.zeros((grid.shape[0] - ref.shape[0], 11))])
+    sure = ref[:, 10] >= 0.5
+    assert sure.sum() >= 10
+    d = _miso_deg(res.records[sure, 7:10], ref[sure, 7:10])
+    assert np.all(d < 0.25), d
