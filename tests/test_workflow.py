@@ -193,3 +193,47 @@ def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
     a, b = _final_bytes(tmp_path / "one"), _final_bytes(tmp_path / "two")
     for name in a:
         assert a[name] == b[name], name
+
+
+@pytest.mark.slow
+def test_multi_resolution_au(tmp_path, spotsinfo):
+    """GridRefactor 5.0 2.0 2 with a uniform cubic library for the unseeded passes:
+    MyMic_merged.2 at GridSize 1.25, >= 99 % of rendered ground-truth voxels within 0.5 deg,
+    and every intermediate file of the manual's file map."""
+    from nfjax.io.seeds import write_seeds
+    from nfjax.seeds import uniform_seeds
+
+    out = tmp_path / "run"
+    params = _setup(out, spotsinfo, SeedOrientations="seeds.txt",
+                    SeedOrientationsAll="seeds_all.txt", GridRefactor=(5.0, 2.0, 2),
+                    GridMask=(-40.0, 40.0, -40.0, 40.0), MicFileText="MyMic")
+    lib = uniform_seeds(225, 2.0)
+    write_seeds(out / "seeds_all.txt", lib)
+    write_seeds(out / "seeds.txt", lib)
+    final = reconstruct(params, image_processing=False, progress=False)
+    assert final == out / "MyMic_merged.2"
+    for name in ["MyMic.0", "MyMic.1", "MyMic.2", "MyMic_merged.1", "MyMic_merged.2",
+                 "Grains.csv.1", "Grains.csv.2", "seeds.txt.1", "seeds.txt.2",
+                 "seeds_all.txt_Backup", "grid.txt", "hkls.csv"]:
+        assert (out / name).exists(), name
+    merged = read_mic(final)
+    assert merged.tri_edge_size == pytest.approx(1.0)
+    grid_lines = (out / "grid.txt").read_text().splitlines()
+    x = np.array([float(line.split()[2]) for line in grid_lines[1:]])
+    assert np.min(np.diff(np.unique(np.round(x, 6)))) == pytest.approx(0.625)   # G/2, G=1.25
+    truth = read_mic(au_example()["mic"]).records
+    rendered = truth[truth[:, 10] >= 0.7]
+    # Each rendered ground-truth voxel (2.5 um grid) against the nearest voxel of the final
+    # 1.25 um map.
+    from scipy.spatial import cKDTree
+
+    from nfjax.crystal import symmetry_quaternions
+    from nfjax.orientation import euler_to_quat, misorientation
+
+    rec = merged.records[merged.records[:, 10] > 0]
+    dist, idx = cKDTree(rec[:, 3:5]).query(rendered[:, 3:5])
+    assert np.all(dist < 1.0)
+    sym = symmetry_quaternions(225)
+    miso = np.degrees(np.asarray(misorientation(euler_to_quat(rec[idx, 7:10]),
+                                                euler_to_quat(rendered[:, 7:10]), sym)))
+    assert np.mean(miso < 0.5) >= 0.99, np.mean(miso < 0.5)
