@@ -386,8 +386,8 @@ def _merge(seeded: np.ndarray, unseeded: np.ndarray, rows: np.ndarray) -> np.nda
 
 
 def _multi(run: Run, hkls, quats0) -> Path:
-    from nfjax.cluster import cluster_records, write_grains_csv
-    from nfjax.io.mic import write_binary_mic, write_text_mic
+    from nfjax.cluster import cluster_mic, write_grains_csv
+    from nfjax.io.mic import MicData, write_binary_mic, write_text_mic
     from nfjax.io.seeds import read_seeds
 
     p = run.params
@@ -415,8 +415,11 @@ def _multi(run: Run, hkls, quats0) -> Path:
         pk = p.replace(grid_size=float(f"{g0 / scale ** k:.6f}"))
         grains_path = run.out / f"Grains.csv.{k}"
 
-        def cluster(records=records, grains_path=grains_path):
-            grains = cluster_records(records, params=p)
+        def cluster(records=records, grains_path=grains_path, k=k):
+            mic = MicData(records=records, phase_nr=np.ones(len(records), np.int64),
+                          tri_edge_size=float(np.max(records[:, 5], initial=0.0)),
+                          path=f"{base}.{k - 1}")
+            grains = cluster_mic(mic, params=p)
             if run.comm.is_root:
                 write_grains_csv(grains_path, grains)
             return grains
