@@ -420,6 +420,12 @@ def _multi(run: Run, hkls, quats0) -> Path:
                           tri_edge_size=float(np.max(records[:, 5], initial=0.0)),
                           path=f"{base}.{k - 1}")
             grains = cluster_mic(mic, params=p)
+            if len(grains.ids) == 0:
+                best = float(np.max(records[:, 10], initial=0.0))
+                raise NfjaxError(
+                    f"loop {k}: no voxel of {base}.{k - 1} reaches the clustering threshold "
+                    f"(MinConfidence/MinFracAccept; best confidence {best:.3f}): nothing to "
+                    "seed the next loop from — use a denser SeedOrientations library")
             if run.comm.is_root:
                 write_grains_csv(grains_path, grains)
             return grains
