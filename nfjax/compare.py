@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfjax.chunking import map_chunked
 from nfjax.crystal import symmetry_quaternions
 from nfjax.errors import InputFileError, NfjaxError
 from nfjax.io.mic import read_mic
@@ -90,14 +91,14 @@ def _symmetry(space_group: int) -> np.ndarray:
 
 
 def _misorientation_deg(eul_a: np.ndarray, eul_b: np.ndarray, sym: np.ndarray) -> np.ndarray:
-    out = np.empty(eul_a.shape[0], dtype=np.float64)
+    n = eul_a.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
     sym_j = jnp.asarray(sym, dtype=jnp.float64)
-    for start in range(0, eul_a.shape[0], _CHUNK):
-        stop = min(start + _CHUNK, eul_a.shape[0])
-        out[start:stop] = np.asarray(_miso_rad(
-            jnp.asarray(eul_a[start:stop], dtype=jnp.float64),
-            jnp.asarray(eul_b[start:stop], dtype=jnp.float64), sym_j))
-    return np.degrees(out)
+    parts = map_chunked(lambda a, b: _miso_rad(a, b, sym_j),
+                        [np.asarray(eul_a, np.float64), np.asarray(eul_b, np.float64)],
+                        min(_CHUNK, n), progress=False)
+    return np.degrees(np.concatenate(parts))
 
 
 # --------------------------------------------------------------------------- API

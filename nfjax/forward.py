@@ -283,6 +283,17 @@ def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array,
     return jnp.clip(fbin, -1, geom.n_frames).astype(jnp.int32), ok
 
 
+def distance_centres(cy: Array, cz: Array, geom: Geometry) -> tuple[Array, Array]:
+    """Spot centre at every distance, continuous pixels ``(D,)`` each, from its tilted
+    projection ``(cy, cz)`` at distance 0: MIDAS's multi-distance rule, the offset from the
+    first beam centre scaled by ``Lsd[L]/Lsd[0]`` about each distance's beam centre,
+    evaluated in MIDAS's order (for L = 0 it is not bit-identical to ``cy``)."""
+    px = geom.px
+    ratio = geom.lsd / geom.lsd[0]
+    return (((cy - geom.ybc[0]) * px) * ratio / px + geom.ybc,
+            ((cz - geom.zbc[0]) * px) * ratio / px + geom.zbc)
+
+
 class Footprint(NamedTuple):
     """Detector pixels of one (voxel, spot) pair.
 
@@ -319,10 +330,9 @@ def spot_footprint(verts: Array, yl: Array, zl: Array, omega: Array, geom: Geome
     cy, cz = project(yl, zl, geom, rt)
     rel = jnp.stack([ty - cy, tz - cz], axis=-1)
     oy, oz, pix_ok = footprint_offsets(rel, box)
-    px = geom.px
-    ratio = geom.lsd / geom.lsd[0]
-    base_y = jnp.floor(((cy - geom.ybc[0]) * px) * ratio / px + geom.ybc).astype(jnp.int32)
-    base_z = jnp.floor(((cz - geom.zbc[0]) * px) * ratio / px + geom.zbc).astype(jnp.int32)
+    cy_d, cz_d = distance_centres(cy, cz, geom)
+    base_y = jnp.floor(cy_d).astype(jnp.int32)
+    base_z = jnp.floor(cz_d).astype(jnp.int32)
     py = base_y[None, :] + oy[:, None]
     pz = base_z[None, :] + oz[:, None]
     in_range = (py >= 0) & (py < geom.nr_pixels_y) & (pz >= 0) & (pz < geom.nr_pixels_z)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nfjax.forward import bragg_v, displace, predict_spots, project, spot_footprint
+from nfjax.forward import bragg_v, displace, distance_centres, predict_spots, project, spot_footprint
 from nfjax.geometry import Geometry, tilt_matrix
 from nfjax.observe import lookup, lookup_all_distances
 
@@ -49,9 +49,7 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
         Y, Z = displace(verts, yl, zl, omega, geom.lsd[0])
         ty, tz = project(Y, Z, geom, rt)                      # (3,) px at distance 0
         cy, cz = project(yl, zl, geom, rt)
-        ratio = geom.lsd / geom.lsd[0]
-        base_y = ((cy - geom.ybc[0]) * geom.px) * ratio / geom.px + geom.ybc   # (D,)
-        base_z = ((cz - geom.zbc[0]) * geom.px) * ratio / geom.px + geom.zbc
+        base_y, base_z = distance_centres(cy, cz, geom)       # (D,)
         vy = base_y[:, None] + (ty - cy)[None, :]             # (D, 3) vertex positions
         vz = base_z[:, None] + (tz - cz)[None, :]
         fpos = (omega - geom.omega_start) / geom.omega_step   # continuous frame coordinate

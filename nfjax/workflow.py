@@ -214,6 +214,7 @@ def _hkls(run: Run):
 
 
 def _seeds_from_grains_stage(run: Run, name: str, grains_path: Path, out_path: Path):
+    from nfjax.grid import round_as_written
     from nfjax.io.grains import read_grains_csv
     from nfjax.io.seeds import read_seeds, write_seeds_from_grains
     from nfjax.seeds import seeds_from_grains
@@ -225,7 +226,7 @@ def _seeds_from_grains_stage(run: Run, name: str, grains_path: Path, out_path: P
             write_seeds_from_grains(out_path, quats, grains)
         # Every rank continues with the values as written (6 decimals, like MIDAS, which
         # only ever sees the file), so all ranks and a resumed run search the same seeds.
-        return np.array([[float(f"{v:f}") for v in row] for row in quats[:, :4]])
+        return round_as_written(quats[:, :4])
 
     return run.stage(name, value_hash(file_fingerprint(grains_path)), [out_path], compute,
                      lambda: read_seeds(out_path))
