@@ -113,7 +113,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from nfjax.compare import compare_mics, format_comparison
 
-    result = compare_mics(args.a, args.b, space_group=args.space_group)
+    result = compare_mics(args.a, args.b, space_group=args.space_group, nearest=args.nearest)
     print(format_comparison(result), end="")
     return 0
 
@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("b", help="reference mic file (text or binary), e.g. ground truth")
     p_cmp.add_argument("--space-group", type=int, default=225,
                        help="space group for crystal symmetry (default 225)")
+    p_cmp.add_argument("--nearest", type=float, default=None, metavar="UM",
+                       help="pair each reference voxel with the nearest voxel of A within UM "
+                            "micrometres (maps on different grids, e.g. a multi-resolution "
+                            "result against a ground truth), instead of by equal position")
     p_cmp.set_defaults(func=_cmd_compare)
 
     p_spots = sub.add_parser(

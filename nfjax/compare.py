@@ -102,22 +102,45 @@ def _misorientation_deg(eul_a: np.ndarray, eul_b: np.ndarray, sym: np.ndarray) -
 
 
 # --------------------------------------------------------------------------- API
-def compare_mics(a: str | Path, b: str | Path, space_group: int = 225) -> ComparisonResult:
+def compare_mics(a: str | Path, b: str | Path, space_group: int = 225, *,
+                 nearest: float | None = None) -> ComparisonResult:
     """Compare mic ``a`` (evaluated) with mic ``b`` (reference, e.g. ground truth).
 
     Both files may be text or binary mic files. Rows with Confidence <= 0 (binary holes)
     are ignored in both. A voxel of ``a`` matches the reference voxel at the same (x, y)
     after rounding to 4 decimals; if several rows share a position the first one in the
-    file is used. Misorientation uses the crystal symmetry of ``space_group`` (MIDAS
-    tables) and is reported in degrees.
+    file is used. With ``nearest`` (µm) each reference voxel is paired instead with the
+    nearest voxel of ``a`` within that distance. Misorientation uses the crystal symmetry
+    of ``space_group`` (MIDAS tables) and is reported in degrees.
     """
     return compare_records(_load_mic_rows(a), _load_mic_rows(b), space_group,
-                           name_a=str(a), name_b=str(b))
+                           name_a=str(a), name_b=str(b), nearest=nearest)
+
+
+def _nearest_pairs(xy_a: np.ndarray, xy_b: np.ndarray, max_distance: float):
+    """Each reference voxel ``xy_b`` paired with its nearest ``xy_a`` within
+    ``max_distance`` µm (an ``a`` voxel may serve several reference voxels)."""
+    ia, ib = [], []
+    step = max(1, (1 << 22) // max(1, len(xy_a)))
+    for j0 in range(0, len(xy_b), step):
+        d2 = np.sum((xy_b[j0:j0 + step, None, :] - xy_a[None, :, :]) ** 2, axis=-1)
+        k = np.argmin(d2, axis=1)
+        ok = d2[np.arange(k.size), k] <= max_distance ** 2
+        ia.append(k[ok])
+        ib.append(np.flatnonzero(ok) + j0)
+    cat = lambda x: np.concatenate(x) if x else np.zeros(0, np.int64)  # noqa: E731
+    return cat(ia).astype(np.int64), cat(ib).astype(np.int64)
 
 
 def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 225, *,
-                    name_a: str = "A", name_b: str = "B") -> ComparisonResult:
-    """:func:`compare_mics` on in-memory mic records ``(N, 11)`` (binary-record columns)."""
+                    name_a: str = "A", name_b: str = "B",
+                    nearest: float | None = None) -> ComparisonResult:
+    """:func:`compare_mics` on in-memory mic records ``(N, 11)`` (binary-record columns).
+
+    ``nearest`` (µm): pair every reference voxel with the nearest voxel of ``a`` within
+    that distance instead of by equal position — for maps on different grids (a
+    multi-resolution result against a ground truth at another GridSize).
+    """
     a, b = name_a, name_b
     if not 1 <= int(space_group) <= 230:
         raise NfjaxError(f"space group: expected an integer in 1..230, found {space_group}")
@@ -129,20 +152,24 @@ def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 2
     if keep_b.size == 0:
         raise InputFileError(f"{b}: reference mic has no voxels with Confidence > 0")
 
-    ref_index: dict[tuple[float, float], int] = {}
-    for i, key in enumerate(_position_keys(rows_b[keep_b])):
-        ref_index.setdefault(key, i)
-    pairs_a: list[int] = []
-    pairs_b: list[int] = []
-    taken: set[int] = set()
-    for i, key in enumerate(_position_keys(rows_a[keep_a])):
-        j = ref_index.get(key)
-        if j is not None and j not in taken:
-            taken.add(j)
-            pairs_a.append(i)
-            pairs_b.append(j)
-    ia = np.asarray(pairs_a, dtype=np.int64)
-    ib = np.asarray(pairs_b, dtype=np.int64)
+    if nearest is not None:
+        ia, ib = _nearest_pairs(rows_a[keep_a][:, [_COL_X, _COL_Y]],
+                                rows_b[keep_b][:, [_COL_X, _COL_Y]], float(nearest))
+    else:
+        ref_index: dict[tuple[float, float], int] = {}
+        for i, key in enumerate(_position_keys(rows_b[keep_b])):
+            ref_index.setdefault(key, i)
+        pairs_a: list[int] = []
+        pairs_b: list[int] = []
+        taken: set[int] = set()
+        for i, key in enumerate(_position_keys(rows_a[keep_a])):
+            j = ref_index.get(key)
+            if j is not None and j not in taken:
+                taken.add(j)
+                pairs_a.append(i)
+                pairs_b.append(j)
+        ia = np.asarray(pairs_a, dtype=np.int64)
+        ib = np.asarray(pairs_b, dtype=np.int64)
 
     matched_a = rows_a[keep_a][ia]
     matched_b = rows_b[keep_b][ib]

@@ -122,6 +122,31 @@ def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
     return vol, len(records), len(mic.records)
 
 
+def tomo_outline(records: np.ndarray, *, pixel_size: float = 1.0, size: int = 128,
+                 radius: float = 2.0) -> np.ndarray:
+    """A tomography-like sample outline of mic ``records (N,11)``: a ``(size, size)`` uint8
+    image, 1 where a pixel centre lies within ``radius`` µm of a voxel centre.
+
+    The image follows ``TomoImage``'s convention (:func:`nfjax.grid.tomo_keep`: centred on
+    the rotation axis, ``pixel_size`` µm, row 0 at the top, +y up), so writing its bytes
+    gives a file that limits a reconstruction grid to the simulated sample — what a
+    tomography scan of the sample would give a beamline run.
+    """
+    records = np.asarray(records, np.float64)
+    if records.ndim != 2 or records.shape[0] == 0:
+        raise NfjaxError("tomo outline: the mic has no voxel")
+    n = int(size)
+    centre = (np.arange(n) + 0.5 - n / 2) * float(pixel_size)
+    ys = centre[::-1]                       # row r holds yPos = n - 1 - r
+    xy = records[:, 3:5]
+    img = np.zeros((n, n), np.uint8)
+    r2 = float(radius) ** 2
+    for r in range(n):
+        d2 = (centre[:, None] - xy[None, :, 0]) ** 2 + (ys[r] - xy[None, :, 1]) ** 2
+        img[r] = np.any(d2 <= r2, axis=1)
+    return img
+
+
 def write_tiff_frames(params, vol: observe.ObsVolume, directory: str | Path, *,
                       background: float = 100.0, intensity: float = 400.0, seed: int = 0,
                       progress=None) -> list[Path]:

@@ -97,6 +97,27 @@ def test_positions_that_differ_are_unmatched(tmp_path):
     assert "  < 2: 100.0% of matched, 50.0% of B" in text
 
 
+def test_nearest_pairs_maps_on_different_grids(tmp_path, capsys):
+    """--nearest: each reference voxel takes the closest evaluated voxel within the
+    distance; one evaluated voxel may serve two reference voxels; farther ones stay out."""
+    e = (0.3, 0.9, 1.7)
+    d = math.radians(0.4)
+    ref = _write_text_mic(tmp_path / "b.mic", [
+        (0.0, 0.0, *e, 0.9), (2.5, 0.0, *e, 0.9), (2.9, 0.3, *e, 0.9), (9.0, 9.0, *e, 0.9)])
+    got = _write_text_mic(tmp_path / "a.mic", [
+        (0.3, 0.1, e[0] + d, e[1], e[2], 0.5),           # nearest to ref 0 (0.32 um)
+        (2.7, 0.1, *e, 0.5),                             # nearest to refs 1 and 2
+        (0.0, 0.8, *e, 0.5)])                            # 0.8 um from ref 0: not nearest
+    r = compare_mics(got, ref, nearest=1.0)
+    assert (r.n_reference, r.n_matched) == (4, 3)        # ref 3 is 8.9 um from anything
+    np.testing.assert_array_equal(r.index_b, [0, 1, 2])
+    np.testing.assert_array_equal(r.index_a, [0, 1, 1])
+    np.testing.assert_allclose(r.misorientation_deg, [0.4, 0.0, 0.0], atol=1e-3)
+    assert compare_mics(got, ref).n_matched == 0          # by position: nothing in common
+    assert main(["compare", str(got), str(ref), "--nearest", "0.3"]) == 0
+    assert "matched 2 (50.0% of B)" in capsys.readouterr().out
+
+
 def test_binary_holes_are_ignored_and_nothing_matched(tmp_path):
     rec = np.zeros((3, 11))
     rec[0, [3, 4, 7, 8, 9, 10]] = [5.0, 5.0, 0.1, 0.2, 0.3, 0.9]   # a voxel

@@ -261,3 +261,25 @@ def test_grid_from_read_params(ref_run):
 
     params = read_params(need(MIDAS_AU / "ps_au.txt"))
     assert np.array_equal(grid_from_params(params), read_grid(ref_run / "grid.txt"))
+
+
+def test_tomo_outline_masks_the_grid_to_the_sample(tmp_path):
+    """simulate.tomo_outline written as a TomoImage keeps exactly the grid points within
+    the radius of a sample voxel (away from pixel edges the pixel rule is exact)."""
+    from nfjax.simulate import tomo_outline
+
+    grid = make_hex_grid(2.5, 1.0, 20.0)
+    sample = np.zeros((3, 11))
+    sample[:, 3:5] = [[-8.0, 3.0], [5.0, -6.0], [6.0, 6.5]]
+    img = tomo_outline(sample, pixel_size=0.25, size=256, radius=4.0)
+    (tmp_path / "tomo.raw").write_bytes(img.tobytes())
+    kept = apply_tomo_mask(grid, tmp_path / "tomo.raw", 0.25)
+    d = np.min(np.hypot(grid[:, 2:3] - sample[None, :, 3], grid[:, 3:4] - sample[None, :, 4]),
+               axis=1)
+    clear = np.abs(d - 4.0) > 0.4                         # farther than a pixel from the edge
+    inside = {tuple(r) for r in np.round(kept[:, 2:4], 6)}
+    expect = {tuple(r) for r in np.round(grid[clear & (d < 4.0)][:, 2:4], 6)}
+    assert expect and expect <= inside
+    outside = {tuple(r) for r in np.round(grid[clear & (d > 4.0)][:, 2:4], 6)}
+    assert not (outside & inside)
+    assert img.dtype == np.uint8 and img.shape == (256, 256)

@@ -195,45 +195,118 @@ def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
         assert a[name] == b[name], name
 
 
-@pytest.mark.slow
-def test_multi_resolution_au(tmp_path, spotsinfo):
-    """GridRefactor 5.0 2.0 2 with a uniform cubic library for the unseeded passes:
-    MyMic_merged.2 at GridSize 1.25, >= 99 % of rendered ground-truth voxels within 0.5 deg,
-    and every intermediate file of the manual's file map."""
+def test_multi_resolution_small_window(tmp_path, spotsinfo):
+    """The whole multi-resolution chain on a 20 x 20 um window (GridRefactor 5 2 2): loop 0
+    unseeded, clustering, seeded passes, the unseeded retry of the voxels below
+    MinConfidence, the keep-the-better merge and the manual's file map. The library is a
+    coarse uniform set plus each grain orientation turned by 0.3 deg about a random axis,
+    so loop 0 finds the grains without the 175k-seed screen of the slow test."""
+    from scipy.spatial.transform import Rotation
+
+    from nfjax.io.grains import read_grains_csv
     from nfjax.io.seeds import write_seeds
-    from nfjax.seeds import uniform_seeds
+    from nfjax.seeds import seeds_from_grains, uniform_seeds
 
     out = tmp_path / "run"
+    # A corner of the sample: both grains and some empty space (retried unseeded).
     params = _setup(out, spotsinfo, SeedOrientations="seeds.txt",
                     SeedOrientationsAll="seeds_all.txt", GridRefactor=(5.0, 2.0, 2),
-                    GridMask=(-40.0, 40.0, -40.0, 40.0), MicFileText="MyMic")
-    lib = uniform_seeds(225, 2.0)
+                    MicFileText="MyMic", GridMask=(20.0, 40.0, 0.0, 20.0))
+    grains = seeds_from_grains(read_grains_csv(au_example()["grains"]))      # (w, x, y, z)
+    rng = np.random.default_rng(7)
+    axes = rng.normal(size=(len(grains), 3))
+    turn = Rotation.from_rotvec(np.radians(0.3) * axes / np.linalg.norm(axes, axis=1)[:, None])
+    near = (turn * Rotation.from_quat(grains[:, [1, 2, 3, 0]])).as_quat()[:, [3, 0, 1, 2]]
+    near *= np.where(near[:, :1] < 0, -1.0, 1.0)
+    lib = np.concatenate([uniform_seeds(225, 10.0), near])
     write_seeds(out / "seeds_all.txt", lib)
     write_seeds(out / "seeds.txt", lib)
     final = reconstruct(params, image_processing=False, progress=False)
     assert final == out / "MyMic_merged.2"
     for name in ["MyMic.0", "MyMic.1", "MyMic.2", "MyMic_merged.1", "MyMic_merged.2",
                  "Grains.csv.1", "Grains.csv.2", "seeds.txt.1", "seeds.txt.2",
-                 "seeds_all.txt_Backup", "grid.txt", "hkls.csv"]:
+                 "seeds_all.txt_Backup", "grid.txt", "hkls.csv",
+                 "midas_log/midas_nf_workflow_multires.log"]:
+        assert (out / name).exists(), name
+    grains1 = read_grains_csv(out / "Grains.csv.1")
+    assert len(grains1.ids) >= 2
+    # Merge: a retried voxel keeps the better of its seeded and unseeded records.
+    from nfjax.io.mic import read_binary_mic
+
+    seeded = read_binary_mic(out / "Au_bin_Reconstructed.mic.seeded2").records
+    merged_bin = read_binary_mic(out / "Au_bin_Reconstructed.mic").records
+    bad = np.flatnonzero(seeded[:, 10] < 0.7)
+    good = np.setdiff1d(np.arange(len(seeded)), bad)
+    np.testing.assert_array_equal(merged_bin[good], seeded[good])
+    if bad.size:
+        unseeded = read_binary_mic(out / "Au_bin_Reconstructed.mic.unseeded2").records
+        assert len(unseeded) == bad.size
+        np.testing.assert_array_equal(merged_bin[bad, 10],
+                                      np.maximum(seeded[bad, 10], unseeded[:, 10]))
+    # Accuracy: every rendered ground-truth voxel in the window against the nearest voxel
+    # of the 1.25 um map.
+    truth = read_mic(au_example()["mic"]).records
+    win = truth[(truth[:, 10] >= 0.7) & (truth[:, 3] >= 21.0) & (truth[:, 3] <= 39.0)
+                & (truth[:, 4] >= 1.0) & (truth[:, 4] <= 19.0)]
+    cmp = compare_records(read_mic(final).records, win, nearest=1.0)
+    assert cmp.n_matched == len(win) > 20
+    assert cmp.frac_reference[1] >= 0.97, cmp.frac_reference     # within 0.5 deg
+
+
+@pytest.mark.slow
+def test_multi_resolution_au(tmp_path):
+    """GridRefactor 5.0 2.0 2 on the Au example with uniform cubic libraries for the
+    unseeded passes: MyMic_merged.2 at GridSize 1.25, >= 99 % of rendered ground-truth
+    voxels within 0.5 deg, and every intermediate file of the manual's file map.
+
+    Set-up, and why (measured on 8 loop-0 voxels of each grain, docs/midas-differences.md):
+    * observations rendered from the ground truth with space-filling 2.5 um triangles (a
+      solid sample). Rendered with the mic's 1 um probes, the spots are dotted, and loop 0's
+      5 um grid points, which fall between the 2.5 um voxels, score 0.25-0.35 even at the
+      true orientation;
+    * loop 0 screens a 1.0 deg library (591k orientations): with one-pixel footprints the
+      hard score has no slope farther than ~0.6 deg from a grain orientation; at 1.25 deg
+      (nearest seed 0.89 deg from grain 1) grain 1 is never found;
+    * the retries of loops 1-2 (voxels below MinConfidence: grain boundaries and the rim)
+      search a 2 deg library (SeedOrientationsAll, 74k);
+    * a tomography outline (TomoImage) limits the grid to the sample, as at a beamline.
+    About 25 min on 2 CPU cores, almost all of it loop 0's screen (236M pairs)."""
+    from nfjax.crystal import hkls_from_params
+    from nfjax.io.seeds import write_seeds
+    from nfjax.seeds import uniform_seeds
+    from nfjax.simulate import simulate_records, tomo_outline
+
+    out = tmp_path / "run"
+    out.mkdir(parents=True)
+    truth = read_mic(au_example()["mic"]).records
+    rendered = truth[truth[:, 10] >= 0.7]
+    solid = rendered.copy()
+    solid[:, 5] = 2.5                                   # TriEdgeSize = GridSize
+    spotsinfo = tmp_path / "SpotsInfo.bin"
+    observe.write_spots_info(spotsinfo, simulate_records(
+        read_params(au_example()["params"]), solid,
+        hkls_from_params(read_params(au_example()["params"])), progress=False))
+    (out / "tomo.raw").write_bytes(tomo_outline(rendered, pixel_size=0.25, size=512,
+                                                radius=1.5).tobytes())
+    params = _setup(out, spotsinfo, SeedOrientations="seeds.txt",
+                    SeedOrientationsAll="seeds_all.txt", GridRefactor=(5.0, 2.0, 2),
+                    TomoImage="tomo.raw", TomoPixelSize=0.25, MicFileText="MyMic")
+    write_seeds(out / "seeds.txt", uniform_seeds(225, 1.0))
+    write_seeds(out / "seeds_all.txt", uniform_seeds(225, 2.0))
+    final = reconstruct(params, image_processing=False, progress=True)
+    assert final == out / "MyMic_merged.2"
+    for name in ["MyMic.0", "MyMic.1", "MyMic.2", "MyMic_merged.1", "MyMic_merged.2",
+                 "MyMic_all_solutions.1", "MyMic_all_solutions.2",
+                 "Grains.csv.1", "Grains.csv.2", "seeds.txt.1", "seeds.txt.2",
+                 "seeds_all.txt_Backup", "grid.txt", "hkls.csv", "midas_log"]:
         assert (out / name).exists(), name
     merged = read_mic(final)
     assert merged.tri_edge_size == pytest.approx(1.0)
     grid_lines = (out / "grid.txt").read_text().splitlines()
     x = np.array([float(line.split()[2]) for line in grid_lines[1:]])
     assert np.min(np.diff(np.unique(np.round(x, 6)))) == pytest.approx(0.625)   # G/2, G=1.25
-    truth = read_mic(au_example()["mic"]).records
-    rendered = truth[truth[:, 10] >= 0.7]
     # Each rendered ground-truth voxel (2.5 um grid) against the nearest voxel of the final
     # 1.25 um map.
-    from scipy.spatial import cKDTree
-
-    from nfjax.crystal import symmetry_quaternions
-    from nfjax.orientation import euler_to_quat, misorientation
-
-    rec = merged.records[merged.records[:, 10] > 0]
-    dist, idx = cKDTree(rec[:, 3:5]).query(rendered[:, 3:5])
-    assert np.all(dist < 1.0)
-    sym = symmetry_quaternions(225)
-    miso = np.degrees(np.asarray(misorientation(euler_to_quat(rec[idx, 7:10]),
-                                                euler_to_quat(rendered[:, 7:10]), sym)))
-    assert np.mean(miso < 0.5) >= 0.99, np.mean(miso < 0.5)
+    cmp = compare_records(merged.records, rendered, nearest=1.0)
+    assert cmp.n_matched == len(rendered) == 1514
+    assert cmp.frac_reference[1] >= 0.99, cmp.frac_reference       # within 0.5 deg
