@@ -121,7 +121,9 @@ def _nearest_pairs(xy_a: np.ndarray, xy_b: np.ndarray, max_distance: float):
     """Each reference voxel ``xy_b`` paired with its nearest ``xy_a`` within
     ``max_distance`` µm (an ``a`` voxel may serve several reference voxels)."""
     ia, ib = [], []
-    step = max(1, (1 << 22) // max(1, len(xy_a)))
+    if len(xy_a) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    step = max(1, (1 << 22) // len(xy_a))
     for j0 in range(0, len(xy_b), step):
         d2 = np.sum((xy_b[j0:j0 + step, None, :] - xy_a[None, :, :]) ** 2, axis=-1)
         k = np.argmin(d2, axis=1)

@@ -114,6 +114,8 @@ def test_nearest_pairs_maps_on_different_grids(tmp_path, capsys):
     np.testing.assert_array_equal(r.index_a, [0, 1, 1])
     np.testing.assert_allclose(r.misorientation_deg, [0.4, 0.0, 0.0], atol=1e-3)
     assert compare_mics(got, ref).n_matched == 0          # by position: nothing in common
+    empty = _write_text_mic(tmp_path / "e.mic", [(0.0, 0.0, *e, 0.0)])   # no confident voxel
+    assert compare_mics(empty, ref, nearest=1.0).n_matched == 0
     assert main(["compare", str(got), str(ref), "--nearest", "0.3"]) == 0
     assert "matched 2 (50.0% of B)" in capsys.readouterr().out
 
