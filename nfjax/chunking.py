@@ -66,12 +66,14 @@ def device_free_bytes(device=None) -> int:
 
 def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None = None,
                *, device=None, fraction: float = 0.5, multiple: int = 1,
-               maximum: int | None = None) -> int:
+               maximum: int | None = None, cpu_waves: int = 1, minimum: int = 1) -> int:
     """Items per chunk so that ``chunk · bytes_per_item`` fits the budget.
 
     The budget is ``max_memory`` if given, else ``fraction`` of the free device memory.
     The result is at least 1 (at least ``multiple``), a multiple of ``multiple``, at most
-    ``maximum`` and never larger than needed for ``n_items``.
+    ``maximum`` and never larger than needed for ``n_items``. On the CPU backend it is
+    also at most ``n_items / cpu_waves`` (but not below ``minimum``): for lockstep pools,
+    where an idle slot costs as much as a busy one on a CPU but nothing extra on a GPU.
     """
     budget = parse_memory(max_memory)
     if budget is None:
@@ -80,6 +82,8 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
     if maximum is not None:
         n = min(n, maximum)
     n = min(n, max(1, n_items))
+    if cpu_waves > 1 and (device or jax.devices()[0]).platform == "cpu":
+        n = min(n, max(minimum, -(-n_items // cpu_waves)))
     if multiple > 1:
         n = max(multiple, (n // multiple) * multiple)
     return int(n)

@@ -187,7 +187,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     ff = args.ff_seeds or args.ffSeedOrientations == 1
     images = not args.no_image_processing and args.doImageProcessing != 0
     final = reconstruct(params, ff_seeds=ff, image_processing=images, resume=args.resume,
-                        max_memory=args.max_memory, device=args.device)
+                        max_memory=args.max_memory, device=args.device,
+                        midas_refinement=args.midas_refinement)
     print(f"final reconstruction: {final}")
     return 0
 
@@ -329,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_rec.add_argument("--resume", action="store_true",
                        help="skip stages whose inputs are unchanged since the last run")
     p_rec.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
+    p_rec.add_argument("--midas-refinement", action="store_true",
+                       help="MIDAS's refinement exactly (no pruning or restarts), see nfjax fit")
     p_rec.add_argument("--device", choices=["cpu", "gpu"], default=None,
                        help="JAX platform (default: the first available)")
     midas = p_rec.add_argument_group("MIDAS driver flags (accepted for existing scripts)")
@@ -350,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_fit.add_argument("--max-memory", default=None, help="device memory budget, e.g. 8GB")
     p_fit.add_argument("--polish", action="store_true",
                        help="optax polish on the smooth surrogate after Nelder-Mead")
+    p_fit.add_argument("--midas-refinement", action="store_true",
+                       help="MIDAS's refinement exactly: every screening winner refined, no "
+                            "pruning or restarts (slower, less accurate; for comparisons)")
     p_fit.add_argument("--record-time", action="store_true",
                        help="write wall seconds into the RunTime column (default 0)")
     p_fit.add_argument("--spots-info", default=None,

@@ -111,6 +111,7 @@ class Run:
     progress: bool | None = None
     image_processing: bool = True
     ff_seeds: bool = False
+    midas_refinement: bool = False
     timings: dict = dataclasses.field(default_factory=dict)
 
     def stage(self, name: str, inputs: str, outputs: list[Path], compute: Callable[[], Any],
@@ -315,7 +316,7 @@ def _observations(run: Run):
 def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
          text_path: Path) -> np.ndarray:
     """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic."""
-    from nfjax.fit import fit_grid
+    from nfjax.fit import fit_grid, refinement_options
     from nfjax.io.mic import read_binary_mic, write_allmatches, write_binary_mic, write_text_mic
     from nfjax.parallel import block_range
 
@@ -328,12 +329,14 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
         else value_hash(int(obs.words.shape[0])),
         params.min_frac_accept, params.orient_tol, n_sol, params.min_miso_n_saves,
         params.space_group, params.lsd, params.bc, params.tx, params.ty, params.tz,
-        params.px, params.wedge, params.omega_start, params.omega_step)
+        params.px, params.wedge, params.omega_start, params.omega_step,
+        "midas-refinement" if run.midas_refinement else "default-refinement")
 
     def compute():
         start, stop = block_range(len(grid), run.comm.rank, run.comm.size)
         result = fit_grid(params, grid[start:stop], spots, obs, hkls=hkls,
-                          max_memory=run.max_memory, progress=run.progress)
+                          max_memory=run.max_memory, progress=run.progress,
+                          **refinement_options(run.midas_refinement))
         records = run.comm.gather_rows(np.asarray(result.records))
         allm = run.comm.gather_rows(np.asarray(result.allmatches))
         if run.comm.is_root:
@@ -463,7 +466,7 @@ def _multi(run: Run, hkls, quats0) -> Path:
 # --------------------------------------------------------------------------- entry
 def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool = True,
                 resume: bool = False, max_memory=None, device: str | None = None,
-                progress: bool | None = None, comm=None) -> Path:
+                progress: bool | None = None, comm=None, midas_refinement: bool = False) -> Path:
     """Run the whole workflow; returns the final text mic path (on every rank)."""
     from nfjax.io.seeds import read_seeds
     from nfjax.params import read_params
@@ -480,7 +483,8 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     out.mkdir(parents=True, exist_ok=True)
     run = Run(params=params, out=out, manifest=Manifest(out, resume), log=_logger(out,
               comm.is_root), comm=comm, max_memory=max_memory, progress=progress,
-              image_processing=image_processing, ff_seeds=ff_seeds)
+              image_processing=image_processing, ff_seeds=ff_seeds,
+              midas_refinement=midas_refinement)
     run.log.info("nfjax reconstruct %s (output %s, %d rank(s))", params.source, out, comm.size)
     t0 = time.perf_counter()
     hkls = _hkls(run)

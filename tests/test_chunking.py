@@ -1,0 +1,53 @@
+"""The one place for chunking: chunk sizes from a memory budget, and chunked mapping."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import nfjax  # noqa: F401
+from nfjax.chunking import chunk_size, map_chunked, parse_memory
+from nfjax.errors import NfjaxError
+
+
+def test_parse_memory_units_and_errors():
+    assert parse_memory("8GB") == 8 << 30
+    assert parse_memory("512M") == 512 << 20
+    assert parse_memory("1.5GiB") == 3 << 29
+    assert parse_memory(1234) == 1234 and parse_memory(None) is None
+    with pytest.raises(NfjaxError, match=r"--max-memory: expected a size .* found '8 parsecs'"):
+        parse_memory("8 parsecs")
+    with pytest.raises(NfjaxError, match="expected a positive size"):
+        parse_memory("0MB")
+
+
+def test_chunk_size_budget_multiple_maximum():
+    # 1 MiB budget, 1000 bytes per item -> 1048 items, rounded down to a multiple of 8.
+    assert chunk_size(10**6, 1000, "1MiB", multiple=8) == 1048
+    assert chunk_size(10**6, 1000, "1MiB", maximum=100) == 100
+    assert chunk_size(37, 1000, "1MiB") == 37                 # never more than needed
+    assert chunk_size(10, 10**9, "1MiB") == 1                 # at least one item
+    assert chunk_size(10, 10**9, "1MiB", multiple=8) == 8
+
+
+def test_chunk_size_cpu_waves():
+    """On the CPU backend a lockstep pool holds at most n/cpu_waves items (≥ minimum)."""
+    assert jax.devices()[0].platform == "cpu"
+    assert chunk_size(3068, 1, "1GiB", maximum=1024, multiple=8, cpu_waves=8,
+                      minimum=64) == 384
+    assert chunk_size(100, 1, "1GiB", maximum=1024, multiple=8, cpu_waves=8,
+                      minimum=64) == 64
+    assert chunk_size(10**6, 1, "1GiB", maximum=1024, multiple=8, cpu_waves=8) == 1024
+
+
+def test_map_chunked_pads_and_trims():
+    calls = []
+
+    def fn(a, b):
+        calls.append(a.shape[0])
+        return a * 2 + b
+
+    a = np.arange(10.0)
+    parts = map_chunked(fn, [a, np.ones(10)], 4, progress=False)
+    assert calls == [4, 4, 4]                              # the tail is padded to 4
+    np.testing.assert_array_equal(np.concatenate(parts), a * 2 + 1)
