@@ -104,7 +104,8 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from nfjax.plot import plot_mic
 
-    out = plot_mic(args.mic, args.output, space_group=args.space_group)
+    out = plot_mic(args.mic, args.output, space_group=args.space_group,
+                   min_confidence=args.min_confidence, boundary_deg=args.boundaries)
     print(f"orientation and confidence maps -> {out}")
     return 0
 
@@ -284,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot.add_argument("mic", help="mic file (text or binary)")
     p_plot.add_argument("-o", "--output", default="map.png", help="output PNG (default map.png)")
     p_plot.add_argument("--space-group", type=int, default=225, help="default 225")
+    p_plot.add_argument("--min-confidence", type=float, default=0.0,
+                        help="draw voxels below this confidence grey in the orientation map "
+                             "(default 0: none)")
+    p_plot.add_argument("--boundaries", type=float, default=5.0, metavar="DEG",
+                        help="draw boundaries between neighbours misoriented by more than "
+                             "DEG (default 5; 0: none)")
     p_plot.set_defaults(func=_cmd_plot)
 
     p_cmp = sub.add_parser(

@@ -50,7 +50,7 @@ from nfjax.forward import bragg_v, footprint_box, predict_spots
 from nfjax.geometry import Geometry, geometry_from_params, tilt_matrix
 from nfjax.grid import triangle_vertices, up_down
 from nfjax.orientation import (euler_to_matrix_midas, euler_to_quat, matrix_to_euler,
-                               misorientation, normalize_mat)
+                               misorientation, normalize_mat, rotvec_matrix)
 from nfjax.score import frac_from_counts, hard_counts
 
 Array = Any
@@ -271,17 +271,6 @@ def candidate_reflections(euler0: np.ndarray, g: np.ndarray, theta: np.ndarray,
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k].astype(np.int32)
     mask = np.take_along_axis(keep, order, axis=1)
     return order, mask
-
-
-def rotvec_matrix(x: Array) -> Array:
-    """Rotation matrix of the rotation vector ``x (3,)`` rad (Rodrigues), smooth at 0."""
-    t2 = jnp.sum(x * x)
-    small = t2 < 1e-12
-    t = jnp.sqrt(jnp.where(small, 1.0, t2))
-    a = jnp.where(small, 1.0 - t2 / 6.0, jnp.sin(t) / t)
-    b = jnp.where(small, 0.5 - t2 / 24.0, (1.0 - jnp.cos(t)) / jnp.where(small, 1.0, t2))
-    k = jnp.array([[0.0, -x[2], x[1]], [x[2], 0.0, -x[0]], [-x[1], x[0], 0.0]], dtype=x.dtype)
-    return jnp.eye(3, dtype=x.dtype) + a * k + b * (k @ k)
 
 
 def params_to_euler(x: Array, u0: Array, param: str) -> Array:

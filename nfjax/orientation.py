@@ -132,6 +132,17 @@ def matrix_to_euler(m) -> jnp.ndarray:
     return jnp.stack([psi, phi, theta], axis=-1)
 
 
+def rotvec_matrix(x) -> jnp.ndarray:
+    """Rotation matrix of the rotation vector ``x (3,)`` rad (Rodrigues), smooth at 0."""
+    t2 = jnp.sum(x * x)
+    small = t2 < 1e-12
+    t = jnp.sqrt(jnp.where(small, 1.0, t2))
+    a = jnp.where(small, 1.0 - t2 / 6.0, jnp.sin(t) / t)
+    b = jnp.where(small, 0.5 - t2 / 24.0, (1.0 - jnp.cos(t)) / jnp.where(small, 1.0, t2))
+    k = jnp.array([[0.0, -x[2], x[1]], [x[2], 0.0, -x[0]], [-x[1], x[0], 0.0]], dtype=x.dtype)
+    return jnp.eye(3, dtype=x.dtype) + a * k + b * (k @ k)
+
+
 # --------------------------------------------------------------------------- quaternions
 @jax.jit
 def normalize_quat(q) -> jnp.ndarray:

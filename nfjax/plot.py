@@ -41,8 +41,8 @@ import numpy as np
 from nfjax.errors import NfjaxError
 from nfjax.io.atomic import atomic_write
 
-__all__ = ["ipf_reduce", "ipf_color", "ipf_color_directions", "ipf_color_from_euler", "plot_mic", "FIGURE_SIZE_IN",
-           "FIGURE_DPI"]
+__all__ = ["ipf_reduce", "ipf_color", "ipf_color_directions", "ipf_color_from_euler",
+           "grain_boundaries", "plot_mic", "FIGURE_SIZE_IN", "FIGURE_DPI"]
 
 FIGURE_SIZE_IN = (15.0, 6.4)   # width, height in inches
 FIGURE_DPI = 110               # -> 1650 x 704 pixels
@@ -242,6 +242,41 @@ def _voxel_triangles(records: np.ndarray) -> tuple[np.ndarray, float]:
     return triangle_vertices(mic_grid_rows(rec)), edge
 
 
+def grain_boundaries(records: np.ndarray, edge: float, space_group: int = 225,
+                     max_angle_deg: float = 5.0) -> np.ndarray:
+    """Boundary segments ``(M, 2, 2)`` µm between edge-neighbouring voxels of ``records``
+    misoriented by more than ``max_angle_deg`` (crystal symmetry of ``space_group``).
+
+    Voxels are the triangles of edge ``edge`` tiling the map (as drawn): the centroids of
+    two edge-sharing triangles are ``edge/√3`` apart (the next neighbours ``edge``), and
+    their shared edge is the segment of length ``edge`` through the midpoint,
+    perpendicular to the line joining them.
+    """
+    import jax.numpy as jnp
+    from scipy.spatial import cKDTree
+
+    from nfjax.crystal import symmetry_quaternions
+    from nfjax.orientation import euler_to_quat, misorientation
+
+    rec = np.asarray(records, np.float64)
+    if rec.shape[0] < 2:
+        return np.zeros((0, 2, 2))
+    xy = rec[:, 3:5]
+    pairs = cKDTree(xy).query_pairs(0.8 * float(edge), output_type="ndarray")
+    if pairs.size == 0:
+        return np.zeros((0, 2, 2))
+    q = euler_to_quat(jnp.asarray(rec[:, 7:10]))
+    ang = np.degrees(np.asarray(misorientation(q[pairs[:, 0]], q[pairs[:, 1]],
+                                               jnp.asarray(symmetry_quaternions(space_group)))))
+    pairs = pairs[ang > float(max_angle_deg)]
+    a, b = xy[pairs[:, 0]], xy[pairs[:, 1]]
+    mid = 0.5 * (a + b)
+    d = b - a
+    perp = np.stack([-d[:, 1], d[:, 0]], axis=1) / np.linalg.norm(d, axis=1, keepdims=True)
+    half = 0.5 * float(edge) * perp
+    return np.stack([mid - half, mid + half], axis=1)
+
+
 def _draw_key(ax, space_group: int) -> None:
     """The colour key: the standard triangle (stereographic) for m-3m / 6/mmm, otherwise the
     sector of the generic HSV rule, with corner labels."""
@@ -292,11 +327,15 @@ def _draw_key(ax, space_group: int) -> None:
 
 
 def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
-             space_group: int = 225) -> Path:
+             space_group: int = 225, *, min_confidence: float = 0.0,
+             boundary_deg: float | None = 5.0) -> Path:
     """Draw ``mic_path`` as a PNG: the IPF-Z orientation map with its colour key, and the
     confidence map with a colour bar, side by side, axes in µm.
 
-    Voxels with zero confidence (holes) are left out. The figure is
+    Voxels with zero confidence (holes) are left out. In the orientation map, voxels below
+    ``min_confidence`` are drawn grey (their orientation is not trusted), and black lines
+    mark the grain boundaries: edges between confident neighbours misoriented by more than
+    ``boundary_deg`` (None or 0: no lines; see :func:`grain_boundaries`). The figure is
     :data:`FIGURE_SIZE_IN` at :data:`FIGURE_DPI` (1650 × 704 px). Returns ``Path(out_png)``.
     """
     try:
@@ -316,6 +355,10 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
     tris, edge = _voxel_triangles(rec)
     colors = ipf_color_from_euler(rec[:, 7:10], space_group)
     conf = rec[:, 10]
+    trusted = conf >= float(min_confidence)
+    colors[~trusted] = 0.6
+    segments = (grain_boundaries(rec[trusted], edge, space_group, boundary_deg)
+                if boundary_deg else np.zeros((0, 2, 2)))
 
     fig = Figure(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
     grid = fig.add_gridspec(1, 4, width_ratios=[1.0, 0.42, 1.0, 0.035], wspace=0.2,
@@ -336,7 +379,17 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
         ax.set_facecolor("0.85")
     ax_map.add_collection(PolyCollection(tris, facecolors=colors, edgecolors=colors,
                                          linewidths=0.3))
-    ax_map.set_title(f"IPF-Z orientation map (space group {int(space_group)})")
+    if len(segments):
+        from matplotlib.collections import LineCollection
+
+        ax_map.add_collection(LineCollection(segments, colors="k", linewidths=0.8))
+    title = f"IPF-Z orientation map (space group {int(space_group)})"
+    notes = []
+    if min_confidence > 0:
+        notes.append(f"grey: confidence < {min_confidence:g}")
+    if boundary_deg:
+        notes.append(f"lines: > {boundary_deg:g}° boundaries")
+    ax_map.set_title(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=11)
     coll = PolyCollection(tris, array=conf, cmap="viridis", edgecolors="face",
                           linewidths=0.3)
     coll.set_clim(0.0, max(1.0, float(conf.max())))

@@ -122,6 +122,39 @@ def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
     return vol, len(records), len(mic.records)
 
 
+def voronoi_microstructure(records: np.ndarray, grains, *, spread_deg: float = 0.0,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic polycrystal on the voxels of mic ``records (N,11)``: each voxel takes the
+    orientation of the grain whose centre (``grains.positions`` x, y, µm) is nearest
+    (Voronoi cells), turned by a random rotation of angle ``|N(0, spread_deg)|`` about a
+    random axis (intragranular spread; reproducible with ``seed``).
+
+    Returns a copy of ``records`` with the Euler columns (7–9, rad, MIDAS convention)
+    replaced and confidence (column 10) set to 1, and the grain index (0-based) per voxel.
+    """
+    from nfjax.orientation import matrix_to_euler, rotvec_matrix
+
+    records = np.array(records, np.float64)
+    mats = np.asarray(grains.matrices, np.float64)
+    if records.ndim != 2 or records.shape[0] == 0:
+        raise NfjaxError("voronoi microstructure: the mic has no voxel")
+    if mats.shape[0] == 0:
+        raise NfjaxError(f"voronoi microstructure: {getattr(grains, 'path', '') or 'the grains'}"
+                         " holds no grain")
+    centres = np.asarray(grains.positions, np.float64)[:, :2]
+    d2 = ((records[:, None, 3:5] - centres[None]) ** 2).sum(-1)
+    label = np.argmin(d2, axis=1)
+    rng = np.random.default_rng(seed)
+    axis = rng.normal(size=(len(records), 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    angle = np.abs(rng.normal(0.0, np.radians(float(spread_deg)), len(records)))
+    turn = jax.vmap(rotvec_matrix)(jnp.asarray(axis * angle[:, None]))
+    u = jnp.einsum("nij,njk->nik", turn, jnp.asarray(mats[label]))
+    records[:, 7:10] = np.asarray(matrix_to_euler(u))
+    records[:, 10] = 1.0
+    return records, label
+
+
 def tomo_outline(records: np.ndarray, *, pixel_size: float = 1.0, size: int = 128,
                  radius: float = 2.0) -> np.ndarray:
     """A tomography-like sample outline of mic ``records (N,11)``: a ``(size, size)`` uint8

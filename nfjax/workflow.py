@@ -359,7 +359,8 @@ def _map(run: Run, name: str, mic_path: Path) -> None:
         from nfjax.plot import plot_mic
 
         png = Path(str(mic_path) + ".png")
-        plot_mic(mic_path, png, space_group=run.params.space_group)
+        plot_mic(mic_path, png, space_group=run.params.space_group,
+                 min_confidence=float(run.params.min_confidence or 0.0))
         run.log.info("map %s", png)
     except (NfjaxError, ImportError) as exc:   # e.g. no matplotlib: the map is optional
         run.log.info("map skipped: %s", exc)

@@ -83,7 +83,8 @@ def test_au_map_png(midas_au, tmp_path):
     from nfjax.io.grains import read_grains_csv
     from nfjax.io.mic import read_mic
 
-    out = plot_mic(midas_au / "Au_txt.mic", tmp_path / "map.png", space_group=225)
+    out = plot_mic(midas_au / "Au_txt.mic", tmp_path / "map.png", space_group=225,
+                   boundary_deg=None)
     assert out == tmp_path / "map.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = mpimg.imread(out)
@@ -135,3 +136,27 @@ def test_without_matplotlib_the_error_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(NfjaxError, match=r"pip install 'nfjax\[plot\]'"):
         plot_mic(tmp_path / "a.mic", tmp_path / "a.png")
+
+
+def test_confidence_mask_and_boundaries(midas_au, tmp_path):
+    """--min-confidence greys out the untrusted voxels of the orientation map; boundaries
+    add black lines between grains (and none with --boundaries 0)."""
+    import matplotlib.image as mpimg
+
+    from nfjax.cli import main
+
+    def panel(*extra):
+        out = tmp_path / f"m{len(extra)}.png"
+        assert main(["plot", str(midas_au / "Au_txt.mic"), "-o", str(out), *extra]) == 0
+        img = mpimg.imread(out)[:, : int(0.38 * 1650), :3].reshape(-1, 3)
+        grey = (np.abs(img - 0.6).max(axis=1) < 0.02).sum()
+        black = (img.max(axis=1) < 0.15).sum()
+        return grey, black
+
+    grey0, black0 = panel("--boundaries", "0")
+    grey1, black1 = panel("--min-confidence", "0.7", "--boundaries", "0")
+    grey2, black2 = panel("--min-confidence", "0.7")
+    # 1942 of 3456 voxels are below 0.7: more than half the map turns grey.
+    assert grey0 < 1000 and grey1 > 60_000
+    assert black1 == pytest.approx(black0, abs=200)        # text and ticks only
+    assert black2 > black1 + 300                           # the boundary lines

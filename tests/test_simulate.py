@@ -1,0 +1,73 @@
+"""Synthetic microstructures (nfjax.simulate.voronoi_microstructure) and the grain-boundary
+segments drawn on maps (nfjax.plot.grain_boundaries), against brute-force oracles."""
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from conftest import MIDAS_AU, need
+from nfjax.crystal import symmetry_quaternions
+from nfjax.io.grains import read_grains_csv
+from nfjax.io.mic import read_mic
+from nfjax.orientation import euler_to_matrix_midas, euler_to_quat, matrix_to_quat, misorientation
+from nfjax.simulate import voronoi_microstructure
+
+
+@pytest.fixture(scope="module")
+def au_sample():
+    need(MIDAS_AU)
+    rec = read_mic(MIDAS_AU / "Au_txt.mic").records
+    return rec[rec[:, 10] >= 0.7], read_grains_csv(MIDAS_AU / "grs.csv")
+
+
+def test_voronoi_cells_and_orientations(au_sample):
+    rec, grains = au_sample
+    exact, label = voronoi_microstructure(rec, grains, spread_deg=0.0)
+    # Labels: the nearest grain centre, by a plain loop.
+    for i in range(0, len(rec), 37):
+        d = [np.hypot(rec[i, 3] - p[0], rec[i, 4] - p[1]) for p in grains.positions]
+        assert label[i] == int(np.argmin(d))
+    assert sorted(np.bincount(label, minlength=4)) == [80, 269, 291, 874]
+    np.testing.assert_allclose(np.asarray(euler_to_matrix_midas(jnp.asarray(exact[:, 7:10]))),
+                               grains.matrices[label], atol=1e-12)
+    np.testing.assert_array_equal(exact[:, :7], rec[:, :7])
+    assert np.all(exact[:, 10] == 1.0)
+    # With a spread: misorientation to the grain is |N(0, 0.05 deg)|.
+    spread, label2 = voronoi_microstructure(rec, grains, spread_deg=0.05, seed=3)
+    np.testing.assert_array_equal(label2, label)
+    sym = jnp.asarray(symmetry_quaternions(225))
+    ang = np.degrees(np.asarray(misorientation(
+        euler_to_quat(jnp.asarray(spread[:, 7:10])),
+        matrix_to_quat(jnp.asarray(grains.matrices[label])), sym)))
+    assert ang.mean() == pytest.approx(0.05 * np.sqrt(2 / np.pi), rel=0.1)
+    assert ang.max() < 0.3
+
+
+def test_grain_boundaries_are_the_edges_between_grains(au_sample):
+    from nfjax.plot import grain_boundaries
+
+    rec, grains = au_sample
+    micro, label = voronoi_microstructure(rec, grains, spread_deg=0.05, seed=1)
+    edge = 2.5
+    seg = grain_boundaries(micro, edge, 225, 5.0)
+    # Oracle: every pair of edge-sharing triangles (centroids edge/sqrt3 apart) in
+    # different grains; the grains are > 5 deg apart, the spread within one is < 0.3 deg.
+    xy = rec[:, 3:5]
+    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+    i, j = np.nonzero(np.triu(np.abs(d - edge / np.sqrt(3)) < 0.05, 1))
+    cross = label[i] != label[j]
+    assert cross.sum() > 50
+    want = np.sort(0.5 * (xy[i[cross]] + xy[j[cross]]), axis=0)
+    got = np.sort(seg.mean(axis=1), axis=0)
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(seg[:, 1] - seg[:, 0], axis=1), edge)
+    assert len(grain_boundaries(micro, edge, 225, 90.0)) == 0
+
+
+def test_empty_inputs_are_errors(au_sample):
+    from nfjax.errors import NfjaxError
+
+    rec, grains = au_sample
+    with pytest.raises(NfjaxError, match="the mic has no voxel"):
+        voronoi_microstructure(rec[:0], grains)
