@@ -3,6 +3,7 @@ after a kill, stage invalidation, bad input, and MPI equivalence."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -311,3 +312,28 @@ def test_multi_resolution_au(tmp_path):
     cmp = compare_records(merged.records, rendered, nearest=1.0)
     assert cmp.n_matched == len(rendered) == 1514
     assert cmp.frac_reference[1] >= 0.99, cmp.frac_reference       # within 0.5 deg
+
+
+def test_demo_prints_accuracy_and_draws_the_four_grains(tmp_path, capsys):
+    """``nfjax demo`` (what ``make demo`` runs) on the bundled files: it prints the accuracy
+    against its ground truth and writes a map where each of the four grains shows in its
+    own IPF colour, in proportion to its voxels (874 / 269 / 291 / 80)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image as mpimg
+
+    from nfjax.io.grains import read_grains_csv
+    from nfjax.plot import ipf_color
+
+    assert main(["demo", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Au_4grains_truth.mic: 4 grains (874 / 269 / 291 / 80 voxels)" in out
+    m = re.search(r"< 0.25: ([0-9.]+)% of matched, ([0-9.]+)% of B", out)
+    assert m and float(m.group(2)) >= 99.5, out
+    img = mpimg.imread(tmp_path / "Au_txt_Reconstructed.png")
+    left = img[:, : int(0.38 * img.shape[1]), :3].reshape(-1, 3)
+    colours = ipf_color(read_grains_csv(au_example()["grains"]).matrices, 225)
+    counts = (np.abs(left[:, None, :] - colours[None]).max(axis=2) < 0.04).sum(axis=0)
+    voxels = np.array([874, 269, 291, 80])
+    assert np.all(counts > 20 * voxels), counts
+    share = counts / counts.sum()
+    np.testing.assert_allclose(share, voxels / voxels.sum(), atol=0.05)
