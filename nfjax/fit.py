@@ -69,11 +69,12 @@ MAX_EVALS = 5000
 # Refinement defaults of :func:`fit_grid` (``prune_ratio=0, restarts=()`` is MIDAS's
 # procedure): skip winners below 0.3 × their voxel's best screening fraction; one restart
 # round over a rotation vector (initial step 0.1 × OrientTol, box ±0.25 × OrientTol) for the
-# winners within 0.9 × their voxel's best that are below 1.
+# winners within 0.9 × their voxel's best that are below 1 and at least 0.3.
 PRUNE_RATIO = 0.3
 RESTARTS = (0.1,)
 RESTART_RATIO = 0.9
 RESTART_BOX = 0.25
+RESTART_FLOOR = 0.3
 
 
 def refinement_options(midas: bool = False) -> dict:
@@ -759,7 +760,8 @@ def build_records(grid: np.ndarray, winners: Winners, euler: np.ndarray, frac: n
 def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory=None,
              polish: bool = False, param: str = "euler", prune_ratio: float = PRUNE_RATIO,
              restarts: tuple = RESTARTS, restart_ratio: float = RESTART_RATIO,
-             restart_box: float = RESTART_BOX, sticky: bool = False, progress=None, block_nr: int = 0,
+             restart_box: float = RESTART_BOX, restart_floor: float = RESTART_FLOOR,
+             sticky: bool = False, progress=None, block_nr: int = 0,
              record_time: bool = False, dtype=jnp.float64) -> FitResult:
     """Fit every row of ``grid (N,5)`` (MIDAS grid columns) in memory.
 
@@ -777,8 +779,9 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     2. **MIDAS's Nelder–Mead** on every other winner, variables ``param`` (``"euler"`` as
        MIDAS, or ``"rotvec"``, see :func:`refine`).
     3. **Restart rounds.** Each entry of ``restarts`` is one round for the winners that
-       could still decide their voxel (fraction < 1 and ≥ ``restart_ratio`` × the voxel's
-       best): Nelder–Mead again from the refined point, now over a rotation vector about
+       could still decide their voxel (fraction < 1, ≥ ``restart_ratio`` × the voxel's
+       best and ≥ ``restart_floor``: a voxel below 0.3 is empty space or unresolved either
+       way): Nelder–Mead again from the refined point, now over a rotation vector about
        it, in the rotation box ``±restart_box`` × OrientTol with an initial step of that
        entry × OrientTol; a restarted point is kept only if strictly better. Why a rotation
        vector: near Φ = 0 (grain 1 of the Au example, Φ ≈ 6°) the Euler box is a narrow
@@ -845,7 +848,8 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     for step in restarts:
         vbest = np.zeros(grid.shape[0])
         np.maximum.at(vbest, winners.voxel, frac)
-        todo = todo[(frac[todo] < 1.0) & (frac[todo] >= restart_ratio * vbest[winners.voxel[todo]])]
+        todo = todo[(frac[todo] < 1.0) & (frac[todo] >= restart_floor)
+                    & (frac[todo] >= restart_ratio * vbest[winners.voxel[todo]])]
         if todo.size == 0:
             break
         n_restarted += todo.size
