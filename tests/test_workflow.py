@@ -78,9 +78,9 @@ def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
     rendered = truth[truth[:, 10] >= 0.7]
     cmp = compare_records(rec, rendered)
     assert cmp.n_matched == 1514
-    assert cmp.frac_reference[0] >= 0.99          # within 0.25 deg (MIDAS: 99.21 %)
+    assert cmp.frac_reference[0] >= 0.995         # within 0.25 deg (99.54 %; MIDAS: 99.21 %)
     conf = rec[rec[:, 10] > 0][cmp.index_a, 10]
-    assert conf.mean() >= 0.96
+    assert conf.mean() >= 0.97
 
 
 def _final_bytes(out: Path) -> dict[str, bytes]:
