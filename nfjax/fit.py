@@ -757,6 +757,13 @@ def build_records(grid: np.ndarray, winners: Winners, euler: np.ndarray, frac: n
     return rec, am
 
 
+def _voxel_best(voxel: np.ndarray, frac: np.ndarray, n_voxels: int) -> np.ndarray:
+    """``(n_voxels,)`` the largest ``frac`` of each voxel's winners (0 where none)."""
+    best = np.zeros(n_voxels)
+    np.maximum.at(best, voxel, frac)
+    return best
+
+
 def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory=None,
              polish: bool = False, param: str = "euler", prune_ratio: float = PRUNE_RATIO,
              restarts: tuple = RESTARTS, restart_ratio: float = RESTART_RATIO,
@@ -830,8 +837,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     e0 = e0_u[inv] if uniq.size else np.zeros((0, 3))
     common = dict(box=box, sticky=sticky, max_memory=max_memory, dtype=dtype)
     # Pruning: winners far below their voxel's best screening fraction keep their start.
-    sbest = np.zeros(grid.shape[0])
-    np.maximum.at(sbest, winners.voxel, winners.frac)
+    sbest = _voxel_best(winners.voxel, winners.frac, grid.shape[0])
     sel = np.flatnonzero(winners.frac >= float(prune_ratio) * sbest[winners.voxel])
     eul = np.array(e0, np.float64)
     frac = np.array(winners.frac, np.float64)
@@ -846,8 +852,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     todo = sel
     n_restarted = 0
     for step in restarts:
-        vbest = np.zeros(grid.shape[0])
-        np.maximum.at(vbest, winners.voxel, frac)
+        vbest = _voxel_best(winners.voxel, frac, grid.shape[0])
         todo = todo[(frac[todo] < 1.0) & (frac[todo] >= restart_floor)
                     & (frac[todo] >= restart_ratio * vbest[winners.voxel[todo]])]
         if todo.size == 0:

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nfjax.geometry import Geometry, tilt_matrix
 
@@ -264,16 +262,6 @@ def correct_wedge(eta: Array, theta: Array, wavelength: float, wedge: Array) -> 
     return jnp.where(jnp.abs(wedge) < 1e-10, jnp.zeros_like(delta), delta)
 
 
-def _known_zero(x) -> bool:
-    """True when ``x`` is a concrete (not traced) value with ``|x| < 1e-10``."""
-    if isinstance(x, jax.core.Tracer):
-        return False
-    try:
-        return bool(abs(float(np.asarray(x))) < 1e-10)
-    except (TypeError, ValueError):
-        return False
-
-
 def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array, Array]:
     """Frame bin of a spot and whether it is inside the scan (§5.6–5.7).
 
@@ -281,14 +269,10 @@ def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array,
     :func:`correct_wedge`), wrapped once into (−180, 180), and must lie strictly inside one
     of the ω ranges. Returns ``frame`` (int32) and ``ok``.
     """
-    if _known_zero(geom.wedge):
-        # No wedge (the common case, known when tracing): the correction is exactly 0 and
-        # its trigonometry (a large share of a refinement evaluation) is skipped.
-        w = omega
-    else:
-        eta = eta_deg(yl, zl)
-        theta = 0.5 * jnp.rad2deg(jnp.arctan(jnp.sqrt(yl * yl + zl * zl) / geom.lsd[0]))
-        w = omega - correct_wedge(eta, theta, geom.wavelength, geom.wedge)
+    eta = eta_deg(yl, zl)
+    theta = 0.5 * jnp.rad2deg(jnp.arctan(jnp.sqrt(yl * yl + zl * zl) / geom.lsd[0]))
+    delta = correct_wedge(eta, theta, geom.wavelength, geom.wedge)
+    w = omega - delta
     w = jnp.where(w >= 180, w - 360, jnp.where(w <= -180, w + 360, w))
     in_range = jnp.zeros(jnp.shape(w), bool)
     for olo, ohi in geom.omega_ranges:
