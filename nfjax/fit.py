@@ -75,12 +75,17 @@ RESTARTS = (0.1,)
 RESTART_RATIO = 0.9
 RESTART_BOX = 0.25
 RESTART_FLOOR = 0.3
+# Tie-break of :func:`fit_grid`: winners of one voxel that reach the same best fraction are
+# scored again with the probe triangle enlarged 1.5× about its centroid (and to just over a
+# pixel at least, so that MIDAS's rasterised footprint replaces its single-pixel rule).
+TIE_PROBE = 1.5
 
 
 def refinement_options(midas: bool = False) -> dict:
     """Keyword arguments of :func:`fit_grid` for ``--midas-refinement``: every winner
-    refined, no restarts (MIDAS's procedure); the defaults otherwise."""
-    return dict(prune_ratio=0.0, restarts=()) if midas else {}
+    refined, no restarts, ties to the later winner (MIDAS's procedure); the defaults
+    otherwise."""
+    return dict(prune_ratio=0.0, restarts=(), tie_probe=0.0) if midas else {}
 
 # Nelder–Mead phases of the lockstep state machine: every step evaluates one point per
 # problem, so a pool of problems never waits for the slowest branch.
@@ -114,7 +119,8 @@ class FitResult:
     ``winners`` the screening winners; ``refined_euler (M,3)`` rad and ``refined_frac (M,)``
     of every winner after refinement; ``n_evals (M,)`` objective evaluations per winner;
     ``timings`` seconds per stage; ``n_restarted`` Nelder–Mead restarts run; ``n_pruned``
-    winners left unrefined (below the prune ratio, see :func:`fit_grid`).
+    winners left unrefined (below the prune ratio, see :func:`fit_grid`); ``n_tie_broken``
+    voxels whose choice among equal best fractions the enlarged probe changed.
     """
 
     records: np.ndarray
@@ -126,6 +132,7 @@ class FitResult:
     timings: dict = dataclasses.field(default_factory=dict)
     n_restarted: int = 0
     n_pruned: int = 0
+    n_tie_broken: int = 0
 
 
 # =========================================================================== screening
@@ -768,7 +775,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
              polish: bool = False, param: str = "euler", prune_ratio: float = PRUNE_RATIO,
              restarts: tuple = RESTARTS, restart_ratio: float = RESTART_RATIO,
              restart_box: float = RESTART_BOX, restart_floor: float = RESTART_FLOOR,
-             sticky: bool = False, progress=None, block_nr: int = 0,
+             tie_probe: float = TIE_PROBE, sticky: bool = False, progress=None, block_nr: int = 0,
              record_time: bool = False, dtype=jnp.float64) -> FitResult:
     """Fit every row of ``grid (N,5)`` (MIDAS grid columns) in memory.
 
@@ -794,7 +801,16 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
        vector: near Φ = 0 (grain 1 of the Au example, Φ ≈ 6°) the Euler box is a narrow
        ridge along φ1 − φ2 where the true orientation is an isolated peak ~0.25° (of
        rotation) from a broad local maximum; a small simplex in rotation space climbs it.
-       ``restarts=()`` with ``prune_ratio=0`` is exactly MIDAS's procedure.
+    4. **Tie-break.** Where several winners of a voxel reach its best fraction (MIDAS takes
+       the later one), they are scored again with the probe triangle enlarged
+       ``tie_probe``× about its centroid (see :func:`break_ties`) and the best of them is
+       chosen; the record keeps its orientation and fraction. With a probe smaller than a
+       pixel every spot is one pixel, and at a grain boundary both grains' orientations
+       often score 1.0: on the multi-resolution Au run (1.25 µm grid, 1 µm probes, 1.48 µm
+       pixels) 277 voxels tie between the two grains (a Σ3 twin pair), and the tie-break
+       cuts the misses against the ground truth from 44 to 27.
+       ``restarts=()`` with ``prune_ratio=0`` and ``tie_probe=0`` is exactly MIDAS's
+       procedure.
 
     On the Au example (1514 rendered voxels, within 0.25° of the truth): MIDAS 99.21 %,
     MIDAS's procedure here 99.14 % (mean confidence 0.962), the defaults 99.54 % (0.979).
@@ -882,6 +898,13 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
             max_memory=max_memory)
         best, saved = select(winners, eul, frac, grid.shape[0])
         timings["polish"] = time.perf_counter() - t1
+    n_tie = 0
+    if tie_probe > 0 and len(winners):
+        t1 = time.perf_counter()
+        best, n_tie = break_ties(best, winners.voxel, eul, frac, verts, table.g, table.theta,
+                                 obs, geom, scale=float(tie_probe), edge=edge, sticky=sticky,
+                                 max_memory=max_memory, dtype=dtype)
+        timings["ties"] = time.perf_counter() - t1
     run_time = None
     if record_time:
         # Wall time of the whole fit shared out by each voxel's evaluations (a batched fit
@@ -894,7 +917,46 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     timings["total"] = time.perf_counter() - t0
     return FitResult(records=rec, allmatches=am, winners=winners, refined_euler=eul,
                      refined_frac=frac, n_evals=nev, timings=timings,
-                     n_restarted=n_restarted, n_pruned=len(winners) - sel.size)
+                     n_restarted=n_restarted, n_pruned=len(winners) - sel.size,
+                     n_tie_broken=n_tie)
+
+
+def break_ties(best: np.ndarray, voxel: np.ndarray, euler: np.ndarray, frac: np.ndarray,
+               verts: np.ndarray, g: np.ndarray, theta: np.ndarray, obs, geom: Geometry, *,
+               scale: float, edge: float, sticky: bool = False,
+               max_memory=None, dtype=jnp.float64) -> tuple[np.ndarray, int]:
+    """Choose among winners that tie at their voxel's best fraction with a larger probe.
+
+    ``best (N,)`` the chosen winner per voxel (MIDAS's rule: the later of equal fractions);
+    ``voxel``, ``euler``, ``frac`` per winner; ``verts (N,3,2)`` the probe triangles of edge
+    ``edge`` µm. Every voxel with two or more winners at exactly its best fraction has those
+    winners scored again (hard fraction, every reflection) with its triangle enlarged
+    ``scale``× about the centroid — and to at least 1.01 pixel, so that the footprint is
+    rasterised rather than MIDAS's one pixel per spot. The highest enlarged score wins;
+    equal enlarged scores keep MIDAS's rule. Returns the new ``best`` and the number of
+    voxels whose choice changed.
+    """
+    n = best.shape[0]
+    vb = _voxel_best(voxel, frac, n)
+    tied = np.flatnonzero((frac == vb[voxel]) & (vb[voxel] > 0))
+    per_voxel = np.bincount(voxel[tied], minlength=n)
+    tied = tied[per_voxel[voxel[tied]] > 1]
+    if tied.size == 0:
+        return best, 0
+    big_edge = max(scale * edge, 1.01 * float(geom.px))
+    factor = big_edge / edge
+    cen = verts.mean(axis=1, keepdims=True)
+    big = cen + factor * (verts - cen)
+    score = exact_fracs(euler[tied], voxel[tied], big, g, theta, obs, geom,
+                        box=footprint_box(big_edge, float(geom.px)), sticky=sticky,
+                        max_memory=max_memory, dtype=dtype)
+    # Per voxel the last of (enlarged score, winner order): the best score, ties later.
+    order = np.lexsort((tied, score, voxel[tied]))
+    vs = voxel[tied][order]
+    last = order[np.r_[vs[1:] != vs[:-1], True]]
+    new = best.copy()
+    new[voxel[tied[last]]] = tied[last]
+    return new, int(np.sum(new != best))
 
 
 def polish_solutions(euler, frac, voxel, euler0, verts, g, theta, obs, geom: Geometry, *,

@@ -227,6 +227,47 @@ def test_select_solutions_follows_midas_rule():
     assert best[0] == 5                      # tie at 0.9: the later winner
 
 
+def test_tie_break_takes_the_orientation_lit_under_the_larger_probe(au):
+    """Two winners of one voxel at the same best fraction: orientation A's spots are rendered
+    with the tie-break probe (1 um triangle enlarged 1.5x about its centroid), B's with the
+    1 um probe alone. Re-scored with the enlarged probe, A is exactly 1 (same rasteriser as
+    the rendering) and B well below, so A is chosen whichever comes later; equal enlarged
+    scores and winners below the best keep MIDAS's rule (the later of equal fractions)."""
+    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.fit import TIE_PROBE, break_ties, exact_fracs
+    from nfjax.forward import footprint_box
+    from nfjax.simulate import render_bits
+
+    params, geom, _, _, grid = au
+    tab = select_rings(hkls_from_params(params), params.rings_to_use)
+    verts = triangle_vertices(grid[[1000]])                   # E = 1 um < 1.48 um pixels
+    edge = float(2 * grid[1000, 4])
+    assert edge == pytest.approx(1.0) and TIE_PROBE * edge > float(geom.px)
+    cen = verts.mean(axis=1, keepdims=True)
+    big = cen + TIE_PROBE * (verts - cen)
+    e_a, e_b = np.array([[0.3, 0.5, 0.7]]), np.array([[1.1, 0.9, 0.2]])
+    bits = np.union1d(
+        render_bits(e_a, big, tab.g, tab.theta, geom, edge_length=TIE_PROBE * edge),
+        render_bits(e_b, verts, tab.g, tab.theta, geom, edge_length=edge))
+    obs = observe.from_bit_indices(geom.shape, bits)
+    box = footprint_box(TIE_PROBE * edge, float(geom.px))
+    enlarged = exact_fracs(np.vstack([e_a, e_b]), np.zeros(2, np.int64), big, tab.g,
+                           tab.theta, obs, geom, box=box)
+    assert enlarged[0] == 1.0 and enlarged[1] < 0.8, enlarged
+    assert exact_fracs(e_b, np.zeros(1, np.int64), verts, tab.g, tab.theta, obs, geom,
+                       box=1)[0] == 1.0
+
+    def choose(eul, frac):
+        best = np.array([len(frac) - 1])                      # MIDAS: the later of the ties
+        return break_ties(best, np.zeros(len(frac), np.int64), eul, np.asarray(frac), verts,
+                          tab.g, tab.theta, obs, geom, scale=TIE_PROBE, edge=edge)
+
+    assert choose(np.vstack([e_a, e_b]), [1.0, 1.0]) == (np.array([0]), 1)
+    assert choose(np.vstack([e_b, e_a]), [1.0, 1.0]) == (np.array([1]), 0)
+    assert choose(np.vstack([e_a, e_a]), [1.0, 1.0]) == (np.array([1]), 0)   # equal: later
+    assert choose(np.vstack([e_a, e_b]), [0.9, 1.0]) == (np.array([1]), 0)   # not a tie
+
+
 @pytest.mark.slow
 def test_seeded_au_reconstruction_accuracy(au):
     """Seeded fit of the whole Au grid with the defaults; on the 1514 rendered voxels
