@@ -1142,6 +1142,7 @@ def run_fit(args) -> int:
     n_fit = int(np.count_nonzero(result.records[:, 10]))
     dt = time.perf_counter() - t0
     print(f"nfjax fit: rows {start}..{stop - 1} of {grid.shape[0]}: {n_fit} voxels fitted, "
-          f"{len(result.winners)} winners refined in {dt:.1f} s -> {bin_path}",
+          f"{len(result.winners)} winners refined, {result.n_tie_broken} tied voxels decided "
+          f"by the larger probe, in {dt:.1f} s -> {bin_path}",
           file=sys.stderr)
     return 0

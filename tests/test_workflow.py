@@ -258,8 +258,8 @@ def test_multi_resolution_small_window(tmp_path, spotsinfo):
 @pytest.mark.timeout(5400)
 def test_multi_resolution_au(tmp_path):
     """GridRefactor 5.0 2.0 2 on the Au example with uniform cubic libraries for the
-    unseeded passes: MyMic_merged.2 at GridSize 1.25, >= 97 % of rendered ground-truth
-    voxels within 0.5 deg (measured 97.09 %; the issue asks 99 %, see
+    unseeded passes: MyMic_merged.2 at GridSize 1.25, >= 98 % of rendered ground-truth
+    voxels within 0.5 deg (measured 98.22 %; the issue asks 99 %, see
     :func:`check_multi_resolution_au`), and every intermediate file of the manual's file
     map.
 
@@ -305,13 +305,13 @@ def test_multi_resolution_au(tmp_path):
 def check_multi_resolution_au(out: Path, rendered: np.ndarray) -> None:
     """The assertions of :func:`test_multi_resolution_au` on its output folder ``out``.
 
-    Measured (commit 9d42ac5, 2 CPU cores, 1287 s end to end): 1471 of 1514
-    rendered voxels (97.09 %) within 0.5°; the issue's target is 99 % and is not met. All
-    44 misses are Σ3-twin errors at the boundary between grains 0 and 1, found with
-    confidence 1.0: with one-pixel footprints (EdgeLength 1 µm, 1.48 µm pixels) a 1.25 µm
-    voxel within about a pixel of the boundary scores 1.0 for both grains, and MIDAS's
-    selection rule (the later of equal fractions) decides. A soft-score tie-break fixed 9
-    of the 44, a nearest-unambiguous-neighbour tie-break 7 (not adopted).
+    Measured (commit 84480b4, 2 CPU cores, 1341 s end to end): 1487 of 1514 rendered
+    voxels (98.22 %) within 0.5°; the issue's target is 99 % and is not met. All 27 misses
+    are Σ3-twin errors at the boundary between grains 0 and 1: with one-pixel footprints
+    (EdgeLength 1 µm, 1.48 µm pixels) a 1.25 µm voxel within about a pixel of the boundary
+    scores 1.0 for both grains. The fitter's tie-break (a 1.5× larger probe for tied
+    winners, ``fit.break_ties``) took the misses from 44 (97.09 %, MIDAS's rule: the later
+    of equal fractions) to 27; see docs/midas-differences.md, "Refinement defaults".
     """
     log = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
     retried = {int(k): int(n) for k, n in re.findall(
@@ -335,7 +335,7 @@ def check_multi_resolution_au(out: Path, rendered: np.ndarray) -> None:
     # 1.25 um map.
     cmp = compare_records(merged.records, rendered, nearest=1.0)
     assert cmp.n_matched == len(rendered) == 1514
-    assert cmp.frac_reference[1] >= 0.97, cmp.frac_reference       # within 0.5 deg
+    assert cmp.frac_reference[1] >= 0.98, cmp.frac_reference       # within 0.5 deg
 
 
 def test_demo_prints_accuracy_and_draws_the_four_grains(tmp_path, capsys):
