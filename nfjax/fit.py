@@ -633,61 +633,70 @@ def exact_fracs(euler: np.ndarray, voxel: np.ndarray, verts: np.ndarray, g: np.n
 def _select_fn(n_save: int, min_miso_rad: float, sym: np.ndarray):
     """Jitted per-voxel selection over winners padded to W (reference §7.3).
 
-    Inputs ``euler (V,W,3)``, ``frac (V,W)``, ``valid (V,W)`` in orientation order.
-    Returns ``best (V,)`` index of the chosen winner (−1 if none) and the saved solutions
-    ``saved_idx (V,n)`` (−1 = empty), best first.
+    Inputs ``euler (V,W,3)``, ``frac (V,W)``, ``key (V,W)``, ``valid (V,W)`` in orientation
+    order. Winners are ranked by ``(frac, key)`` lexicographically — with ``key`` all zero
+    that is MIDAS's rank by fraction alone. Returns ``best (V,)`` index of the chosen winner
+    (−1 if none) and the saved solutions ``saved_idx (V,n)`` (−1 = empty), best first.
     """
     sym_j = jnp.asarray(sym)
 
-    def one(euler, frac, valid):
+    def one(euler, frac, key, valid):
         quats = euler_to_quat(euler)                                   # (W,4)
 
         def step(carry, item):
-            best_i, best_f, s_idx, s_f, s_q = carry
-            i, f, ok, q = item
-            take = ok & (f >= best_f)                                  # ties: later wins
+            best_i, best_f, best_k, s_idx, s_f, s_k, s_q = carry
+            i, f, k, ok, q = item
+            # (f, k) >= (best_f, best_k): ties go to the later winner.
+            take = ok & ((f > best_f) | ((f == best_f) & (k >= best_k)))
             best_i = jnp.where(take, i, best_i)
             best_f = jnp.where(take, f, best_f)
+            best_k = jnp.where(take, k, best_k)
             filled = s_idx >= 0
             miso = misorientation(q[None, :], s_q, sym_j)
             near = jnp.any(filled & (miso < min_miso_rad))
-            # Insert before the first saved entry with a lower-or-equal fraction.
-            pos = jnp.argmax(~filled | (s_f <= f))
-            room = jnp.any(~filled | (s_f <= f))
+            # Insert before the first saved entry ranked lower than or equal to (f, k).
+            lower = ~filled | (s_f < f) | ((s_f == f) & (s_k <= k))
+            pos = jnp.argmax(lower)
+            room = jnp.any(lower)
             ins = ok & ~near & room
-            shift_idx = jnp.concatenate([s_idx[:1], s_idx[:-1]])
-            shift_f = jnp.concatenate([s_f[:1], s_f[:-1]])
-            shift_q = jnp.concatenate([s_q[:1], s_q[:-1]])
             j = jnp.arange(n_save)
-            new_idx = jnp.where(j < pos, s_idx, jnp.where(j == pos, i, shift_idx))
-            new_f = jnp.where(j < pos, s_f, jnp.where(j == pos, f, shift_f))
-            new_q = jnp.where((j < pos)[:, None], s_q,
-                              jnp.where((j == pos)[:, None], q[None, :], shift_q))
-            s_idx = jnp.where(ins, new_idx, s_idx)
-            s_f = jnp.where(ins, new_f, s_f)
-            s_q = jnp.where(ins, new_q, s_q)
-            return (best_i, best_f, s_idx, s_f, s_q), None
+
+            def insert(saved, new):
+                shifted = jnp.concatenate([saved[:1], saved[:-1]])
+                before = (j < pos).reshape((-1,) + (1,) * (saved.ndim - 1))
+                at = (j == pos).reshape(before.shape)
+                out = jnp.where(before, saved, jnp.where(at, new, shifted))
+                return jnp.where(ins, out, saved)
+
+            s_idx, s_f, s_k = insert(s_idx, i), insert(s_f, f), insert(s_k, k)
+            s_q = insert(s_q, q[None, :])
+            return (best_i, best_f, best_k, s_idx, s_f, s_k, s_q), None
 
         w = frac.shape[0]
-        init = (jnp.int32(-1), jnp.asarray(-1.0, frac.dtype), jnp.full((n_save,), -1, jnp.int32),
-                jnp.full((n_save,), -jnp.inf, frac.dtype),
+        init = (jnp.int32(-1), jnp.asarray(-1.0, frac.dtype), jnp.asarray(-jnp.inf, key.dtype),
+                jnp.full((n_save,), -1, jnp.int32), jnp.full((n_save,), -jnp.inf, frac.dtype),
+                jnp.full((n_save,), -jnp.inf, key.dtype),
                 jnp.zeros((n_save, 4), quats.dtype).at[:, 0].set(1.0))
-        (best_i, _, s_idx, _, _), _ = jax.lax.scan(
-            step, init, (jnp.arange(w, dtype=jnp.int32), frac, valid, quats))
+        (best_i, _, _, s_idx, _, _, _), _ = jax.lax.scan(
+            step, init, (jnp.arange(w, dtype=jnp.int32), frac, key, valid, quats))
         return best_i, s_idx
 
     return jax.jit(jax.vmap(one))
 
 
 def select_solutions(winners: Winners, euler: np.ndarray, frac: np.ndarray, n_voxels: int,
-                     *, n_save: int, min_miso_deg: float, space_group: int):
+                     *, n_save: int, min_miso_deg: float, space_group: int,
+                     key: np.ndarray | None = None):
     """MIDAS's per-voxel choice among refined winners (reference §7.3).
 
     The best is the winner with the highest refined fraction, ties to the later one in
     orientation order. The saved list (``SaveNSolutions``) takes winners in orientation
     order, skipping one within ``min_miso_deg`` of an already saved solution (even when it
     is better, as MIDAS), inserting the rest by descending fraction (a new entry goes before
-    equal ones) and dropping the last when full. Returns ``best (N,)`` winner index (−1:
+    equal ones) and dropping the last when full. ``key`` (per winner, optional) is a
+    secondary rank: winners are compared by ``(frac, key)``, for both the best and the
+    saved order, so it only decides between equal fractions (:func:`tie_scores`); without
+    it, or all zero, the rule is exactly MIDAS's. Returns ``best (N,)`` winner index (−1:
     none) and ``saved (N, n_save)`` winner indices (−1: empty).
     """
     from nfjax.crystal import symmetry_quaternions
@@ -713,12 +722,15 @@ def select_solutions(winners: Winners, euler: np.ndarray, frac: np.ndarray, n_vo
         e = np.zeros((chunk, width, 3))
         e[:, :, 0] = 0.0
         fr = np.full((chunk, width), -1.0)
+        ky = np.zeros((chunk, width))
         ok = np.zeros((chunk, width), bool)
         r, cc = vox_rank[sel] - c0, col[sel]
         e[r, cc] = euler[sel]
         fr[r, cc] = frac[sel]
+        if key is not None:
+            ky[r, cc] = key[sel]
         ok[r, cc] = True
-        b, s = fn(jnp.asarray(e), jnp.asarray(fr), jnp.asarray(ok))
+        b, s = fn(jnp.asarray(e), jnp.asarray(fr), jnp.asarray(ky), jnp.asarray(ok))
         out_b.append(np.asarray(b)[:nv])
         out_s.append(np.asarray(s)[:nv])
     b = np.concatenate(out_b).astype(np.int64)
@@ -803,8 +815,9 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
        rotation) from a broad local maximum; a small simplex in rotation space climbs it.
     4. **Tie-break.** Where several winners of a voxel reach its best fraction (MIDAS takes
        the later one), they are scored again with the probe triangle enlarged
-       ``tie_probe``× about its centroid (see :func:`break_ties`) and the best of them is
-       chosen; the record keeps its orientation and fraction. With a probe smaller than a
+       ``tie_probe``× about its centroid (see :func:`tie_scores`) and the best of them is
+       chosen — for the record and the order of the saved solutions alike; the record
+       keeps its orientation and fraction. With a probe smaller than a
        pixel every spot is one pixel, and at a grain boundary both grains' orientations
        often score 1.0: on the multi-resolution Au run (1.25 µm grid, 1 µm probes, 1.48 µm
        pixels) 277 voxels tie between the two grains (a Σ3 twin pair), and the tie-break
@@ -901,9 +914,13 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     n_tie = 0
     if tie_probe > 0 and len(winners):
         t1 = time.perf_counter()
-        best, n_tie = break_ties(best, winners.voxel, eul, frac, verts, table.g, table.theta,
-                                 obs, geom, scale=float(tie_probe), edge=edge, sticky=sticky,
-                                 max_memory=max_memory, dtype=dtype)
+        key = tie_scores(winners.voxel, eul, frac, verts, table.g, table.theta, obs, geom,
+                         scale=float(tie_probe), edge=edge, sticky=sticky,
+                         max_memory=max_memory, dtype=dtype)
+        if np.any(key):
+            midas_best = best
+            best, saved = select(winners, eul, frac, grid.shape[0], key=key)
+            n_tie = int(np.sum(best != midas_best))
         timings["ties"] = time.perf_counter() - t1
     run_time = None
     if record_time:
@@ -921,42 +938,36 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
                      n_tie_broken=n_tie)
 
 
-def break_ties(best: np.ndarray, voxel: np.ndarray, euler: np.ndarray, frac: np.ndarray,
-               verts: np.ndarray, g: np.ndarray, theta: np.ndarray, obs, geom: Geometry, *,
-               scale: float, edge: float, sticky: bool = False,
-               max_memory=None, dtype=jnp.float64) -> tuple[np.ndarray, int]:
-    """Choose among winners that tie at their voxel's best fraction with a larger probe.
+def tie_scores(voxel: np.ndarray, euler: np.ndarray, frac: np.ndarray, verts: np.ndarray,
+               g: np.ndarray, theta: np.ndarray, obs, geom: Geometry, *, scale: float,
+               edge: float, sticky: bool = False, max_memory=None,
+               dtype=jnp.float64) -> np.ndarray:
+    """Secondary rank for winners that tie at their voxel's best fraction: a larger probe.
 
-    ``best (N,)`` the chosen winner per voxel (MIDAS's rule: the later of equal fractions);
     ``voxel``, ``euler``, ``frac`` per winner; ``verts (N,3,2)`` the probe triangles of edge
     ``edge`` µm. Every voxel with two or more winners at exactly its best fraction has those
     winners scored again (hard fraction, every reflection) with its triangle enlarged
     ``scale``× about the centroid — and to at least 1.01 pixel, so that the footprint is
-    rasterised rather than MIDAS's one pixel per spot. The highest enlarged score wins;
-    equal enlarged scores keep MIDAS's rule. Returns the new ``best`` and the number of
-    voxels whose choice changed.
+    rasterised rather than MIDAS's one pixel per spot. Returns the enlarged score for those
+    winners and 0 for every other: the ``key`` of :func:`select_solutions`, where the
+    highest enlarged score wins and equal ones keep MIDAS's rule (the later winner).
     """
-    n = best.shape[0]
+    key = np.zeros(len(frac))
+    n = int(verts.shape[0])
     vb = _voxel_best(voxel, frac, n)
     tied = np.flatnonzero((frac == vb[voxel]) & (vb[voxel] > 0))
     per_voxel = np.bincount(voxel[tied], minlength=n)
     tied = tied[per_voxel[voxel[tied]] > 1]
     if tied.size == 0:
-        return best, 0
+        return key
     big_edge = max(scale * edge, 1.01 * float(geom.px))
     factor = big_edge / edge
     cen = verts.mean(axis=1, keepdims=True)
     big = cen + factor * (verts - cen)
-    score = exact_fracs(euler[tied], voxel[tied], big, g, theta, obs, geom,
-                        box=footprint_box(big_edge, float(geom.px)), sticky=sticky,
-                        max_memory=max_memory, dtype=dtype)
-    # Per voxel the last of (enlarged score, winner order): the best score, ties later.
-    order = np.lexsort((tied, score, voxel[tied]))
-    vs = voxel[tied][order]
-    last = order[np.r_[vs[1:] != vs[:-1], True]]
-    new = best.copy()
-    new[voxel[tied[last]]] = tied[last]
-    return new, int(np.sum(new != best))
+    key[tied] = exact_fracs(euler[tied], voxel[tied], big, g, theta, obs, geom,
+                            box=footprint_box(big_edge, float(geom.px)), sticky=sticky,
+                            max_memory=max_memory, dtype=dtype)
+    return key
 
 
 def polish_solutions(euler, frac, voxel, euler0, verts, g, theta, obs, geom: Geometry, *,

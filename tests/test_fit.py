@@ -190,41 +190,53 @@ def test_default_refinement_prunes_and_restarts_without_losing(au):
 
 def test_select_solutions_follows_midas_rule():
     """§7.3: best by >= (later wins); saved list skips near-duplicates even when better,
-    inserts by descending fraction, new entry before equal ones."""
+    inserts by descending fraction, new entry before equal ones. With a secondary key the
+    same rule runs on (fraction, key) — for the best and the saved order alike — and an
+    all-zero key is exactly MIDAS's rule."""
     from nfjax.fit import Winners, select_solutions
 
     rng = np.random.default_rng(11)
-    base = rng.uniform(0, 1, (3, 3)) * [6.28, 3.14, 6.28]
-    # voxel 0: 7 winners built around 3 distinct orientations with small offsets.
-    pick = np.array([0, 1, 0, 2, 1, 0, 2])
-    eul = base[pick] + rng.normal(0, 0.002, (7, 3))
-    frac = np.array([0.5, 0.7, 0.9, 0.7, 0.7, 0.9, 0.3])
+    base = rng.uniform(0, 1, (4, 3)) * [6.28, 3.14, 6.28]
+    # voxel 0: 8 winners built around 4 distinct orientations with small offsets.
+    pick = np.array([0, 1, 2, 1, 3, 0, 2, 3])
+    eul = base[pick] + rng.normal(0, 0.002, (8, 3))
+    frac = np.array([0.5, 0.7, 0.9, 0.7, 0.9, 0.9, 0.3, 0.4])
     # voxel 1: 2 winners; voxel 2: none.
     eul = np.vstack([eul, base[[1, 2]]])
     frac = np.concatenate([frac, [0.2, 0.2]])
-    w = Winners(voxel=np.array([0] * 7 + [1, 1]), orient=np.arange(9),
-                frac=np.zeros(9), count=np.array([7, 2, 0]))
-    best, saved = select_solutions(w, eul, frac, 3, n_save=3, min_miso_deg=1.0,
-                                   space_group=225)
+    w = Winners(voxel=np.array([0] * 8 + [1, 1]), orient=np.arange(10),
+                frac=np.zeros(10), count=np.array([8, 2, 0]))
 
-    def oracle(idx):
-        b, bf, s = -1, -1.0, []
+    def oracle(idx, key):
+        rank = [(frac[i], key[i]) for i in range(len(frac))]
+        b, s = -1, []
         for i in idx:
-            if frac[i] >= bf:
-                b, bf = i, frac[i]
+            if b < 0 or rank[i] >= rank[b]:
+                b = i
             if any(_miso_deg(eul[i], eul[j]) < 1.0 for j in s):
                 continue
-            pos = next((k for k, j in enumerate(s) if frac[j] <= frac[i]), len(s))
+            pos = next((k for k, j in enumerate(s) if rank[j] <= rank[i]), len(s))
             s.insert(pos, i)
             s = s[:3]
         return b, s + [-1] * (3 - len(s))
 
-    for v, idx in ((0, range(7)), (1, [7, 8])):
-        b, s = oracle(idx)
-        assert best[v] == b
-        assert list(saved[v]) == s
-    assert best[2] == -1 and list(saved[2]) == [-1, -1, -1]
-    assert best[0] == 5                      # tie at 0.9: the later winner
+    plain = select_solutions(w, eul, frac, 3, n_save=3, min_miso_deg=1.0, space_group=225)
+    zero = select_solutions(w, eul, frac, 3, n_save=3, min_miso_deg=1.0, space_group=225,
+                            key=np.zeros(10))
+    # The tie at 0.9 (winners 2, 4, 5 of orientations 2, 3, 0) ranked by key: the earliest
+    # wins, and the saved order follows the key.
+    key = np.zeros(10)
+    key[[2, 4, 5]] = [0.8, 0.5, 0.6]
+    keyed = select_solutions(w, eul, frac, 3, n_save=3, min_miso_deg=1.0, space_group=225,
+                             key=key)
+    for (best, saved), k in ((plain, np.zeros(10)), (zero, np.zeros(10)), (keyed, key)):
+        for v, idx in ((0, range(8)), (1, [8, 9])):
+            b, s = oracle(idx, k)
+            assert best[v] == b
+            assert list(saved[v]) == s
+        assert best[2] == -1 and list(saved[2]) == [-1, -1, -1]
+    assert plain[0][0] == 5 and list(plain[1][0]) == [5, 4, 2]   # tie at 0.9: the later
+    assert keyed[0][0] == 2 and list(keyed[1][0]) == [2, 5, 4]   # tie at 0.9: the key
 
 
 def test_tie_break_takes_the_orientation_lit_under_the_larger_probe(au):
@@ -234,7 +246,7 @@ def test_tie_break_takes_the_orientation_lit_under_the_larger_probe(au):
     the rendering) and B well below, so A is chosen whichever comes later; equal enlarged
     scores and winners below the best keep MIDAS's rule (the later of equal fractions)."""
     from nfjax.crystal import hkls_from_params, select_rings
-    from nfjax.fit import TIE_PROBE, break_ties, exact_fracs
+    from nfjax.fit import TIE_PROBE, Winners, exact_fracs, select_solutions, tie_scores
     from nfjax.forward import footprint_box
     from nfjax.simulate import render_bits
 
@@ -258,14 +270,19 @@ def test_tie_break_takes_the_orientation_lit_under_the_larger_probe(au):
                        box=1)[0] == 1.0
 
     def choose(eul, frac):
-        best = np.array([len(frac) - 1])                      # MIDAS: the later of the ties
-        return break_ties(best, np.zeros(len(frac), np.int64), eul, np.asarray(frac), verts,
-                          tab.g, tab.theta, obs, geom, scale=TIE_PROBE, edge=edge)
+        frac = np.asarray(frac)
+        w = Winners(voxel=np.zeros(len(frac), np.int64), orient=np.arange(len(frac)),
+                    frac=frac, count=np.array([len(frac)]))
+        key = tie_scores(w.voxel, eul, frac, verts, tab.g, tab.theta, obs, geom,
+                         scale=TIE_PROBE, edge=edge)
+        best, saved = select_solutions(w, eul, frac, 1, n_save=2, min_miso_deg=1.0,
+                                       space_group=225, key=key)
+        return int(best[0]), list(saved[0])
 
-    assert choose(np.vstack([e_a, e_b]), [1.0, 1.0]) == (np.array([0]), 1)
-    assert choose(np.vstack([e_b, e_a]), [1.0, 1.0]) == (np.array([1]), 0)
-    assert choose(np.vstack([e_a, e_a]), [1.0, 1.0]) == (np.array([1]), 0)   # equal: later
-    assert choose(np.vstack([e_a, e_b]), [0.9, 1.0]) == (np.array([1]), 0)   # not a tie
+    assert choose(np.vstack([e_a, e_b]), [1.0, 1.0]) == (0, [0, 1])
+    assert choose(np.vstack([e_b, e_a]), [1.0, 1.0]) == (1, [1, 0])
+    assert choose(np.vstack([e_a, e_a]), [1.0, 1.0])[0] == 1                 # equal: later
+    assert choose(np.vstack([e_a, e_b]), [0.9, 1.0]) == (1, [1, 0])          # not a tie
 
 
 @pytest.mark.slow

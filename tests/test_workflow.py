@@ -310,7 +310,7 @@ def check_multi_resolution_au(out: Path, rendered: np.ndarray) -> None:
     are Σ3-twin errors at the boundary between grains 0 and 1: with one-pixel footprints
     (EdgeLength 1 µm, 1.48 µm pixels) a 1.25 µm voxel within about a pixel of the boundary
     scores 1.0 for both grains. The fitter's tie-break (a 1.5× larger probe for tied
-    winners, ``fit.break_ties``) took the misses from 44 (97.09 %, MIDAS's rule: the later
+    winners, ``fit.tie_scores``) took the misses from 44 (97.09 %, MIDAS's rule: the later
     of equal fractions) to 27; see docs/midas-differences.md, "Refinement defaults".
     """
     log = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
