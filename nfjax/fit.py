@@ -134,6 +134,15 @@ class FitResult:
     n_pruned: int = 0
     n_tie_broken: int = 0
 
+    def summary(self) -> str:
+        """One line for logs: voxels fitted, the work done per stage and its time."""
+        n_fit = int(np.count_nonzero(self.records[:, 10]))
+        times = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        return (f"{n_fit} of {len(self.records)} voxels fitted; "
+                f"{len(self.winners)} winners ({self.n_pruned} pruned, "
+                f"{self.n_restarted} restarts), {self.n_tie_broken} tied voxels decided by "
+                f"the larger probe; {times}")
+
 
 # =========================================================================== screening
 def _screen_fn(geom: Geometry, box: int, shape: tuple, sticky: bool):
@@ -1150,10 +1159,7 @@ def run_fit(args) -> int:
                                num_phases=params.num_phases or 1,
                                global_position=params.global_position or 0.0)
         # The lock file stays: unlinking it would let a waiting block lock a dead inode.
-    n_fit = int(np.count_nonzero(result.records[:, 10]))
     dt = time.perf_counter() - t0
-    print(f"nfjax fit: rows {start}..{stop - 1} of {grid.shape[0]}: {n_fit} voxels fitted, "
-          f"{len(result.winners)} winners refined, {result.n_tie_broken} tied voxels decided "
-          f"by the larger probe, in {dt:.1f} s -> {bin_path}",
-          file=sys.stderr)
+    print(f"nfjax fit: rows {start}..{stop - 1} of {grid.shape[0]}: {result.summary()}; "
+          f"{dt:.1f} s in all -> {bin_path}", file=sys.stderr)
     return 0

@@ -74,6 +74,11 @@ def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
         assert (out / name).exists(), name
     rec = read_mic(out / "Au_bin_Reconstructed.mic").records
     assert rec.shape == (3456, 11)
+    # The fit stage's log line: the work done and its timings.
+    fit_log = (out / "midas_log" / "fit_out.csv").read_text()
+    m = re.search(r"fit: (\d+) of 3456 voxels fitted; (\d+) winners .* tied voxels decided .*"
+                  r"refine [0-9.]+ s", fit_log)
+    assert m and int(m.group(1)) == np.count_nonzero(rec[:, 10]), fit_log
     truth = read_mic(au_example()["mic"]).records
     rendered = truth[truth[:, 10] >= 0.7]
     cmp = compare_records(rec, rendered)
