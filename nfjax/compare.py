@@ -120,18 +120,13 @@ def compare_mics(a: str | Path, b: str | Path, space_group: int = 225, *,
 def _nearest_pairs(xy_a: np.ndarray, xy_b: np.ndarray, max_distance: float):
     """Each reference voxel ``xy_b`` paired with its nearest ``xy_a`` within
     ``max_distance`` µm (an ``a`` voxel may serve several reference voxels)."""
-    ia, ib = [], []
+    from scipy.spatial import cKDTree
+
     if len(xy_a) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    step = max(1, (1 << 22) // len(xy_a))
-    for j0 in range(0, len(xy_b), step):
-        d2 = np.sum((xy_b[j0:j0 + step, None, :] - xy_a[None, :, :]) ** 2, axis=-1)
-        k = np.argmin(d2, axis=1)
-        ok = d2[np.arange(k.size), k] <= max_distance ** 2
-        ia.append(k[ok])
-        ib.append(np.flatnonzero(ok) + j0)
-    cat = lambda x: np.concatenate(x) if x else np.zeros(0, np.int64)  # noqa: E731
-    return cat(ia).astype(np.int64), cat(ib).astype(np.int64)
+    dist, k = cKDTree(xy_a).query(xy_b, distance_upper_bound=float(max_distance) * (1 + 1e-12))
+    ok = np.isfinite(dist)
+    return k[ok].astype(np.int64), np.flatnonzero(ok).astype(np.int64)
 
 
 def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 225, *,

@@ -338,8 +338,9 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
                           max_memory=run.max_memory, progress=run.progress,
                           **refinement_options(run.midas_refinement))
         where = f" (rank {run.comm.rank}, rows {start}..{stop - 1})" if run.comm.size > 1 else ""
-        run.log.info("stage %-14s %s%s", name, result.summary(), where)
-        _stage_log(run.out, name, f"{name}{where}: {result.summary()}\n")
+        summary = result.summary()
+        run.log.info("stage %-14s %s%s", name, summary, where)
+        _stage_log(run.out, name, f"{name}{where}: {summary}\n")
         records = run.comm.gather_rows(np.asarray(result.records))
         allm = run.comm.gather_rows(np.asarray(result.allmatches))
         if run.comm.is_root:
