@@ -305,6 +305,20 @@ def test_multi_resolution_au(tmp_path):
     final = reconstruct(params, image_processing=False, progress=True)
     assert final == out / "MyMic_merged.2"
     check_multi_resolution_au(out, rendered)
+    # The reference for what these observations allow: a single-resolution fit seeded with
+    # the four true grains on the 2.5 um grid, whose voxels sit exactly on the rendered
+    # ground-truth voxels (measured 98.15 %, 28 misses). The multi-resolution run, which
+    # starts from a uniform library, must reach it within 3 voxels.
+    ceiling = tmp_path / "ceiling"
+    ceiling.mkdir()
+    shutil.copy(out / "tomo.raw", ceiling / "tomo.raw")
+    seeded = reconstruct(_setup(ceiling, spotsinfo, TomoImage="tomo.raw",
+                                TomoPixelSize=0.25, MicFileText="MyMic"),
+                         ff_seeds=True, image_processing=False, progress=False)
+    n_ceiling = compare_records(read_mic(seeded).records, rendered, nearest=1.0)
+    n_multi = compare_records(read_mic(final).records, rendered, nearest=1.0)
+    assert n_multi.frac_reference[1] >= n_ceiling.frac_reference[1] - 3 / len(rendered), (
+        n_multi.frac_reference, n_ceiling.frac_reference)
 
 
 def check_multi_resolution_au(out: Path, rendered: np.ndarray) -> None:
@@ -317,6 +331,9 @@ def check_multi_resolution_au(out: Path, rendered: np.ndarray) -> None:
     scores 1.0 for both grains. The fitter's tie-break (a 1.5× larger probe for tied
     winners, ``fit.tie_scores``) took the misses from 44 (97.09 %, MIDAS's rule: the later
     of equal fractions) to 27; see docs/midas-differences.md, "Refinement defaults".
+    The same observations fitted with the four true grains as seeds, on a grid that puts
+    every voxel on a ground-truth voxel, give 98.15 % (28 misses, the same twin ties):
+    the run is at what these observations allow (``bench_reconstruct.py --ceiling``).
     """
     log = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
     retried = {int(k): int(n) for k, n in re.findall(
