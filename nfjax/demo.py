@@ -82,13 +82,6 @@ def run_demo(out_dir: str | Path = "demo-output", progress: bool | None = None) 
     vol = simulate_records(params, rendered, hkls, progress=progress)
     t = _step(f"simulated observations: {observe.count(vol)} lit pixels from "
               f"{len(rendered)} voxels", t)
-    try:
-        from nfjax.fit import fit_grid  # noqa: F401
-    except ImportError:
-        print()
-        print("The fitting engine (nfjax fit) has not landed yet: the demo stops after "
-              "simulating the observations.")
-        return 0
     return _reconstruct(params, grid, spots, vol, rendered, hkls, out, t, progress)
 
 

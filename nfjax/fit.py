@@ -329,7 +329,7 @@ def _nm_geometry(s, lo, hi):
     """
     x, f = s["x"], s["f"]
     o = jnp.argsort(f, stable=True)
-    lo_i, hi_i = o[0], o[3]
+    hi_i = o[3]
     xh = x[hi_i]
     not_h = (jnp.arange(4) != hi_i)[:, None]
     c = jnp.sum(jnp.where(not_h, x, 0.0), axis=0) / 3.0

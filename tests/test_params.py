@@ -329,6 +329,16 @@ def test_write_read_round_trip(tmp_path):
     assert not list(out.parent.glob("*.part"))  # atomic: no temporary left behind
 
 
+def test_listing_is_a_parameter_file():
+    """``nfjax params show``'s listing parses back to the same parameters, with the values
+    that came from MIDAS's defaults marked."""
+    p = read_params(BUNDLED_AU)
+    text = format_params(p)
+    assert parse_params(text, source="listing") == p
+    assert "SGNr 225  # default" in text.splitlines()
+    assert not any(line.startswith("Lsd") and "default" in line for line in text.splitlines())
+
+
 def test_round_trip_keeps_unknown_keys(tmp_path):
     p = parse_params(BASE + "SumFrames 2\nMyOwnKey a b  c\n", source="t.txt")
     assert p.extra == {"SumFrames": ("2",), "MyOwnKey": ("a b  c",)}

@@ -16,7 +16,6 @@ from nfjax import observe
 from nfjax.cli import main
 from nfjax.compare import compare_records
 from nfjax.data import au_example
-from nfjax.errors import NfjaxError
 from nfjax.io.mic import read_mic
 from nfjax.params import read_params, update_param_text
 from nfjax.workflow import reconstruct
