@@ -52,19 +52,29 @@ def _prepare(directory: Path, **changes) -> Path:
     return path
 
 
+def _rendered() -> np.ndarray:
+    """The Au ground-truth voxels that are rendered (MIDAS's MinConfidence rule)."""
+    from nfjax.data import au_example
+    from nfjax.io.mic import read_mic
+    from nfjax.params import read_params
+    from nfjax.simulate import select_rendered
+
+    files = au_example()
+    return select_rendered(read_mic(files["mic"]).records,
+                           read_params(files["params"]).min_confidence)
+
+
 def _solid_observations(directory: Path) -> np.ndarray:
     """SpotsInfo.bin and tomo.raw of the Au ground truth rendered as a solid sample (each
     2.5 µm voxel's whole triangle) into ``directory``; returns the rendered records."""
     from nfjax import observe
     from nfjax.crystal import hkls_from_params
     from nfjax.data import au_example
-    from nfjax.io.mic import read_mic
     from nfjax.params import read_params
     from nfjax.simulate import simulate_records, tomo_outline
 
     files = au_example()
-    truth = read_mic(files["mic"]).records
-    rendered = truth[truth[:, 10] >= 0.7]
+    rendered = _rendered()
     solid = rendered.copy()
     solid[:, 5] = 2.5                                   # TriEdgeSize = GridSize
     p_au = read_params(files["params"])
@@ -88,11 +98,9 @@ def _misses(mic: Path, rendered: np.ndarray) -> tuple[float, int]:
 
 def _accuracy(mic: Path) -> tuple[float, float, int]:
     from nfjax.compare import compare_records
-    from nfjax.data import au_example
     from nfjax.io.mic import read_mic
 
-    truth = read_mic(au_example()["mic"]).records
-    rendered = truth[truth[:, 10] >= 0.7]
+    rendered = _rendered()
     rec = read_mic(mic).records
     cmp = compare_records(rec, rendered)
     return cmp.frac_reference[0], cmp.frac_reference[1], cmp.n_matched

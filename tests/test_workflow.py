@@ -303,7 +303,7 @@ def test_multi_resolution_au(tmp_path):
     write_seeds(out / "seeds_all.txt", uniform_seeds(225, 2.0))
     final = reconstruct(params, image_processing=False, progress=True)
     assert final == out / "MyMic_merged.2"
-    check_multi_resolution_au(out, rendered)
+    n_multi = check_multi_resolution_au(out, rendered)
     # The reference for what these observations allow: a single-resolution fit seeded with
     # the four true grains on the 2.5 um grid, whose voxels sit exactly on the rendered
     # ground-truth voxels (measured 98.15 %, 28 misses). The multi-resolution run, which
@@ -315,13 +315,13 @@ def test_multi_resolution_au(tmp_path):
                                 TomoPixelSize=0.25, MicFileText="MyMic"),
                          ff_seeds=True, image_processing=False, progress=False)
     n_ceiling = compare_records(read_mic(seeded).records, rendered, nearest=1.0)
-    n_multi = compare_records(read_mic(final).records, rendered, nearest=1.0)
     assert n_multi.frac_reference[1] >= n_ceiling.frac_reference[1] - 3 / len(rendered), (
         n_multi.frac_reference, n_ceiling.frac_reference)
 
 
-def check_multi_resolution_au(out: Path, rendered: np.ndarray) -> None:
-    """The assertions of :func:`test_multi_resolution_au` on its output folder ``out``.
+def check_multi_resolution_au(out: Path, rendered: np.ndarray):
+    """The assertions of :func:`test_multi_resolution_au` on its output folder ``out``;
+    returns the comparison of ``MyMic_merged.2`` with the rendered ground truth.
 
     Measured (commit 84480b4, 2 CPU cores, 1341 s end to end): 1487 of 1514 rendered
     voxels (98.22 %) within 0.5°; the issue's target is 99 % and is not met. All 27 misses
@@ -357,6 +357,7 @@ def check_multi_resolution_au(out: Path, rendered: np.ndarray) -> None:
     cmp = compare_records(merged.records, rendered, nearest=1.0)
     assert cmp.n_matched == len(rendered) == 1514
     assert cmp.frac_reference[1] >= 0.98, cmp.frac_reference       # within 0.5 deg
+    return cmp
 
 
 def test_demo_prints_accuracy_and_draws_the_four_grains(tmp_path, capsys):
