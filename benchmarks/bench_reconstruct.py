@@ -10,12 +10,17 @@
     for loop 0 (default 1.0: 591k) and of ``--retry-resolution`` degrees for the retries
     of loops 1–2 (default 2.0: 74k), the grid limited by a tomography outline of the
     sample. Loop 0 screens 238M pairs: about 20 min on 2 CPU cores.
-(c) The ceiling of the same data (``--ceiling``, about 1.5 min): single resolution on the
+(c) The ceiling of the same data (``--ceiling``, about 4 min): single resolution on the
     solid observations of (b), seeded with the four true grains (grs.csv) on the 2.5 µm
     grid, whose voxels sit exactly on the ground-truth voxels: nfjax's refinement, MIDAS's
-    (``--midas-refinement``) and nfjax's with a space-filling probe (EdgeLength = GridSize).
-    It measures what a per-voxel fit can reach on these observations, with no library or
-    multi-resolution error, against (b)'s accuracy.
+    (``--midas-refinement``) and nfjax's with a space-filling probe (EdgeLength = GridSize);
+    and on the 1.25 µm grid of (b)'s last loop. It measures what a per-voxel fit can reach on these observations, with no library or
+    multi-resolution error, against (b)'s accuracy. Then the same for a physically smooth
+    sample: every rendered voxel given its grain's mean orientation, rendered the same way
+    and fitted seeded with those means (the orientations exactly right), and the boundary
+    oracle: the first row of voxels along the grain boundary scored with both grains'
+    exact orientations under probes of several sizes (what the hard fraction can tell
+    apart at all).
 
 Prints the work done and the time per stage; ``--record`` appends a row to RESULTS.md.
 
@@ -64,9 +69,24 @@ def _rendered() -> np.ndarray:
                            read_params(files["params"]).min_confidence)
 
 
-def _solid_observations(directory: Path) -> np.ndarray:
-    """SpotsInfo.bin and tomo.raw of the Au ground truth rendered as a solid sample (each
-    2.5 µm voxel's whole triangle) into ``directory``; returns the rendered records."""
+def _smooth_truth(rendered: np.ndarray, directory: Path) -> np.ndarray:
+    """The rendered ground truth with every grain given its mean orientation (a physically
+    smooth sample, ``nfjax.simulate.grain_mean_records``); writes those means as
+    ``grains_mean.csv`` (a GrainsFile for ``--ff-seeds``) into ``directory``."""
+    from nfjax.cluster import write_grains_csv
+    from nfjax.data import au_example
+    from nfjax.params import read_params
+    from nfjax.simulate import grain_mean_records
+
+    smooth, grains = grain_mean_records(rendered, read_params(au_example()["params"]))
+    write_grains_csv(directory / "grains_mean.csv", grains)
+    return smooth
+
+
+def _solid_observations(directory: Path, truth: np.ndarray | None = None) -> np.ndarray:
+    """SpotsInfo.bin and tomo.raw of the Au ground truth (or of ``truth``, records on the
+    same voxels) rendered as a solid sample (each 2.5 µm voxel's whole triangle) into
+    ``directory``; returns the rendered ground-truth records."""
     from nfjax import observe
     from nfjax.crystal import hkls_from_params
     from nfjax.data import au_example
@@ -75,7 +95,7 @@ def _solid_observations(directory: Path) -> np.ndarray:
 
     files = au_example()
     rendered = _rendered()
-    solid = rendered.copy()
+    solid = (rendered if truth is None else truth).copy()
     solid[:, 5] = 2.5                                   # TriEdgeSize = GridSize
     p_au = read_params(files["params"])
     observe.write_spots_info(directory / "SpotsInfo.bin", simulate_records(
@@ -83,6 +103,61 @@ def _solid_observations(directory: Path) -> np.ndarray:
     (directory / "tomo.raw").write_bytes(tomo_outline(rendered, pixel_size=0.25, size=512,
                                                       radius=1.5).tobytes())
     return rendered
+
+
+def _boundary_oracle(run_dir: Path, smooth: np.ndarray,
+                     edges=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0)) -> str:
+    """On the smooth-truth observations: the voxels of the first row along the grain
+    boundary (a voxel of the other grain at the 1.44 µm neighbour spacing), each scored
+    with both grains' exact mean orientations for probes of several edges (µm) about its
+    centroid. Returns how often the hard fraction prefers the right grain, ties or
+    prefers the wrong one: what the per-voxel score can tell apart with perfect
+    orientations."""
+    import jax.numpy as jnp
+
+    from nfjax.crystal import hkls_from_params, select_rings, symmetry_quaternions
+    from nfjax.fit import _load_observations, exact_fracs
+    from nfjax.forward import footprint_box
+    from nfjax.geometry import geometry_from_params
+    from nfjax.grid import triangle_vertices
+    from nfjax.io.gridfile import read_grid
+    from nfjax.orientation import euler_to_matrix_midas, matrix_to_quat, misorientation
+    from nfjax.params import read_params
+
+    params = read_params(run_dir / "params.txt")
+    geom = geometry_from_params(params)
+    obs = _load_observations(run_dir / "SpotsInfo.bin", geom.shape)
+    table = select_rings(hkls_from_params(params), params.rings_to_use)
+    grid = read_grid(run_dir / "grid.txt")
+    verts = triangle_vertices(grid)
+    means, grain = np.unique(np.round(smooth[:, 7:10], 9), axis=0, return_inverse=True)
+    grain = grain.ravel()
+    xy = smooth[:, 3:5]
+    dist = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
+    dist[grain[:, None] == grain[None]] = np.inf
+    first = np.flatnonzero(dist.min(axis=1) < 1.5)
+    row = ((xy[first, None] - grid[None, :, 2:4]) ** 2).sum(-1).argmin(axis=1)
+    centre = verts.mean(axis=1, keepdims=True)
+    edge0 = float(2 * grid[0, 4])
+    parts = []
+    for e in edges:
+        big = centre + (e / edge0) * (verts - centre)
+        box = footprint_box(e, float(params.px))
+        f = np.stack([exact_fracs(np.repeat(means[k:k + 1], first.size, 0), row, big,
+                                  table.g, table.theta, obs, geom, box=box)
+                      for k in range(len(means))], axis=1)
+        right = f[np.arange(first.size), grain[first]]
+        f[np.arange(first.size), grain[first]] = -1.0
+        wrong = f.max(axis=1)
+        parts.append(f"E {e:g}: {(right > wrong).sum()}/{(right == wrong).sum()}/"
+                     f"{(right < wrong).sum()}")
+    q = matrix_to_quat(euler_to_matrix_midas(jnp.asarray(means)))
+    twin = float(np.degrees(misorientation(q[0], q[1], jnp.asarray(
+        symmetry_quaternions(int(params.space_group)))))) if len(means) == 2 else float("nan")
+    return (f"boundary oracle (smooth truth, exact grain orientations, {len(means)} grains "
+            f"{twin:.2f} deg apart): of the {first.size} voxels in the first row along the "
+            f"boundary, right grain better / tied / wrong grain better with a probe of edge "
+            f"E um: " + ", ".join(parts))
 
 
 def _misses(mic: Path, rendered: np.ndarray) -> tuple[float, int]:
@@ -148,27 +223,49 @@ def main() -> int:
             solid_dir.mkdir()
             rendered = _solid_observations(solid_dir)
         if args.ceiling:
-            variants = [("nfjax refinement", {}, False),
-                        ("MIDAS refinement", {}, True),
-                        ("nfjax refinement, EdgeLength 2.5", {"EdgeLength": 2.5}, False)]
-            for k, (label, extra, midas) in enumerate(variants):
+            smooth_dir = Path(tmp) / "smooth"
+            smooth_dir.mkdir()
+            smooth = _smooth_truth(rendered, smooth_dir)
+            _solid_observations(smooth_dir, smooth)
+            mean_seeds = smooth_dir / "grains_mean.csv"
+            grid25 = "2.5 um grid on the ground-truth voxels"
+            variants = [(f"{grid25}, nfjax refinement", solid_dir, None, {}, False),
+                        (f"{grid25}, MIDAS refinement", solid_dir, None, {}, True),
+                        (f"{grid25}, nfjax refinement, EdgeLength 2.5", solid_dir, None,
+                         {"EdgeLength": 2.5}, False),
+                        ("GridSize 1.25 (the multi-resolution run's last grid), nfjax "
+                         "refinement", solid_dir, None, {"GridSize": 1.25}, False),
+                        (f"smooth truth (grain means) seeded with the grain means, {grid25}",
+                         smooth_dir, mean_seeds, {}, False),
+                        (f"smooth truth seeded with the grain means, {grid25}, "
+                         f"EdgeLength 2.5", smooth_dir, mean_seeds, {"EdgeLength": 2.5}, False),
+                        ("smooth truth seeded with the grain means, GridSize 1.25 (the "
+                         "multi-resolution run's last grid)", smooth_dir, mean_seeds,
+                         {"GridSize": 1.25}, False)]
+            for k, (label, obs_dir, seeds, extra, midas) in enumerate(variants):
                 c = Path(tmp) / f"ceiling{k}"
                 c.mkdir()
                 for name in ("SpotsInfo.bin", "tomo.raw"):
-                    os.symlink(solid_dir / name, c / name)
+                    os.symlink(obs_dir / name, c / name)
                 params = _prepare(c, TomoImage="tomo.raw", TomoPixelSize=0.25,
                                   MicFileText="MyMic", **extra)
+                if seeds is not None:
+                    shutil.copy(seeds, c / "grs.csv")
                 t0 = time.perf_counter()
                 final = reconstruct(params, ff_seeds=True, image_processing=False,
                                     progress=False, midas_refinement=midas)
                 t_c = time.perf_counter() - t0
                 a50, miss = _misses(final, rendered)
-                print(f"(c) ceiling, solid observations, 4 true grains, 2.5 um grid on the "
-                      f"ground-truth voxels, {label}: {t_c:.1f} s; {100 * a50:.2f}% of "
+                print(f"(c) ceiling, solid observations, {label}: {t_c:.1f} s; "
+                      f"{100 * a50:.2f}% of "
                       f"{len(rendered)} rendered voxels < 0.5 deg ({miss} misses)")
-                rows.append((f"ceiling: solid Au observations, seeded with the 4 true grains "
-                             f"on the ground-truth grid, {label}", f"{t_c:.1f} s",
+                rows.append((f"ceiling: solid Au observations, seeded, {label}",
+                             f"{t_c:.1f} s",
                              f"{100 * a50:.2f}% < 0.5 deg ({miss} misses)", "-"))
+                if seeds is not None and not extra:      # the smooth 2.5 um run
+                    line = _boundary_oracle(c, smooth)
+                    print(f"(c) {line}")
+                    rows.append((line, "-", "-", "-"))
         if args.multi:
             from nfjax.io.seeds import write_seeds
             from nfjax.seeds import uniform_seeds

@@ -31,6 +31,7 @@ __all__ = [
     "fz_reduce",
     "misorientation",
     "misorientation_axis_angle",
+    "mean_orientation",
     "euler_to_quat",
     "quat_to_euler",
 ]
@@ -322,3 +323,28 @@ def misorientation_axis_angle(q1, q2, sym) -> tuple[jnp.ndarray, jnp.ndarray]:
     axis = p[..., 1:] / jnp.where(ident, jnp.ones_like(vnorm), vnorm)[..., None]
     x_axis = jnp.zeros_like(axis).at[..., 0].set(1.0)
     return jnp.where(ident[..., None], x_axis, axis), angle
+
+
+@jax.jit
+def mean_orientation(q, sym, reference) -> jnp.ndarray:
+    """Mean of a set of nearby orientations under crystal symmetry (quaternion averaging).
+
+    ``q``: (N, 4) quaternions (w, x, y, z) of one grain; ``sym``: (S, 4) symmetry
+    operators; ``reference``: (4,) an orientation of the same grain (its seed voxel, say).
+    Each ``q_n`` is replaced by the symmetry-equivalent ``q_n (x) S_i`` closest to
+    ``reference`` (largest ``|q . reference|``) and sign-aligned with it; the normalised
+    sum of those is the mean (the chordal L2 mean, which equals the rotation-angle mean to
+    second order in the spread). Meaningful for a spread well inside the fundamental
+    zone (a grain, not a texture). Returns (4,) with w >= 0.
+    """
+    q = normalize_quat(q)
+    ref = normalize_quat(jnp.asarray(reference, dtype=q.dtype))
+    _check_last(q, 4, "mean_orientation")
+    if q.ndim != 2:
+        raise ValueError(f"mean_orientation: q must have shape (N, 4), got {q.shape}")
+    cands = quat_multiply(q[:, None, :], jnp.asarray(sym, dtype=q.dtype))   # (N, S, 4)
+    dots = cands @ ref                                                       # (N, S)
+    best = jnp.argmax(jnp.abs(dots), axis=-1)
+    picked = jnp.take_along_axis(cands, best[:, None, None], axis=1)[:, 0, :]
+    sign = jnp.where(jnp.take_along_axis(dots, best[:, None], axis=1) < 0, -1.0, 1.0)
+    return _positive_w(normalize_quat(jnp.sum(picked * sign, axis=0)))

@@ -296,6 +296,35 @@ def test_fz_reduce_picks_largest_w(cubic):
     np.testing.assert_allclose(_oracle_miso(q, f, "O"), 0, atol=1e-7)
 
 
+def test_mean_orientation_closed_form(cubic, hexagonal):
+    """Members in inverse pairs about q0 (q0 r and q0 r^-1 sum to a multiple of q0), each
+    given a random symmetry variant and sign: the mean is exactly q0's variant nearest the
+    reference, whatever variants and signs the members carry."""
+    rng = np.random.default_rng(31)
+    for sym, group in ((cubic, "O"), (hexagonal, "D6")):
+        q0 = _random_quats(1, 32)[0]
+        axes = rng.normal(size=(20, 3))
+        angles = np.radians(rng.uniform(0.05, 2.0, 20))
+        r = _from_wxyz(np.concatenate([np.cos(angles / 2)[:, None],
+                                       np.sin(angles / 2)[:, None] * axes
+                                       / np.linalg.norm(axes, axis=1, keepdims=True)], 1))
+        members = _wxyz(_from_wxyz(q0) * Rotation.concatenate([r, r.inv()]))   # (40, 4)
+        variants = sym[rng.integers(0, len(sym), len(members))]
+        members = np.asarray(ori.quat_multiply(members, variants))
+        members = members * rng.choice([-1.0, 1.0], size=(len(members), 1))
+        ref = np.asarray(ori.quat_multiply(q0, sym[5]))
+        mean = np.asarray(ori.mean_orientation(members, sym, ref))
+        assert _oracle_miso(mean[None], q0[None], group)[0] < 1e-7
+        # the variant nearest the reference (here the reference itself), w >= 0
+        np.testing.assert_allclose(abs(mean @ ref), 1.0, atol=1e-12)
+        assert mean[0] >= 0
+    # a one-sided spread is not symmetric: the mean lies strictly inside it
+    one_sided = _wxyz(_from_wxyz(q0) * Rotation.from_rotvec(
+        np.outer(np.radians([0.1, 0.2, 0.3]), [0.0, 0.0, 1.0])))
+    mean = np.asarray(ori.mean_orientation(one_sided, cubic, q0))
+    assert math.degrees(_oracle_miso(mean[None], q0[None], "O")[0]) == pytest.approx(0.2, abs=1e-6)
+
+
 def test_misorientation_axis_angle(cubic, hexagonal):
     for sym, group in ((cubic, "O"), (hexagonal, "D6")):
         q1, q2 = _random_quats(500, 19), _random_quats(500, 20)
