@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MIDAS's refinement exactly: every screening winner refined, no "
                             "pruning or restarts, ties to the later winner (slower, less "
                             "accurate; for comparisons)")
+    p_fit.add_argument("--seeded", action="store_true",
+                       help="the seed orientations are grains' (FF Grains.csv or a clustered "
+                            "mic), not a library: skip refining winners below 0.3x their "
+                            "voxel's best screening fraction (faster; unsafe for a library)")
     p_fit.add_argument("--record-time", action="store_true",
                        help="write wall seconds into the RunTime column (default 0)")
     p_fit.add_argument("--spots-info", default=None,

@@ -81,11 +81,21 @@ RESTART_FLOOR = 0.3
 TIE_PROBE = 1.5
 
 
-def refinement_options(midas: bool = False) -> dict:
-    """Keyword arguments of :func:`fit_grid` for ``--midas-refinement``: every winner
-    refined, no restarts, ties to the later winner (MIDAS's procedure); the defaults
-    otherwise."""
-    return dict(prune_ratio=0.0, restarts=(), tie_probe=0.0) if midas else {}
+def refinement_options(midas: bool = False, seeded: bool = False) -> dict:
+    """Keyword arguments of :func:`fit_grid` for a fit pass.
+
+    ``midas`` (``--midas-refinement``): every winner refined, no restarts, ties to the
+    later winner (MIDAS's procedure). Otherwise the defaults, except that pruning is only
+    used when ``seeded``: when every seed is a grain's orientation (FF grains, or the
+    grains clustered from the previous loop), so that a low screening fraction means a
+    seed of another grain. Against a library the screening fraction says little about
+    where refinement ends: on a smooth Au sample a library seed 0.8° from a grain screens
+    at 0.06 and refines to 1.0, while a Σ3-twin variant of the grain screens at 0.33 and
+    stays there; pruning at 0.3 × 0.33 dropped the whole grain (docs/midas-differences.md).
+    """
+    if midas:
+        return dict(prune_ratio=0.0, restarts=(), tie_probe=0.0)
+    return {} if seeded else dict(prune_ratio=0.0)
 
 # Nelder–Mead phases of the lockstep state machine: every step evaluates one point per
 # problem, so a pool of problems never waits for the slowest branch.
@@ -1140,7 +1150,8 @@ def run_fit(args) -> int:
                           max_memory=max_memory, polish=bool(getattr(args, "polish", False)),
                           progress=progress, block_nr=int(getattr(args, "block", 0) or 0),
                           record_time=bool(getattr(args, "record_time", False)),
-                          **refinement_options(bool(getattr(args, "midas_refinement", False))))
+                          **refinement_options(bool(getattr(args, "midas_refinement", False)),
+                                               seeded=bool(getattr(args, "seeded", False))))
         bin_path = Path(params.mic_file_binary)
         bin_path = bin_path if bin_path.is_absolute() else out / bin_path
         am_path = Path(str(bin_path) + ".AllMatches")

@@ -314,8 +314,10 @@ def _observations(run: Run):
 
 
 def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
-         text_path: Path) -> np.ndarray:
-    """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic."""
+         text_path: Path, *, seeded: bool) -> np.ndarray:
+    """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic.
+    ``seeded``: the orientations are grains' (FF or clustered), not a library (see
+    :func:`nfjax.fit.refinement_options`)."""
     from nfjax.fit import fit_grid, refinement_options
     from nfjax.io.mic import read_binary_mic, write_allmatches, write_binary_mic, write_text_mic
     from nfjax.parallel import block_range
@@ -330,13 +332,14 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
         params.min_frac_accept, params.orient_tol, n_sol, params.min_miso_n_saves,
         params.space_group, params.lsd, params.bc, params.tx, params.ty, params.tz,
         params.px, params.wedge, params.omega_start, params.omega_step,
-        "midas-refinement" if run.midas_refinement else "default-refinement")
+        "midas-refinement" if run.midas_refinement else "default-refinement",
+        "seeded" if seeded else "library")
 
     def compute():
         start, stop = block_range(len(grid), run.comm.rank, run.comm.size)
         result = fit_grid(params, grid[start:stop], spots, obs, hkls=hkls,
                           max_memory=run.max_memory, progress=run.progress,
-                          **refinement_options(run.midas_refinement))
+                          **refinement_options(run.midas_refinement, seeded=seeded))
         where = f" (rank {run.comm.rank}, rows {start}..{stop - 1})" if run.comm.size > 1 else ""
         summary = result.summary()
         run.log.info("stage %-14s %s%s", name, summary, where)
@@ -378,7 +381,7 @@ def _single(run: Run, hkls, quats) -> Path:
     obs = _observations(run)
     bin_path = run.out / p.mic_file_binary
     text_path = run.out / p.mic_file_text
-    _fit(run, "fit", p, grid, spots, obs, hkls, bin_path, text_path)
+    _fit(run, "fit", p, grid, spots, obs, hkls, bin_path, text_path, seeded=run.ff_seeds)
     _map(run, "map", text_path)
     return text_path
 
@@ -416,7 +419,7 @@ def _multi(run: Run, hkls, quats0) -> Path:
     spots_all = _spots(run, "spots_all", hkls, quats0, run.out)
     current = run.out / f"{base}.0"
     records = _fit(run, "fit0", p0, grid, spots_all, obs, hkls, run.out / p.mic_file_binary,
-                   current)
+                   current, seeded=run.ff_seeds)
     if not np.array_equal(quats0, quats_all):
         spots_all = _spots(run, "spots_library", hkls, quats_all, run.out / "library")
     min_conf = p.min_confidence if p.min_confidence is not None else 0.5
@@ -446,13 +449,14 @@ def _multi(run: Run, hkls, quats0) -> Path:
         grid = _grid(run, f"grid{k}", pk, run.out / (p.grid_file_name or "grid.txt"))
         spots_k = _spots(run, f"spots{k}", hkls, seeds_k, run.out / f"seeded{k}")
         seeded = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls,
-                      run.out / f"{p.mic_file_binary}.seeded{k}", run.out / f"{base}.{k}")
+                      run.out / f"{p.mic_file_binary}.seeded{k}", run.out / f"{base}.{k}",
+                      seeded=True)
         bad = np.flatnonzero(seeded[:, 10] < min_conf)
         merged_path = run.out / f"{base}_merged.{k}"
         if bad.size:
             unseeded = _fit(run, f"unseeded{k}", pk, grid[bad], spots_all, obs, hkls,
                             run.out / f"{p.mic_file_binary}.unseeded{k}",
-                            run.out / f"{base}_all_solutions.{k}")
+                            run.out / f"{base}_all_solutions.{k}", seeded=False)
             records = _merge(seeded, unseeded, bad)
         else:
             records = seeded
