@@ -69,10 +69,11 @@ def _rendered() -> np.ndarray:
                            read_params(files["params"]).min_confidence)
 
 
-def _smooth_truth(rendered: np.ndarray, directory: Path) -> np.ndarray:
+def _smooth_truth(rendered: np.ndarray, directory: Path):
     """The rendered ground truth with every grain given its mean orientation (a physically
     smooth sample, ``nfjax.simulate.grain_mean_records``); writes those means as
-    ``grains_mean.csv`` (a GrainsFile for ``--ff-seeds``) into ``directory``."""
+    ``grains_mean.csv`` (a GrainsFile for ``--ff-seeds``) into ``directory``. Returns the
+    records and the grains."""
     from nfjax.cluster import write_grains_csv
     from nfjax.data import au_example
     from nfjax.params import read_params
@@ -80,32 +81,28 @@ def _smooth_truth(rendered: np.ndarray, directory: Path) -> np.ndarray:
 
     smooth, grains = grain_mean_records(rendered, read_params(au_example()["params"]))
     write_grains_csv(directory / "grains_mean.csv", grains)
-    return smooth
+    return smooth, grains
 
 
-def _solid_observations(directory: Path, truth: np.ndarray | None = None) -> np.ndarray:
-    """SpotsInfo.bin and tomo.raw of the Au ground truth (or of ``truth``, records on the
-    same voxels) rendered as a solid sample (each 2.5 µm voxel's whole triangle) into
-    ``directory``; returns the rendered ground-truth records."""
+def _solid_observations(directory: Path, records: np.ndarray) -> None:
+    """SpotsInfo.bin and tomo.raw of mic ``records`` (the rendered Au voxels) rendered as a
+    solid sample (each 2.5 µm voxel's whole triangle) into ``directory``."""
     from nfjax import observe
     from nfjax.crystal import hkls_from_params
     from nfjax.data import au_example
     from nfjax.params import read_params
     from nfjax.simulate import simulate_records, tomo_outline
 
-    files = au_example()
-    rendered = _rendered()
-    solid = (rendered if truth is None else truth).copy()
+    solid = records.copy()
     solid[:, 5] = 2.5                                   # TriEdgeSize = GridSize
-    p_au = read_params(files["params"])
+    p_au = read_params(au_example()["params"])
     observe.write_spots_info(directory / "SpotsInfo.bin", simulate_records(
         p_au, solid, hkls_from_params(p_au), progress=False))
-    (directory / "tomo.raw").write_bytes(tomo_outline(rendered, pixel_size=0.25, size=512,
+    (directory / "tomo.raw").write_bytes(tomo_outline(records, pixel_size=0.25, size=512,
                                                       radius=1.5).tobytes())
-    return rendered
 
 
-def _boundary_oracle(run_dir: Path, smooth: np.ndarray,
+def _boundary_oracle(run_dir: Path, smooth: np.ndarray, grains,
                      edges=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0)) -> str:
     """On the smooth-truth observations: the voxels of the first row along the grain
     boundary (a voxel of the other grain at the 1.44 µm neighbour spacing), each scored
@@ -130,8 +127,11 @@ def _boundary_oracle(run_dir: Path, smooth: np.ndarray,
     table = select_rings(hkls_from_params(params), params.rings_to_use)
     grid = read_grid(run_dir / "grid.txt")
     verts = triangle_vertices(grid)
-    means, grain = np.unique(np.round(smooth[:, 7:10], 9), axis=0, return_inverse=True)
-    grain = grain.ravel()
+    grain = grains.voxel_grain - 1                        # 0-based
+    if np.any(grain < 0):
+        raise SystemExit(f"boundary oracle: {np.sum(grain < 0)} rendered voxels joined no "
+                         "grain; the oracle needs every voxel in a grain")
+    means = np.stack([smooth[grain == k][0, 7:10] for k in range(len(grains))])
     xy = smooth[:, 3:5]
     dist = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
     dist[grain[:, None] == grain[None]] = np.inf
@@ -221,11 +221,12 @@ def main() -> int:
         if args.multi or args.ceiling:
             solid_dir = Path(tmp) / "solid"
             solid_dir.mkdir()
-            rendered = _solid_observations(solid_dir)
+            rendered = _rendered()
+            _solid_observations(solid_dir, rendered)
         if args.ceiling:
             smooth_dir = Path(tmp) / "smooth"
             smooth_dir.mkdir()
-            smooth = _smooth_truth(rendered, smooth_dir)
+            smooth, grains = _smooth_truth(rendered, smooth_dir)
             _solid_observations(smooth_dir, smooth)
             mean_seeds = smooth_dir / "grains_mean.csv"
             grid25 = "2.5 um grid on the ground-truth voxels"
@@ -263,7 +264,7 @@ def main() -> int:
                              f"{t_c:.1f} s",
                              f"{100 * a50:.2f}% < 0.5 deg ({miss} misses)", "-"))
                 if seeds is not None and not extra:      # the smooth 2.5 um run
-                    line = _boundary_oracle(c, smooth)
+                    line = _boundary_oracle(c, smooth, grains)
                     print(f"(c) {line}")
                     rows.append((line, "-", "-", "-"))
         if args.multi:

@@ -91,7 +91,8 @@ def refinement_options(midas: bool = False, seeded: bool = False) -> dict:
     seed of another grain. Against a library the screening fraction says little about
     where refinement ends: on a smooth Au sample a library seed 0.8° from a grain screens
     at 0.06 and refines to 1.0, while a Σ3-twin variant of the grain screens at 0.33 and
-    stays there; pruning at 0.3 × 0.33 dropped the whole grain (docs/midas-differences.md).
+    stays there; pruning at 0.3 × 0.33 drops every seed near the grain
+    (docs/midas-differences.md).
     """
     if midas:
         return dict(prune_ratio=0.0, restarts=(), tie_probe=0.0)
