@@ -338,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip stages whose inputs are unchanged since the last run")
     p_rec.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
     p_rec.add_argument("--midas-refinement", action="store_true",
-                       help="MIDAS's refinement exactly (no pruning, restarts or tie-break), "
-                            "see nfjax fit")
+                       help="MIDAS's refinement exactly (no pruning, near misses, restarts "
+                            "or tie-break), see nfjax fit")
     p_rec.add_argument("--device", choices=["cpu", "gpu"], default=None,
                        help="JAX platform (default: the first available)")
     midas = p_rec.add_argument_group("MIDAS driver flags (accepted for existing scripts)")
@@ -363,12 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="optax polish on the smooth surrogate after Nelder-Mead")
     p_fit.add_argument("--midas-refinement", action="store_true",
                        help="MIDAS's refinement exactly: every screening winner refined, no "
-                            "pruning or restarts, ties to the later winner (slower, less "
-                            "accurate; for comparisons)")
+                            "pruning, near misses or restarts, ties to the later winner "
+                            "(slower, less accurate; for comparisons)")
     p_fit.add_argument("--seeded", action="store_true",
                        help="the seed orientations are grains' (FF Grains.csv or a clustered "
                             "mic), not a library: skip refining winners below 0.3x their "
-                            "voxel's best screening fraction (faster; unsafe for a library)")
+                            "voxel's best screening fraction, and the near misses of voxels "
+                            "below MinConfidence (faster; unsafe for a library)")
     p_fit.add_argument("--record-time", action="store_true",
                        help="write wall seconds into the RunTime column (default 0)")
     p_fit.add_argument("--spots-info", default=None,

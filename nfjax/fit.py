@@ -79,6 +79,10 @@ RESTART_FLOOR = 0.3
 # scored again with the probe triangle enlarged 1.5× about its centroid (and to just over a
 # pixel at least, so that MIDAS's rasterised footprint replaces its single-pixel rule).
 TIE_PROBE = 1.5
+# Near misses of :func:`fit_grid` in library passes: for each voxel that no winner resolves
+# (best refined fraction below MinConfidence), the 16 best orientations that screened below
+# MinFracAccept are refined too.
+NEAR_MISSES = 16
 
 
 def refinement_options(midas: bool = False, seeded: bool = False) -> dict:
@@ -92,11 +96,13 @@ def refinement_options(midas: bool = False, seeded: bool = False) -> dict:
     where refinement ends: on a smooth Au sample a library seed 0.8° from a grain screens
     at 0.06 and refines to 1.0, while a Σ3-twin variant of the grain screens at 0.33 and
     stays there; pruning at 0.3 × 0.33 drops every seed near the grain
-    (docs/midas-differences.md).
+    (docs/midas-differences.md). Library passes also refine the near misses of the voxels
+    no winner resolves (``near_misses``, :func:`fit_grid`): with a 1° library the seeds
+    nearest that grain all screen below MinFracAccept.
     """
     if midas:
         return dict(prune_ratio=0.0, restarts=(), tie_probe=0.0)
-    return {} if seeded else dict(prune_ratio=0.0)
+    return {} if seeded else dict(prune_ratio=0.0, near_misses=NEAR_MISSES)
 
 # Nelder–Mead phases of the lockstep state machine: every step evaluates one point per
 # problem, so a pool of problems never waits for the slowest branch.
@@ -122,6 +128,53 @@ class Winners:
 
 
 @dataclasses.dataclass(frozen=True)
+class NearMisses:
+    """Per voxel, the best orientations that screened *below* the acceptance fraction.
+
+    ``voxel (M,)``, ``orient (M,)`` int64 and ``frac (M,)`` float64 (0 < frac < the
+    threshold), sorted by voxel, then by descending fraction, then by orientation: at most
+    ``n`` per voxel (:func:`screen` with ``near_misses=n``). The selection is exact over the
+    whole spot table, so it does not depend on how the screen was chunked.
+    """
+
+    voxel: np.ndarray
+    orient: np.ndarray
+    frac: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.voxel.shape[0])
+
+
+def _top_below(frac: np.ndarray, min_frac: float, n: int):
+    """``(o_idx, v_idx)`` of the ``n`` best entries of each column of ``frac (O,V)`` with
+    0 < frac < ``min_frac``, ties to the lower row (orientation) — exact, in O(O·V)."""
+    below = np.where((frac < min_frac) & (frac > 0), frac, 0.0)
+    k = below.shape[0]
+    if n >= k:
+        return np.nonzero(below > 0)
+    cut = np.partition(below, k - n, axis=0)[k - n]             # (V,) the n-th largest
+    o_hi, v_hi = np.nonzero(below > cut[None])                  # fewer than n per column
+    o_eq, v_eq = np.nonzero((below == cut[None]) & (below > 0))
+    # Among the entries equal to the cut, the lowest rows fill each column up to n.
+    need = n - np.bincount(v_hi, minlength=below.shape[1])
+    order = np.argsort(v_eq, kind="stable")                     # rows stay ascending
+    o_eq, v_eq = o_eq[order], v_eq[order]
+    rank = np.arange(v_eq.size) - np.searchsorted(v_eq, v_eq, side="left")
+    keep = rank < need[v_eq]
+    return np.concatenate([o_hi, o_eq[keep]]), np.concatenate([v_hi, v_eq[keep]])
+
+
+def _best_per_voxel(v: np.ndarray, o: np.ndarray, f: np.ndarray, n: int):
+    """Keep the ``n`` best ``(v, o, f)`` entries per voxel by (descending f, ascending o),
+    sorted by voxel then that order."""
+    order = np.lexsort((o, -f, v))
+    v, o, f = v[order], o[order], f[order]
+    rank = np.arange(v.size) - np.searchsorted(v, v, side="left")
+    keep = rank < n
+    return v[keep], o[keep], f[keep]
+
+
+@dataclasses.dataclass(frozen=True)
 class FitResult:
     """Output of :func:`fit_grid` for N grid rows.
 
@@ -144,15 +197,19 @@ class FitResult:
     n_restarted: int = 0
     n_pruned: int = 0
     n_tie_broken: int = 0
+    n_near: int = 0
+    n_near_voxels: int = 0
 
     def summary(self) -> str:
         """One line for logs: voxels fitted, the work done per stage and its time."""
         n_fit = int(np.count_nonzero(self.records[:, 10]))
         times = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        near = (f", {self.n_near} near misses refined for {self.n_near_voxels} unresolved "
+                f"voxels" if self.n_near else "")
         return (f"{n_fit} of {len(self.records)} voxels fitted; "
                 f"{len(self.winners)} winners ({self.n_pruned} pruned, "
-                f"{self.n_restarted} restarts), {self.n_tie_broken} tied voxels decided by "
-                f"the larger probe; {times}")
+                f"{self.n_restarted} restarts{near}), {self.n_tie_broken} tied voxels "
+                f"decided by the larger probe; {times}")
 
 
 # =========================================================================== screening
@@ -189,7 +246,7 @@ def screen_counts(verts: np.ndarray, spots: np.ndarray, mask: np.ndarray, obs, g
 
 def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: float,
            box: int, max_winners: int = MAX_WINNERS, max_memory=None, sticky: bool = False,
-           dtype=jnp.float64, progress=None) -> Winners:
+           near_misses: int = 0, dtype=jnp.float64, progress=None):
     """Screen every (voxel, orientation) pair (reference §7.2).
 
     ``verts (N,3,2)`` µm probe triangles; ``spot_table`` a :class:`nfjax.spots.SpotTable`
@@ -198,6 +255,10 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
     in orientation order and capped at ``max_winners`` (MIDAS: 300000). Chunks span
     (voxels × orientations) and are sized from ``max_memory`` (default: half the free
     device memory); only the two counts per pair leave the device.
+
+    Returns :class:`Winners`; with ``near_misses=n > 0`` also, from the same pass, the
+    :class:`NearMisses`: each voxel's ``n`` best orientations below ``min_frac`` (see
+    :func:`fit_grid`, where they are refined for voxels nothing else resolves).
     """
     verts = np.asarray(verts, np.float64)
     n_vox, n_or = verts.shape[0], len(spot_table)
@@ -219,6 +280,7 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
     spots_d = spots.astype(np.dtype(dtype))
     counts = np.zeros(n_vox, np.int64)
     found_v, found_o, found_f = [], [], []
+    near_v, near_o, near_f = [], [], []
     with progress_bar(n_vox * n_or, "screen", "pair", progress) as bar:
         for v0 in range(0, n_vox, vox_chunk):
             vv = _pad_to(verts[v0:v0 + vox_chunk], vox_chunk)
@@ -230,14 +292,22 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
                 frac = np.where(total > 0, overlap / np.maximum(total, 1), 0.0)
                 o_idx, v_idx = np.nonzero(frac >= min_frac)
                 bar.update(k * nv)
-                return v_idx + v0, o_idx, frac[o_idx, v_idx]
+                near = None
+                if near_misses:
+                    o_n, v_n = _top_below(frac, min_frac, int(near_misses))
+                    near = (v_n + v0, o_n, frac[o_n, v_n])
+                return v_idx + v0, o_idx, frac[o_idx, v_idx], near
 
             parts = map_chunked(lambda s, m: fn(vv_d, s, m, words), [spots_d, mask],
                                 or_chunk, progress=False, collect=collect)
-            for ci, (vi, oi, fr) in enumerate(parts):
+            for ci, (vi, oi, fr, near) in enumerate(parts):
                 found_v.append(vi)
                 found_o.append(oi + ci * or_chunk)
                 found_f.append(fr)
+                if near is not None:
+                    near_v.append(near[0])
+                    near_o.append(near[1] + ci * or_chunk)
+                    near_f.append(near[2])
     if found_v:
         v = np.concatenate(found_v).astype(np.int64)
         o = np.concatenate(found_o).astype(np.int64)
@@ -253,7 +323,14 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
     keep = rank < max_winners
     v, o, f = v[keep], o[keep], f[keep]
     np.add.at(counts, v, 1)
-    return Winners(voxel=v, orient=o, frac=f, count=counts)
+    winners = Winners(voxel=v, orient=o, frac=f, count=counts)
+    if not near_misses:
+        return winners
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts
+           else np.zeros(0, dt))
+    nv_, no_, nf_ = _best_per_voxel(cat(near_v, np.int64), cat(near_o, np.int64),
+                                    cat(near_f, np.float64), int(near_misses))
+    return winners, NearMisses(voxel=nv_, orient=no_, frac=nf_)
 
 
 # =========================================================================== refinement
@@ -807,7 +884,8 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
              polish: bool = False, param: str = "euler", prune_ratio: float = PRUNE_RATIO,
              restarts: tuple = RESTARTS, restart_ratio: float = RESTART_RATIO,
              restart_box: float = RESTART_BOX, restart_floor: float = RESTART_FLOOR,
-             tie_probe: float = TIE_PROBE, sticky: bool = False, progress=None, block_nr: int = 0,
+             tie_probe: float = TIE_PROBE, near_misses: int = 0, near_below: float | None = None,
+             sticky: bool = False, progress=None, block_nr: int = 0,
              record_time: bool = False, dtype=jnp.float64) -> FitResult:
     """Fit every row of ``grid (N,5)`` (MIDAS grid columns) in memory.
 
@@ -824,7 +902,20 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
        solution. ``prune_ratio=0`` refines every winner, as MIDAS.
     2. **MIDAS's Nelder–Mead** on every other winner, variables ``param`` (``"euler"`` as
        MIDAS, or ``"rotvec"``, see :func:`refine`).
-    3. **Restart rounds.** Each entry of ``restarts`` is one round for the winners that
+    3. **Near misses** (``near_misses=n``, off by default, on in library passes through
+       :func:`refinement_options`). A voxel whose best refined fraction is still below
+       ``near_below`` (default MinConfidence, else 0.5) also refines the ``n`` best
+       orientations that screened *below* MinFracAccept (collected in the same screening
+       pass, :class:`NearMisses`); they join its winners (the record's winner count stays
+       MIDAS's: those that passed screening). Why: MinFracAccept only filters what to
+       refine, and against a library it can filter out the seeds that would reach the
+       grain. On the smooth Au sample's Φ ≈ 6° grain with the 1° uniform library, the
+       seeds 0.5–1.1° away screen at 0.01–0.04 (below MinFracAccept 0.04), rank 1–27
+       among the ~2000 orientations below it, and refine onto the grain; the seeds that
+       pass are Σ3-twin variants stuck at 0.33. Loop 0 of the multi-resolution run then
+       misses the grain (docs/midas-differences.md). The cost is ``n`` refinements per
+       unresolved voxel, against a screen of the whole library per voxel.
+    4. **Restart rounds.** Each entry of ``restarts`` is one round for the winners that
        could still decide their voxel (fraction < 1, ≥ ``restart_ratio`` × the voxel's
        best and ≥ ``restart_floor``: a voxel below 0.3 is empty space or unresolved either
        way): Nelder–Mead again from the refined point, now over a rotation vector about
@@ -833,7 +924,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
        vector: near Φ = 0 (grain 1 of the Au example, Φ ≈ 6°) the Euler box is a narrow
        ridge along φ1 − φ2 where the true orientation is an isolated peak ~0.25° (of
        rotation) from a broad local maximum; a small simplex in rotation space climbs it.
-    4. **Tie-break.** Where several winners of a voxel reach its best fraction (MIDAS takes
+    5. **Tie-break.** Where several winners of a voxel reach its best fraction (MIDAS takes
        the later one), they are scored again with the probe triangle enlarged
        ``tie_probe``× about its centroid (see :func:`tie_scores`) and the best of them is
        chosen — for the record and the order of the saved solutions alike; the record
@@ -842,8 +933,8 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
        often score 1.0: on the multi-resolution Au run (1.25 µm grid, 1 µm probes, 1.48 µm
        pixels) 277 voxels tie between the two grains (a Σ3 twin pair), and the tie-break
        cuts the misses against the ground truth from 44 to 27.
-       ``restarts=()`` with ``prune_ratio=0`` and ``tie_probe=0`` is exactly MIDAS's
-       procedure.
+       ``restarts=()`` with ``prune_ratio=0``, ``tie_probe=0`` and ``near_misses=0`` is
+       exactly MIDAS's procedure.
 
     On the Au example (1514 rendered voxels, within 0.25° of the truth): MIDAS 99.21 %,
     MIDAS's procedure here 99.14 % (mean confidence 0.962), the defaults 99.54 % (0.979).
@@ -871,7 +962,10 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     box = footprint_box(edge, float(params.px))
     winners = screen(verts, spot_table, obs, geom, min_frac=float(params.min_frac_accept),
                      box=box, max_memory=max_memory, sticky=sticky, dtype=dtype,
-                     progress=progress)
+                     near_misses=int(near_misses), progress=progress)
+    near = None
+    if near_misses:
+        winners, near = winners
     timings["screen"] = time.perf_counter() - t0
     # One refinement start and one reflection subset per distinct winning orientation.
     uniq, inv = np.unique(winners.orient, return_inverse=True)
@@ -897,6 +991,46 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
             e0[sel], winners.voxel[sel], inv[sel], verts, cand_idx, cand_mask, table.g,
             table.theta, obs, geom, tol_deg=tol, progress=progress, param=param, **common)
     timings["refine"] = time.perf_counter() - t1
+    n_near = n_near_vox = 0
+    if near is not None and len(near):
+        # Near misses: the voxels no winner resolves also refine the orientations that just
+        # missed the acceptance fraction (they join the winners, MIDAS's order kept).
+        t1 = time.perf_counter()
+        below = near_below if near_below is not None else (
+            params.min_confidence if params.min_confidence is not None else 0.5)
+        vbest = _voxel_best(winners.voxel, frac, grid.shape[0])
+        take = np.flatnonzero(vbest[near.voxel] < float(below))
+        if take.size:
+            n_near, n_near_vox = int(take.size), int(np.unique(near.voxel[take]).size)
+            uniq_n, inv_n = np.unique(near.orient[take], return_inverse=True)
+            e0_n = start_euler(spot_table.orient[uniq_n])
+            ci_n, cm_n = candidate_reflections(e0_n, table.g, table.theta, geom,
+                                               math.radians(tol))
+            _, eul_n, frac_n, nev_n = refine(
+                e0_n[inv_n], near.voxel[take], inv_n, verts, ci_n, cm_n, table.g,
+                table.theta, obs, geom, tol_deg=tol, progress=progress, param=param, **common)
+            offset = cand_idx.shape[0]
+            width = max(cand_idx.shape[1], ci_n.shape[1])
+            pad = lambda a, fill: np.pad(a, ((0, 0), (0, width - a.shape[1])),  # noqa: E731
+                                         constant_values=fill)
+            cand_idx = np.concatenate([pad(cand_idx, 0), pad(ci_n, 0)])
+            cand_mask = np.concatenate([pad(cand_mask, False), pad(cm_n, False)])
+            vox = np.concatenate([winners.voxel, near.voxel[take]])
+            ori = np.concatenate([winners.orient, near.orient[take]])
+            order = np.lexsort((ori, vox))
+            refined = np.zeros(len(winners) + take.size, bool)
+            refined[sel] = True
+            refined[len(winners):] = True
+            winners = Winners(voxel=vox[order], orient=ori[order],
+                              frac=np.concatenate([winners.frac, near.frac[take]])[order],
+                              count=winners.count)
+            inv = np.concatenate([inv, inv_n + offset])[order]
+            e0 = np.concatenate([e0, e0_n[inv_n]])[order]
+            eul = np.concatenate([eul, eul_n])[order]
+            frac = np.concatenate([frac, frac_n])[order]
+            nev = np.concatenate([nev, nev_n])[order]
+            sel = np.flatnonzero(refined[order])
+        timings["near"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     todo = sel
     n_restarted = 0
@@ -955,7 +1089,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     return FitResult(records=rec, allmatches=am, winners=winners, refined_euler=eul,
                      refined_frac=frac, n_evals=nev, timings=timings,
                      n_restarted=n_restarted, n_pruned=len(winners) - sel.size,
-                     n_tie_broken=n_tie)
+                     n_tie_broken=n_tie, n_near=n_near, n_near_voxels=n_near_vox)
 
 
 def tie_scores(voxel: np.ndarray, euler: np.ndarray, frac: np.ndarray, verts: np.ndarray,
