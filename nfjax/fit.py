@@ -115,7 +115,9 @@ class Winners:
     """Screening winners, sorted by (voxel, orientation) — MIDAS's order.
 
     ``voxel (M,)`` int64 row in the fitted grid, ``orient (M,)`` int64 row in the spot
-    table, ``frac (M,)`` float64 hard overlap; ``count (N,)`` winners per voxel (≤ the cap).
+    table, ``frac (M,)`` float64 hard overlap; ``count (N,)`` winners per voxel (≤ the cap)
+    that passed screening — the near misses :func:`fit_grid` adds to a voxel's winners are
+    not counted, so ``count`` stays MIDAS's ``nWinners``.
     """
 
     voxel: np.ndarray
