@@ -85,6 +85,13 @@ TIE_PROBE = 1.5
 NEAR_MISSES = 16
 
 
+def unresolved_below(params) -> float:
+    """The confidence below which a voxel counts as unresolved: MinConfidence, 0.5 when the
+    file does not set it. The workflow retries such voxels unseeded and :func:`fit_grid`
+    refines their near misses."""
+    return float(params.min_confidence) if params.min_confidence is not None else 0.5
+
+
 def refinement_options(midas: bool = False, seeded: bool = False) -> dict:
     """Keyword arguments of :func:`fit_grid` for a fit pass.
 
@@ -147,6 +154,11 @@ class NearMisses:
         return int(self.voxel.shape[0])
 
 
+def _group_rank(keys: np.ndarray) -> np.ndarray:
+    """Position of each entry within its run of equal values of the sorted ``keys``."""
+    return np.arange(keys.size) - np.searchsorted(keys, keys, side="left")
+
+
 def _top_below(frac: np.ndarray, min_frac: float, n: int):
     """``(o_idx, v_idx)`` of the ``n`` best entries of each column of ``frac (O,V)`` with
     0 < frac < ``min_frac``, ties to the lower row (orientation) — exact, in O(O·V)."""
@@ -161,8 +173,7 @@ def _top_below(frac: np.ndarray, min_frac: float, n: int):
     need = n - np.bincount(v_hi, minlength=below.shape[1])
     order = np.argsort(v_eq, kind="stable")                     # rows stay ascending
     o_eq, v_eq = o_eq[order], v_eq[order]
-    rank = np.arange(v_eq.size) - np.searchsorted(v_eq, v_eq, side="left")
-    keep = rank < need[v_eq]
+    keep = _group_rank(v_eq) < need[v_eq]
     return np.concatenate([o_hi, o_eq[keep]]), np.concatenate([v_hi, v_eq[keep]])
 
 
@@ -171,8 +182,7 @@ def _best_per_voxel(v: np.ndarray, o: np.ndarray, f: np.ndarray, n: int):
     sorted by voxel then that order."""
     order = np.lexsort((o, -f, v))
     v, o, f = v[order], o[order], f[order]
-    rank = np.arange(v.size) - np.searchsorted(v, v, side="left")
-    keep = rank < n
+    keep = _group_rank(v) < n
     return v[keep], o[keep], f[keep]
 
 
@@ -321,8 +331,7 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
     v, o, f = v[order], o[order], f[order]
     # Cap per voxel, keeping the first winners in orientation order (as MIDAS fills its
     # fixed buffer).
-    rank = np.arange(v.size) - np.searchsorted(v, v, side="left")
-    keep = rank < max_winners
+    keep = _group_rank(v) < max_winners
     v, o, f = v[keep], o[keep], f[keep]
     np.add.at(counts, v, 1)
     winners = Winners(voxel=v, orient=o, frac=f, count=counts)
@@ -906,7 +915,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
        MIDAS, or ``"rotvec"``, see :func:`refine`).
     3. **Near misses** (``near_misses=n``, off by default, on in library passes through
        :func:`refinement_options`). A voxel whose best refined fraction is still below
-       ``near_below`` (default MinConfidence, else 0.5) also refines the ``n`` best
+       ``near_below`` (default :func:`unresolved_below`) also refines the ``n`` best
        orientations that screened *below* MinFracAccept (collected in the same screening
        pass, :class:`NearMisses`); they join its winners (the record's winner count stays
        MIDAS's: those that passed screening). Why: MinFracAccept only filters what to
@@ -998,8 +1007,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
         # Near misses: the voxels no winner resolves also refine the orientations that just
         # missed the acceptance fraction (they join the winners, MIDAS's order kept).
         t1 = time.perf_counter()
-        below = near_below if near_below is not None else (
-            params.min_confidence if params.min_confidence is not None else 0.5)
+        below = near_below if near_below is not None else unresolved_below(params)
         vbest = _voxel_best(winners.voxel, frac, grid.shape[0])
         take = np.flatnonzero(vbest[near.voxel] < float(below))
         if take.size:

@@ -399,6 +399,7 @@ def _merge(seeded: np.ndarray, unseeded: np.ndarray, rows: np.ndarray) -> np.nda
 
 def _multi(run: Run, hkls, quats0) -> Path:
     from nfjax.cluster import cluster_mic, write_grains_csv
+    from nfjax.fit import unresolved_below
     from nfjax.io.mic import MicData, write_binary_mic, write_text_mic
     from nfjax.io.seeds import read_seeds
 
@@ -422,7 +423,7 @@ def _multi(run: Run, hkls, quats0) -> Path:
                    current, seeded=run.ff_seeds)
     if not np.array_equal(quats0, quats_all):
         spots_all = _spots(run, "spots_library", hkls, quats_all, run.out / "library")
-    min_conf = p.min_confidence if p.min_confidence is not None else 0.5
+    min_conf = unresolved_below(p)
     for k in range(1, int(n_loops) + 1):
         pk = p.replace(grid_size=float(f"{g0 / scale ** k:.6f}"))
         grains_path = run.out / f"Grains.csv.{k}"
