@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nfjax.parallel import abort_other_ranks
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -411,16 +413,24 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("NFJAX_DEBUG"):
             raise
         print(f"nfjax: error: {exc}", file=sys.stderr)
+        abort_other_ranks(2)
         return 2
     except OSError as exc:
         if os.environ.get("NFJAX_DEBUG"):
             raise
         name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"nfjax: error: {name}{exc.strerror or exc}", file=sys.stderr)
+        abort_other_ranks(2)
         return 2
     except KeyboardInterrupt:
         print("nfjax: interrupted", file=sys.stderr)
+        abort_other_ranks(130)
         return 130
+    except Exception:
+        # An unexpected error: under MPI print it and end the other ranks rather than
+        # leave them hanging in a collective.
+        abort_other_ranks(1, traceback=True)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

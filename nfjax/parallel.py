@@ -62,6 +62,37 @@ class Comm:
             self.mpi.Barrier()
 
 
+def _live_world():
+    """The MPI world if this process imported mpi4py and runs with more than one rank."""
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    return mpi.COMM_WORLD if mpi.COMM_WORLD.Get_size() > 1 else None
+
+
+def abort_other_ranks(code: int, traceback: bool = False) -> None:
+    """After this rank failed, end the whole MPI job.
+
+    A rank that returns with an error leaves the others waiting forever in the next
+    gather or barrier; ``MPI_Abort`` ends them all (after printing the current exception's
+    traceback when ``traceback``). Does nothing without MPI or with one rank.
+    """
+    import sys
+
+    world = _live_world()
+    if world is None:
+        return
+    if traceback:
+        import traceback as tb
+
+        tb.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    world.Abort(code)
+
+
 def launched_by_mpi() -> bool:
     """True when an MPI launcher started this process (so mpi4py can initialise)."""
     return any(v in os.environ for v in _LAUNCHER_VARS)

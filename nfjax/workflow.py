@@ -10,8 +10,12 @@ Stages and their inputs (a stage reruns when the hash of its inputs changes):
 ``hkls`` (lattice, space group, λ, Lsd, ring cut) → ``seeds`` (GrainsFile or seed file)
 → ``grid`` (GridSize, EdgeLength, Rsample, masks) → ``spots`` (hkls, seeds, geometry)
 → ``images`` (image keys, frame files) → ``fit`` (grid, spots, observations, fit keys)
-→ ``map``. Multi-resolution repeats grid/spots/fit per loop with ``clusterK``,
-``seededK``, ``unseededK`` and ``mergeK`` stages.
+→ ``map``. Multi-resolution runs ``grid0``/``spots_all``/``fit0``, then per loop K
+``clusterK``, ``seedsK``, ``gridK``, ``spotsK``, ``seededK`` and ``unseededK``; the merge
+is recomputed from the two passes. Every fit pass writes its own binary
+(``MicFileBinary.0``, ``.seededK``, ``.unseededK``), which is what a resumed run reloads;
+``MicFileBinary`` itself holds the latest result, as in MIDAS, and is rewritten by every
+loop.
 
 Differences from MIDAS (also in docs/midas-differences.md): the merge keeps, per voxel, the
 better of the seeded and unseeded results (MIDAS overwrites unconditionally, so an empty
@@ -117,8 +121,14 @@ class Run:
     def stage(self, name: str, inputs: str, outputs: list[Path], compute: Callable[[], Any],
               load: Callable[[], Any]):
         """Run ``compute`` (which writes ``outputs``) unless the manifest says the stage is
-        done with the same inputs, in which case ``load`` re-reads its outputs."""
-        if self.manifest.is_done(name, inputs):
+        done with the same inputs, in which case ``load`` re-reads its outputs.
+
+        Under MPI rank 0 alone reads the manifest and decides, so every rank takes the same
+        branch, and no rank leaves a stage before rank 0 has written its outputs (later
+        stages read them on every rank)."""
+        done = self.comm.bcast(self.manifest.is_done(name, inputs) if self.comm.is_root
+                               else None)
+        if done:
             self.log.info("stage %-14s skipped (inputs unchanged, --resume)", name)
             return load()
         t0 = time.perf_counter()
@@ -126,6 +136,7 @@ class Run:
         value = compute()
         if self.comm.is_root:
             self.manifest.record(name, inputs, outputs)
+        self.comm.barrier()
         dt = time.perf_counter() - t0
         self.timings[name] = dt
         _stage_log(self.out, name, f"{name} finished in {dt:.2f} s\n")
@@ -389,18 +400,42 @@ def _single(run: Run, hkls, quats) -> Path:
 _SUFFIX = re.compile(r"(_all_solutions|_merged)?(\.\d+)+$")
 
 
-def _merge(seeded: np.ndarray, unseeded: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Per voxel keep the better (higher confidence) of the seeded and unseeded records."""
+def _merge(seeded: np.ndarray, unseeded: np.ndarray, rows: np.ndarray,
+           better: np.ndarray) -> np.ndarray:
+    """``seeded`` with its rows ``rows[better]`` replaced by ``unseeded[better]`` (records
+    or the matching ``.AllMatches`` rows)."""
     merged = seeded.copy()
-    better = unseeded[:, 10] > seeded[rows, 10]
     merged[rows[better]] = unseeded[better]
     return merged
+
+
+def _publish(run: Run, records: np.ndarray, allmatches: np.ndarray) -> None:
+    """Write the current result under MIDAS's ``MicFileBinary`` (+ ``.AllMatches``), which
+    every loop overwrites; the stages' own binaries keep their per-pass names, so a
+    resumed run reloads each pass from its own files."""
+    from nfjax.io.mic import write_allmatches, write_binary_mic
+
+    if run.comm.is_root:
+        bin_path = run.out / run.params.mic_file_binary
+        write_binary_mic(bin_path, records)
+        write_allmatches(Path(str(bin_path) + ".AllMatches"), allmatches)
+
+
+def _allmatches(run: Run, bin_path: Path) -> np.ndarray | None:
+    """The ``.AllMatches`` rows a fit stage wrote beside ``bin_path`` (rank 0 only)."""
+    from nfjax.io.mic import read_allmatches
+
+    if not run.comm.is_root:
+        return None
+    n_sol = max(1, int(run.params.save_n_solutions or 1))
+    return read_allmatches(Path(str(bin_path) + ".AllMatches"), n_sol)
 
 
 def _multi(run: Run, hkls, quats0) -> Path:
     from nfjax.cluster import cluster_mic, write_grains_csv
     from nfjax.fit import unresolved_below
-    from nfjax.io.mic import MicData, write_binary_mic, write_text_mic
+    from nfjax.io.atomic import atomic_write
+    from nfjax.io.mic import MicData, write_text_mic
     from nfjax.io.seeds import read_seeds
 
     p = run.params
@@ -411,7 +446,9 @@ def _multi(run: Run, hkls, quats0) -> Path:
     all_path = p.resolve(p.seed_orientations_all)
     backup = run.out / (Path(p.seed_orientations_all).name + "_Backup")
     if run.comm.is_root:
-        shutil.copyfile(all_path, backup)
+        with open(all_path, "rb") as src, atomic_write(backup, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    run.comm.barrier()
     quats_all = read_seeds(backup)
     obs = _observations(run)
     # Loop 0: unseeded at the start size.
@@ -419,8 +456,10 @@ def _multi(run: Run, hkls, quats0) -> Path:
     grid = _grid(run, "grid0", p0, run.out / (p.grid_file_name or "grid.txt"))
     spots_all = _spots(run, "spots_all", hkls, quats0, run.out)
     current = run.out / f"{base}.0"
-    records = _fit(run, "fit0", p0, grid, spots_all, obs, hkls, run.out / p.mic_file_binary,
-                   current, seeded=run.ff_seeds)
+    bin0 = run.out / f"{p.mic_file_binary}.0"
+    records = _fit(run, "fit0", p0, grid, spots_all, obs, hkls, bin0, current,
+                   seeded=run.ff_seeds)
+    _publish(run, records, _allmatches(run, bin0))
     if not np.array_equal(quats0, quats_all):
         spots_all = _spots(run, "spots_library", hkls, quats_all, run.out / "library")
     min_conf = unresolved_below(p)
@@ -428,19 +467,22 @@ def _multi(run: Run, hkls, quats0) -> Path:
         pk = p.replace(grid_size=float(f"{g0 / scale ** k:.6f}"))
         grains_path = run.out / f"Grains.csv.{k}"
 
-        def cluster(records=records, grains_path=grains_path, k=k):
+        def cluster(records=records, grains_path=grains_path, k=k, source=current.name):
             mic = MicData(records=records, phase_nr=np.ones(len(records), np.int64),
                           tri_edge_size=float(np.max(records[:, 5], initial=0.0)),
-                          path=f"{base}.{k - 1}")
+                          path=source)
             grains = cluster_mic(mic, params=p)
             if len(grains.ids) == 0:
                 best = float(np.max(records[:, 10], initial=0.0))
                 raise NfjaxError(
-                    f"loop {k}: no voxel of {base}.{k - 1} reaches the clustering threshold "
+                    f"loop {k}: no voxel of {source} reaches the clustering threshold "
                     f"(MinConfidence/MinFracAccept; best confidence {best:.3f}): nothing to "
                     "seed the next loop from — use a denser SeedOrientations library")
             if run.comm.is_root:
                 write_grains_csv(grains_path, grains)
+            sizes = ", ".join(str(int(n)) for n in grains.n_voxels[:10])
+            run.log.info("stage %-14s %d grain(s) in %s (voxels each: %s%s)", f"cluster{k}",
+                         len(grains), source, sizes, ", ..." if len(grains) > 10 else "")
             return grains
 
         run.stage(f"cluster{k}", value_hash(hashlib.sha256(records.tobytes()).hexdigest()),
@@ -449,20 +491,25 @@ def _multi(run: Run, hkls, quats0) -> Path:
                                            run.out / f"{sbase}.{k}")
         grid = _grid(run, f"grid{k}", pk, run.out / (p.grid_file_name or "grid.txt"))
         spots_k = _spots(run, f"spots{k}", hkls, seeds_k, run.out / f"seeded{k}")
-        seeded = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls,
-                      run.out / f"{p.mic_file_binary}.seeded{k}", run.out / f"{base}.{k}",
-                      seeded=True)
+        seeded_bin = run.out / f"{p.mic_file_binary}.seeded{k}"
+        seeded = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls, seeded_bin,
+                      run.out / f"{base}.{k}", seeded=True)
+        allmatches = _allmatches(run, seeded_bin)
         bad = np.flatnonzero(seeded[:, 10] < min_conf)
         merged_path = run.out / f"{base}_merged.{k}"
         if bad.size:
+            unseeded_bin = run.out / f"{p.mic_file_binary}.unseeded{k}"
             unseeded = _fit(run, f"unseeded{k}", pk, grid[bad], spots_all, obs, hkls,
-                            run.out / f"{p.mic_file_binary}.unseeded{k}",
-                            run.out / f"{base}_all_solutions.{k}", seeded=False)
-            records = _merge(seeded, unseeded, bad)
+                            unseeded_bin, run.out / f"{base}_all_solutions.{k}",
+                            seeded=False)
+            better = unseeded[:, 10] > seeded[bad, 10]
+            records = _merge(seeded, unseeded, bad, better)
+            if run.comm.is_root:
+                allmatches = _merge(allmatches, _allmatches(run, unseeded_bin), bad, better)
         else:
             records = seeded
+        _publish(run, records, allmatches)
         if run.comm.is_root:
-            write_binary_mic(run.out / p.mic_file_binary, records)
             write_text_mic(merged_path, records, phase_nr=p.phase_nr or 1,
                            num_phases=p.num_phases or 1,
                            global_position=p.global_position or 0.0)
@@ -491,8 +538,8 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
         jax.config.update("jax_default_device", local_device(comm, device))
     out = params.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(params=params, out=out, manifest=Manifest(out, resume), log=_logger(out,
-              comm.is_root), comm=comm, max_memory=max_memory, progress=progress,
+    run = Run(params=params, out=out, manifest=Manifest(out, resume and comm.is_root),
+              log=_logger(out, comm.is_root), comm=comm, max_memory=max_memory, progress=progress,
               image_processing=image_processing, ff_seeds=ff_seeds,
               midas_refinement=midas_refinement)
     run.log.info("nfjax reconstruct %s (output %s, %d rank(s))", params.source, out, comm.size)

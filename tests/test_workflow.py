@@ -188,10 +188,9 @@ def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
     one = _setup(tmp_path / "one", spotsinfo, **_small())
     reconstruct(one, ff_seeds=True, image_processing=False, progress=False)
     two = _setup(tmp_path / "two", spotsinfo, **_small())
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
                            str(two), "--ff-seeds", "--no-image-processing"],
-                          capture_output=True, text=True, timeout=900, env=env)
+                          capture_output=True, text=True, timeout=900, env=_mpi_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 rank(s)" in (tmp_path / "two" / "midas_log" /
                            "midas_nf_workflow_multires.log").read_text()
@@ -200,20 +199,64 @@ def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
         assert a[name] == b[name], name
 
 
-def test_multi_resolution_small_window(tmp_path, spotsinfo):
-    """The whole multi-resolution chain on a 20 x 20 um window (GridRefactor 5 2 2): loop 0
-    unseeded, clustering, seeded passes, the unseeded retry of the voxels below
-    MinConfidence, the keep-the-better merge and the manual's file map. The library is a
-    coarse uniform set plus each grain orientation turned by 0.3 deg about a random axis,
-    so loop 0 finds the grains without the 175k-seed screen of the slow test."""
+def _mpi_env() -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def test_mpiexec_two_ranks_multi_resolution(tmp_path, spotsinfo, multi_small):
+    """The multi-resolution chain under mpiexec -n 2 writes the same files as one process
+    (every rank reads files rank 0 writes: the seed backup, Grains.csv.k)."""
+    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    out = tmp_path / "run"
+    params = _multi_small_setup(out, spotsinfo)
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
+                           str(params), "--no-image-processing"],
+                          capture_output=True, text=True, timeout=900, env=_mpi_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref, _ = multi_small
+    for name in MULTI_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_error_on_one_rank_ends_the_mpi_job(tmp_path):
+    """A rank that fails with a one-line error aborts the job instead of leaving the other
+    ranks waiting in a collective forever."""
+    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(
+        "import sys\n"
+        "from nfjax.parallel import world\n"
+        "comm = world()\n"
+        "if comm.rank == 1:\n"
+        "    from nfjax.cli import main\n"
+        f"    sys.exit(main(['reconstruct', {str(tmp_path / 'missing.txt')!r}]))\n"
+        "comm.barrier()   # rank 0 waits here for a rank that never comes\n"
+        "print('rank 0 passed the barrier')\n")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=300, env=_mpi_env())
+    assert proc.returncode != 0
+    assert "nfjax: error:" in proc.stderr and "missing.txt" in proc.stderr, proc.stderr[-2000:]
+    assert "passed the barrier" not in proc.stdout
+
+
+def _multi_small_setup(out: Path, spotsinfo: Path) -> Path:
+    """The multi-resolution chain on a corner of the sample (GridRefactor 5 2 2), with both
+    grains and some empty space (retried unseeded). The library is a coarse uniform set
+    plus each grain orientation turned by 0.3 deg about a random axis, so loop 0 finds the
+    grains without the 175k-seed screen of the slow test."""
     from scipy.spatial.transform import Rotation
 
     from nfjax.io.grains import read_grains_csv
     from nfjax.io.seeds import write_seeds
     from nfjax.seeds import seeds_from_grains, uniform_seeds
 
-    out = tmp_path / "run"
-    # A corner of the sample: both grains and some empty space (retried unseeded).
     params = _setup(out, spotsinfo, SeedOrientations="seeds.txt",
                     SeedOrientationsAll="seeds_all.txt", GridRefactor=(5.0, 2.0, 2),
                     MicFileText="MyMic", GridMask=(20.0, 40.0, 0.0, 20.0))
@@ -226,28 +269,70 @@ def test_multi_resolution_small_window(tmp_path, spotsinfo):
     lib = np.concatenate([uniform_seeds(225, 10.0), near])
     write_seeds(out / "seeds_all.txt", lib)
     write_seeds(out / "seeds.txt", lib)
-    final = reconstruct(params, image_processing=False, progress=False)
+    return params
+
+
+@pytest.fixture(scope="module")
+def multi_small(tmp_path_factory, spotsinfo):
+    """One uninterrupted single-process multi-resolution run of :func:`_multi_small_setup`."""
+    out = tmp_path_factory.mktemp("multi") / "run"
+    final = reconstruct(_multi_small_setup(out, spotsinfo), image_processing=False,
+                        progress=False)
+    return out, final
+
+
+# Every file a multi-resolution run writes (beside the logs and the map).
+MULTI_FILES = ["MyMic.0", "MyMic.1", "MyMic.2", "MyMic_merged.1", "MyMic_merged.2",
+               "MyMic_all_solutions.1", "MyMic_all_solutions.2", "Grains.csv.1",
+               "Grains.csv.2", "seeds.txt.1", "seeds.txt.2", "seeds_all.txt_Backup",
+               "grid.txt", "hkls.csv", "Au_bin_Reconstructed.mic",
+               "Au_bin_Reconstructed.mic.AllMatches", "Au_bin_Reconstructed.mic.0",
+               "Au_bin_Reconstructed.mic.0.AllMatches", "Au_bin_Reconstructed.mic.seeded2",
+               "Au_bin_Reconstructed.mic.unseeded2.AllMatches"]
+
+
+def test_multi_resolution_small_window(multi_small):
+    """The whole multi-resolution chain on a 20 x 20 um window (GridRefactor 5 2 2): loop 0
+    unseeded, clustering, seeded passes, the unseeded retry of the voxels below
+    MinConfidence, the keep-the-better merge and the manual's file map."""
+    from nfjax.io.grains import read_grains_csv
+    from nfjax.io.mic import read_allmatches, read_binary_mic
+
+    out, final = multi_small
     assert final == out / "MyMic_merged.2"
-    for name in ["MyMic.0", "MyMic.1", "MyMic.2", "MyMic_merged.1", "MyMic_merged.2",
-                 "Grains.csv.1", "Grains.csv.2", "seeds.txt.1", "seeds.txt.2",
-                 "seeds_all.txt_Backup", "grid.txt", "hkls.csv",
-                 "midas_log/midas_nf_workflow_multires.log"]:
+    for name in MULTI_FILES + ["midas_log/midas_nf_workflow_multires.log"]:
         assert (out / name).exists(), name
     grains1 = read_grains_csv(out / "Grains.csv.1")
     assert len(grains1.ids) >= 2
-    # Merge: a retried voxel keeps the better of its seeded and unseeded records.
-    from nfjax.io.mic import read_binary_mic
-
+    # Loop k clusters the previous loop's final (merged) map, as MIDAS's driver does.
+    assert "from MyMic.0\n" in (out / "Grains.csv.1").read_text()
+    assert "from MyMic_merged.1\n" in (out / "Grains.csv.2").read_text()
+    # Merge: a retried voxel keeps the better of its seeded and unseeded records, and the
+    # .AllMatches rows follow the records.
     seeded = read_binary_mic(out / "Au_bin_Reconstructed.mic.seeded2").records
     merged_bin = read_binary_mic(out / "Au_bin_Reconstructed.mic").records
     bad = np.flatnonzero(seeded[:, 10] < 0.7)
     good = np.setdiff1d(np.arange(len(seeded)), bad)
     np.testing.assert_array_equal(merged_bin[good], seeded[good])
-    if bad.size:
-        unseeded = read_binary_mic(out / "Au_bin_Reconstructed.mic.unseeded2").records
-        assert len(unseeded) == bad.size
-        np.testing.assert_array_equal(merged_bin[bad, 10],
-                                      np.maximum(seeded[bad, 10], unseeded[:, 10]))
+    assert bad.size
+    unseeded = read_binary_mic(out / "Au_bin_Reconstructed.mic.unseeded2").records
+    assert len(unseeded) == bad.size
+    np.testing.assert_array_equal(merged_bin[bad, 10],
+                                  np.maximum(seeded[bad, 10], unseeded[:, 10]))
+    n_sol = read_params(out / "params.txt").save_n_solutions
+    am = {name: read_allmatches(out / f"Au_bin_Reconstructed.mic{name}.AllMatches", n_sol)
+          for name in ("", ".seeded2", ".unseeded2")}
+    from_unseeded = unseeded[:, 10] > seeded[bad, 10]
+    assert from_unseeded.any() and not from_unseeded.all()
+    np.testing.assert_array_equal(am[""][good], am[".seeded2"][good])
+    np.testing.assert_array_equal(am[""][bad[from_unseeded]], am[".unseeded2"][from_unseeded])
+    np.testing.assert_array_equal(am[""][bad[~from_unseeded]],
+                                  am[".seeded2"][bad[~from_unseeded]])
+    np.testing.assert_array_equal(am[""][:, 10], merged_bin[:, 10])    # best solution
+    # Loop 0's own binary is kept under its pass name; MyMic.0 is its text.
+    loop0 = read_binary_mic(out / "Au_bin_Reconstructed.mic.0").records
+    np.testing.assert_allclose(read_mic(out / "MyMic.0").records[:, 7:11],
+                               loop0[loop0[:, 10] != 0][:, 7:11], atol=1e-6)
     # Accuracy: every rendered ground-truth voxel in the window against the nearest voxel
     # of the 1.25 um map.
     truth = read_mic(au_example()["mic"]).records
@@ -256,6 +341,41 @@ def test_multi_resolution_small_window(tmp_path, spotsinfo):
     cmp = compare_records(read_mic(final).records, win, nearest=1.0)
     assert cmp.n_matched == len(win) > 20
     assert cmp.frac_reference[1] >= 0.97, cmp.frac_reference     # within 0.5 deg
+
+
+def test_multi_resolution_resume_after_kill(tmp_path, spotsinfo, multi_small, monkeypatch):
+    """Killed in loop 2's seeded fit, a multi-resolution run resumed with --resume reloads
+    loop 0 and loop 1 (every fit pass keeps its own binary, although MicFileBinary and
+    grid.txt are rewritten by every loop) and ends byte-identical to an uninterrupted run."""
+    import nfjax.fit
+
+    out = tmp_path / "run"
+    params = _multi_small_setup(out, spotsinfo)
+    real_fit = nfjax.fit.fit_grid
+    calls = []
+
+    def killed_at_fourth(*args, **kwargs):     # fit0, seeded1, unseeded1, seeded2
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt            # what a SIGINT during the fit stage raises
+        return real_fit(*args, **kwargs)
+    monkeypatch.setattr(nfjax.fit, "fit_grid", killed_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(params, image_processing=False, progress=False)
+    assert (out / "MyMic_merged.1").exists() and not (out / "MyMic.2").exists()
+    assert not list(out.glob("*.part"))
+    monkeypatch.setattr(nfjax.fit, "fit_grid", real_fit)
+    reconstruct(params, image_processing=False, resume=True, progress=False)
+    skipped = _skipped(out)
+    assert {"hkls", "spots_all", "fit0", "cluster1", "seeds1", "spots1", "seeded1",
+            "unseeded1"} <= skipped, skipped
+    assert not {"seeded2", "unseeded2"} & skipped
+    ref, _ = multi_small
+    for name in MULTI_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    # Resumed again with nothing changed: no fit pass runs.
+    reconstruct(params, image_processing=False, resume=True, progress=False)
+    assert {"fit0", "seeded1", "unseeded1", "seeded2", "unseeded2"} <= _skipped(out)
 
 
 @pytest.mark.slow
