@@ -167,6 +167,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- reconstruct
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from nfjax.parallel import world
     from nfjax.workflow import reconstruct
 
     params = args.params or args.paramFN
@@ -179,18 +180,21 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value not in (0, 1):
             raise NfjaxError(f"-{flag}: expected 0 or 1, found {value}")
+    comm = world()
+    note = (lambda text: print(text, file=sys.stderr)) if comm.is_root else (lambda text: None)
     if args.machineName:
-        print(f"note: -machineName {args.machineName} ignored: MPI (mpiexec) decides where "
-              "ranks run", file=sys.stderr)
+        note(f"note: -machineName {args.machineName} ignored: MPI (mpiexec) decides where "
+             "ranks run")
     if args.nCPUs is not None or args.nNodes is not None:
-        print("note: -nCPUs/-nNodes ignored: JAX uses all cores of its device; run under "
-              "mpiexec -n R to split the grid over R ranks", file=sys.stderr)
+        note("note: -nCPUs/-nNodes ignored: JAX uses all cores of its device; run under "
+             "mpiexec -n R to split the grid over R ranks")
     ff = args.ff_seeds or args.ffSeedOrientations == 1
     images = not args.no_image_processing and args.doImageProcessing != 0
     final = reconstruct(params, ff_seeds=ff, image_processing=images, resume=args.resume,
                         max_memory=args.max_memory, device=args.device,
-                        midas_refinement=args.midas_refinement)
-    print(f"final reconstruction: {final}")
+                        midas_refinement=args.midas_refinement, comm=comm)
+    if comm.is_root:
+        print(f"final reconstruction: {final}")
     return 0
 
 

@@ -217,6 +217,7 @@ def test_mpiexec_two_ranks_multi_resolution(tmp_path, spotsinfo, multi_small):
                            str(params), "--no-image-processing"],
                           capture_output=True, text=True, timeout=900, env=_mpi_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("final reconstruction:") == 1      # rank 0 reports
     ref, _ = multi_small
     for name in MULTI_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
