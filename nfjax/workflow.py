@@ -139,7 +139,8 @@ class Run:
         self.comm.barrier()
         dt = time.perf_counter() - t0
         self.timings[name] = dt
-        _stage_log(self.out, name, f"{name} finished in {dt:.2f} s\n")
+        if self.comm.is_root:
+            _stage_log(self.out, name, f"{name} finished in {dt:.2f} s\n")
         self.log.info("stage %-14s finished in %.2f s", name, dt)
         return value
 
