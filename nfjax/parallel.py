@@ -9,6 +9,7 @@ when the process was started by an MPI launcher, so a plain install runs without
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,9 +49,13 @@ class Comm:
         return self.rank == 0
 
     def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
-        """Concatenate every rank's ``rows`` (in rank order) on rank 0; ``None`` elsewhere."""
+        """Concatenate every rank's ``rows`` (in rank order) on rank 0; ``None`` elsewhere.
+
+        Ranks that finish their block first wait in :meth:`barrier` (asleep), not in the
+        gather itself."""
         if self.mpi is None:
             return rows
+        self.barrier()
         parts = self.mpi.gather(np.ascontiguousarray(rows), root=0)
         return np.concatenate(parts, axis=0) if self.rank == 0 else None
 
@@ -58,8 +63,17 @@ class Comm:
         return value if self.mpi is None else self.mpi.bcast(value, root=0)
 
     def barrier(self) -> None:
-        if self.mpi is not None:
-            self.mpi.Barrier()
+        """Wait for every rank, sleeping between polls: MPI's blocking barrier spins a core
+        at 100 % (MPICH), which on a shared node takes CPU from the rank everyone waits
+        for (rank 0 processing the images or writing files, a rank fitting a larger
+        block)."""
+        if self.mpi is None:
+            return
+        request = self.mpi.Ibarrier()
+        pause = 1e-4
+        while not request.Test():
+            time.sleep(pause)
+            pause = min(2 * pause, 0.01)
 
 
 def _live_world():
