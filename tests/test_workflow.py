@@ -247,6 +247,72 @@ def test_error_on_one_rank_ends_the_mpi_job(tmp_path):
     assert "passed the barrier" not in proc.stdout
 
 
+def _tiff_setup(directory: Path, n_frames: int) -> Path:
+    """Raw-like TIFF frames of the Au example (``nfjax simulate --tiff-dir``: Poisson
+    background plus the rendered spots) and a parameter file that processes them, on the
+    20 x 20 um window; the simulated volume is kept as ``SpotsInfo_sim.bin``."""
+    directory.mkdir(parents=True)
+    text = update_param_text(au_example()["params"].read_text(), {
+        "EndNr": n_frames - 1, "NrFilesPerDistance": n_frames, "OrigFileName": "au_sim",
+        "extOrig": "tif", "ReducedFileName": "au_red", "DataDirectory": str(directory),
+        "OutputDirectory": str(directory / "out"), "GrainsFile": "grs.csv",
+        "SeedOrientations": "seeds.csv", "GridMask": (-10.0, 10.0, -10.0, 10.0),
+        # background Poisson(100): subtract 6 sigma after the median, no median filter
+        "BlanketSubtraction": 60, "MedFiltRadius": 0, "DoLoGFilter": 0})
+    params = directory / "params.txt"
+    params.write_text(text)
+    shutil.copy(au_example()["grains"], directory / "grs.csv")
+    assert main(["simulate", str(params), str(au_example()["mic"]), "-o",
+                 str(directory / "SpotsInfo_sim.bin"), "--tiff-dir", str(directory)]) == 0
+    return params
+
+
+def test_reconstruct_from_tiff_frames(tmp_path):
+    """The -doImageProcessing 1 path: reconstruct processes the TIFF frames itself (once,
+    on rank 0 under MPI) and fits the volume it made. The map equals the map fitted from
+    the volume the frames were rendered from, and a 2-rank run writes the same files."""
+    params = _tiff_setup(tmp_path / "tiff", n_frames=20)
+    final = reconstruct(params, ff_seeds=True, progress=False)
+    out = tmp_path / "tiff" / "out"
+    shape = observe.spots_info_shape(read_params(params))
+    truth = observe.lit_indices(observe.read_spots_info(tmp_path / "tiff" / "SpotsInfo_sim.bin",
+                                                        shape))
+    found = observe.lit_indices(observe.read_spots_info(out / "SpotsInfo.bin", shape))
+    assert truth.size > 300
+    assert np.intersect1d(truth, found).size >= 0.99 * truth.size
+    assert np.setdiff1d(found, truth).size <= 0.01 * found.size
+    for dist in (0, 1):
+        assert (out / f"au_red_Median_Background_Distance_{dist}.bin").exists()
+    # The same fit from the rendered volume itself.
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shutil.copy(tmp_path / "tiff" / "SpotsInfo_sim.bin", ref / "SpotsInfo.bin")
+    shutil.copy(au_example()["grains"], ref / "grs.csv")
+    ref_params = ref / "params.txt"
+    ref_params.write_text(update_param_text(params.read_text(), {
+        "OutputDirectory": str(ref), "DataDirectory": str(ref)}))
+    expect = read_mic(reconstruct(ref_params, ff_seeds=True, image_processing=False,
+                                  progress=False)).records
+    got = read_mic(final).records
+    assert len(got) == len(expect) > 100
+    cmp = compare_records(got, expect, nearest=0.1)
+    assert cmp.n_matched == len(expect) and cmp.frac_reference[0] == 1.0   # all < 0.25 deg
+    np.testing.assert_allclose(got[:, 10], expect[:, 10], atol=1e-6)
+    # Under mpiexec -n 2: rank 0 processes the images, both ranks fit from them.
+    pytest.importorskip("mpi4py", reason="MPI part needs the mpi extra (pip install .[mpi])")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    two = _tiff_setup(tmp_path / "two", n_frames=20)
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
+                           str(two), "--ff-seeds"],
+                          capture_output=True, text=True, timeout=600, env=_mpi_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("SpotsInfo.bin", "Au_bin_Reconstructed.mic",
+                 "Au_bin_Reconstructed.mic.AllMatches", "Au_txt_Reconstructed.mic"):
+        assert (tmp_path / "two" / "out" / name).read_bytes() == (out / name).read_bytes(), name
+
+
 def _multi_small_setup(out: Path, spotsinfo: Path) -> Path:
     """The multi-resolution chain on a corner of the sample (GridRefactor 5 2 2), with both
     grains and some empty space (retried unseeded). The library is a coarse uniform set
