@@ -525,7 +525,11 @@ def _multi(run: Run, hkls, quats0) -> Path:
 def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool = True,
                 resume: bool = False, max_memory=None, device: str | None = None,
                 progress: bool | None = None, comm=None, midas_refinement: bool = False) -> Path:
-    """Run the whole workflow; returns the final text mic path (on every rank)."""
+    """Run the whole workflow; returns the final text mic path (on every rank).
+
+    Under MPI an exception on one rank leaves the others waiting in the next collective;
+    a script that calls this under ``mpiexec`` should end the job on error as the CLI does
+    (:func:`nfjax.parallel.abort_other_ranks`), or run under ``python -m mpi4py``."""
     from nfjax.io.seeds import read_seeds
     from nfjax.params import read_params
     from nfjax.parallel import local_device, world
