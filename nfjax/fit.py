@@ -1255,7 +1255,7 @@ def run_fit(args) -> int:
     from nfjax.crystal import hkls_from_params
     from nfjax.io.gridfile import read_grid
     from nfjax.io.hkls import read_hkls_csv
-    from nfjax.io.mic import write_allmatches, write_binary_mic, write_text_mic
+    from nfjax.io.mic import allmatches_path, write_allmatches, write_binary_mic, write_text_mic
     from nfjax.parallel import block_range
     from nfjax.params import read_params
 
@@ -1299,7 +1299,7 @@ def run_fit(args) -> int:
                                                seeded=bool(getattr(args, "seeded", False))))
         bin_path = Path(params.mic_file_binary)
         bin_path = bin_path if bin_path.is_absolute() else out / bin_path
-        am_path = Path(str(bin_path) + ".AllMatches")
+        am_path = allmatches_path(bin_path)
         lock_path = Path(str(bin_path) + ".lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "w") as lock:

@@ -326,16 +326,18 @@ def _observations(run: Run):
 
 
 def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
-         text_path: Path, *, seeded: bool) -> np.ndarray:
+         text_path: Path, *, seeded: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic.
     ``seeded``: the orientations are grains' (FF or clustered), not a library (see
-    :func:`nfjax.fit.refinement_options`)."""
+    :func:`nfjax.fit.refinement_options`). Returns the records (every rank) and the
+    ``.AllMatches`` rows (rank 0; ``None`` elsewhere)."""
     from nfjax.fit import fit_grid, refinement_options
-    from nfjax.io.mic import read_binary_mic, write_allmatches, write_binary_mic, write_text_mic
+    from nfjax.io.mic import (allmatches_path, read_allmatches, read_binary_mic,
+                              write_allmatches, write_binary_mic, write_text_mic)
     from nfjax.parallel import block_range
 
     n_sol = max(1, int(params.save_n_solutions or 1))
-    am_path = Path(str(bin_path) + ".AllMatches")
+    am_path = allmatches_path(bin_path)
     inputs = value_hash(
         hashlib.sha256(np.ascontiguousarray(grid).tobytes()).hexdigest(),
         hashlib.sha256(np.ascontiguousarray(spots.spots).tobytes()).hexdigest(),
@@ -365,10 +367,15 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
                            num_phases=params.num_phases or 1,
                            global_position=params.global_position or 0.0)
         run.comm.barrier()
-        return records if run.comm.is_root else read_binary_mic(bin_path).records
+        if run.comm.is_root:
+            return records, allm
+        return read_binary_mic(bin_path).records, None
 
-    return run.stage(name, inputs, [bin_path, am_path, text_path], compute,
-                     lambda: read_binary_mic(bin_path).records)
+    def load():
+        return (read_binary_mic(bin_path).records,
+                read_allmatches(am_path, n_sol) if run.comm.is_root else None)
+
+    return run.stage(name, inputs, [bin_path, am_path, text_path], compute, load)
 
 
 def _map(run: Run, name: str, mic_path: Path) -> None:
@@ -410,26 +417,16 @@ def _merge(seeded: np.ndarray, unseeded: np.ndarray, rows: np.ndarray,
     return merged
 
 
-def _publish(run: Run, records: np.ndarray, allmatches: np.ndarray) -> None:
+def _publish(run: Run, records: np.ndarray, allmatches: np.ndarray | None) -> None:
     """Write the current result under MIDAS's ``MicFileBinary`` (+ ``.AllMatches``), which
-    every loop overwrites; the stages' own binaries keep their per-pass names, so a
-    resumed run reloads each pass from its own files."""
-    from nfjax.io.mic import write_allmatches, write_binary_mic
+    every loop overwrites (rank 0); the stages' own binaries keep their per-pass names, so
+    a resumed run reloads each pass from its own files."""
+    from nfjax.io.mic import allmatches_path, write_allmatches, write_binary_mic
 
     if run.comm.is_root:
         bin_path = run.out / run.params.mic_file_binary
         write_binary_mic(bin_path, records)
-        write_allmatches(Path(str(bin_path) + ".AllMatches"), allmatches)
-
-
-def _allmatches(run: Run, bin_path: Path) -> np.ndarray | None:
-    """The ``.AllMatches`` rows a fit stage wrote beside ``bin_path`` (rank 0 only)."""
-    from nfjax.io.mic import read_allmatches
-
-    if not run.comm.is_root:
-        return None
-    n_sol = max(1, int(run.params.save_n_solutions or 1))
-    return read_allmatches(Path(str(bin_path) + ".AllMatches"), n_sol)
+        write_allmatches(allmatches_path(bin_path), allmatches)
 
 
 def _multi(run: Run, hkls, quats0) -> Path:
@@ -458,9 +455,9 @@ def _multi(run: Run, hkls, quats0) -> Path:
     spots_all = _spots(run, "spots_all", hkls, quats0, run.out)
     current = run.out / f"{base}.0"
     bin0 = run.out / f"{p.mic_file_binary}.0"
-    records = _fit(run, "fit0", p0, grid, spots_all, obs, hkls, bin0, current,
-                   seeded=run.ff_seeds)
-    _publish(run, records, _allmatches(run, bin0))
+    records, allmatches = _fit(run, "fit0", p0, grid, spots_all, obs, hkls, bin0, current,
+                               seeded=run.ff_seeds)
+    _publish(run, records, allmatches)
     if not np.array_equal(quats0, quats_all):
         spots_all = _spots(run, "spots_library", hkls, quats_all, run.out / "library")
     min_conf = unresolved_below(p)
@@ -493,20 +490,19 @@ def _multi(run: Run, hkls, quats0) -> Path:
         grid = _grid(run, f"grid{k}", pk, run.out / (p.grid_file_name or "grid.txt"))
         spots_k = _spots(run, f"spots{k}", hkls, seeds_k, run.out / f"seeded{k}")
         seeded_bin = run.out / f"{p.mic_file_binary}.seeded{k}"
-        seeded = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls, seeded_bin,
-                      run.out / f"{base}.{k}", seeded=True)
-        allmatches = _allmatches(run, seeded_bin)
+        seeded, allmatches = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls,
+                                  seeded_bin, run.out / f"{base}.{k}", seeded=True)
         bad = np.flatnonzero(seeded[:, 10] < min_conf)
         merged_path = run.out / f"{base}_merged.{k}"
         if bad.size:
             unseeded_bin = run.out / f"{p.mic_file_binary}.unseeded{k}"
-            unseeded = _fit(run, f"unseeded{k}", pk, grid[bad], spots_all, obs, hkls,
-                            unseeded_bin, run.out / f"{base}_all_solutions.{k}",
-                            seeded=False)
+            unseeded, unseeded_am = _fit(run, f"unseeded{k}", pk, grid[bad], spots_all, obs,
+                                         hkls, unseeded_bin,
+                                         run.out / f"{base}_all_solutions.{k}", seeded=False)
             better = unseeded[:, 10] > seeded[bad, 10]
             records = _merge(seeded, unseeded, bad, better)
             if run.comm.is_root:
-                allmatches = _merge(allmatches, _allmatches(run, unseeded_bin), bad, better)
+                allmatches = _merge(allmatches, unseeded_am, bad, better)
         else:
             records = seeded
         _publish(run, records, allmatches)

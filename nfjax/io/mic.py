@@ -145,6 +145,11 @@ def write_binary_mic(path: str | os.PathLike, records) -> None:
         fh.write(np.ascontiguousarray(arr, dtype="<f8").tobytes())
 
 
+def allmatches_path(bin_path: str | os.PathLike) -> Path:
+    """The ``.AllMatches`` companion of a binary mic: ``<bin_path>.AllMatches``."""
+    return Path(str(bin_path) + ".AllMatches")
+
+
 def read_allmatches(path: str | os.PathLike, n_solutions: int) -> np.ndarray:
     """Read ``<MicFileBinary>.AllMatches``: ``(N, 7 + 4·n_solutions)`` float64.
 
