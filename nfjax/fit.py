@@ -51,7 +51,7 @@ from nfjax.geometry import Geometry, geometry_from_params, tilt_matrix
 from nfjax.grid import triangle_vertices, up_down
 from nfjax.orientation import (euler_to_matrix_midas, euler_to_quat, matrix_to_euler,
                                misorientation, normalize_mat, rotvec_matrix)
-from nfjax.score import frac_from_counts, hard_counts
+from nfjax.score import frac_from_counts, hard_counts, hard_counts_voxels
 
 Array = Any
 
@@ -228,18 +228,15 @@ class FitResult:
 def _screen_fn(geom: Geometry, box: int, shape: tuple, sticky: bool):
     """Jitted ``(verts (V,3,2), spots (O,S,3), mask (O,S), words) → (total, overlap) (O,V)``.
 
-    The inner vmap runs over voxels, the outer over orientations: everything that depends
-    only on a spot (frame bin, projected centre, distance-scaled base pixel) stays
-    unbatched over voxels, so each voxel pays only for its vertex shift, rounding and
-    look-ups, and the counts are reduced inside the function.
+    :func:`nfjax.score.hard_counts_voxels` (spot-major, voxels innermost) vmapped over
+    the orientations; the counts are reduced inside the function.
     """
     rt = tilt_matrix(geom.tilts)
 
-    def pair(verts, spots, mask, words):
-        return hard_counts(verts, spots[:, 0], spots[:, 1], spots[:, 2], mask, geom, box,
-                           words, shape, rt, sticky=sticky)
+    def per_orient(verts, spots, mask, words):
+        return hard_counts_voxels(verts, spots[:, 0], spots[:, 1], spots[:, 2], mask, geom,
+                                  box, words, shape, rt, sticky=sticky)
 
-    per_orient = jax.vmap(pair, in_axes=(0, None, None, None))
     return jax.jit(jax.vmap(per_orient, in_axes=(None, 0, 0, None)))
 
 

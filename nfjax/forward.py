@@ -193,18 +193,34 @@ def footprint_offsets(rel: Array, box: int) -> tuple[Array, Array, Array]:
     rasteriser runs over a ``box × box`` window from the rounded bounding-box corner.
     Returns ``oy (P,), oz (P,)`` int32 and ``ok (P,)`` with ``P = box²`` (z-major order).
     """
+    return _offsets([rel[k, 0] for k in range(3)], [rel[k, 1] for k in range(3)], box)
+
+
+def _offsets(ry, rz, box: int) -> tuple[Array, Array, Array]:
+    """:func:`footprint_offsets` of the vertex coordinates ``ry, rz``: sequences of the
+    three vertices' scalars (px).
+
+    Written vertex by vertex with elementwise operations only, no (3,) vectors, reductions
+    or stacks over the vertices: XLA:CPU lowers a small reduce to a library call and keeps
+    a sliced vector of divisions as a shared intermediate, and either splits the screen's
+    per-(voxel, spot) chain into several loops that stream their float intermediates
+    through memory (about 2x slower). The mean is summed in jnp.mean's order,
+    ((r0 + r1) + r2) / 3, so the result is bit-identical.
+    """
     if box == 1:
-        m = jnp.mean(rel, axis=0)
-        o = round_half_away(m).astype(jnp.int32)
-        return o[0:1], o[1:2], jnp.ones((1,), bool)
-    vr = round_half_away(rel)
-    ymin, zmin = jnp.min(vr[:, 0]), jnp.min(vr[:, 1])
-    ymax, zmax = jnp.max(vr[:, 0]), jnp.max(vr[:, 1])
-    steps = jnp.arange(box, dtype=rel.dtype)
+        oy = round_half_away((ry[0] + ry[1] + ry[2]) / 3).astype(jnp.int32)
+        oz = round_half_away((rz[0] + rz[1] + rz[2]) / 3).astype(jnp.int32)
+        return oy[None], oz[None], jnp.ones((1,), bool)
+    vy, vz = [round_half_away(r) for r in ry], [round_half_away(r) for r in rz]
+    ymin = jnp.minimum(jnp.minimum(vy[0], vy[1]), vy[2])
+    zmin = jnp.minimum(jnp.minimum(vz[0], vz[1]), vz[2])
+    ymax = jnp.maximum(jnp.maximum(vy[0], vy[1]), vy[2])
+    zmax = jnp.maximum(jnp.maximum(vz[0], vz[1]), vz[2])
+    steps = jnp.arange(box, dtype=jnp.result_type(ry[0]))
     pz, py = jnp.meshgrid(zmin + steps, ymin + steps, indexing="ij")   # outer z, inner y
     py, pz = py.reshape(-1), pz.reshape(-1)
     in_box = (py <= ymax) & (pz <= zmax)
-    v0, v1, v2 = vr[0], vr[1], vr[2]
+    v0, v1, v2 = (vy[0], vz[0]), (vy[1], vz[1]), (vy[2], vz[2])
 
     def orient(a, b):
         return (b[0] - a[0]) * (pz - a[1]) - (b[1] - a[1]) * (py - a[0])
@@ -323,13 +339,16 @@ def spot_footprint(verts: Array, yl: Array, zl: Array, omega: Array, geom: Geome
     if rt is None:
         rt = tilt_matrix(geom.tilts)
     frame, frame_ok = frame_of(omega, yl, zl, geom)
-    Y, Z = displace(verts, yl, zl, omega, geom.lsd[0])
-    ty, tz = project(Y, Z, geom, rt)
-    verts_in = jnp.all((ty <= geom.nr_pixels_y) & (ty >= 0)
-                       & (tz <= geom.nr_pixels_z) & (tz >= 0))
     cy, cz = project(yl, zl, geom, rt)
-    rel = jnp.stack([ty - cy, tz - cz], axis=-1)
-    oy, oz, pix_ok = footprint_offsets(rel, box)
+    # Vertex by vertex, not as a (3,) vector: see _offsets.
+    ry, rz, verts_in = [], [], True
+    for k in range(3):
+        ty, tz = project(*displace(verts[k], yl, zl, omega, geom.lsd[0]), geom, rt)
+        verts_in = verts_in & ((ty <= geom.nr_pixels_y) & (ty >= 0)
+                               & (tz <= geom.nr_pixels_z) & (tz >= 0))
+        ry.append(ty - cy)
+        rz.append(tz - cz)
+    oy, oz, pix_ok = _offsets(ry, rz, box)
     cy_d, cz_d = distance_centres(cy, cz, geom)
     base_y = jnp.floor(cy_d).astype(jnp.int32)
     base_z = jnp.floor(cz_d).astype(jnp.int32)

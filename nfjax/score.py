@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nfjax.forward import bragg_v, displace, distance_centres, predict_spots, project, spot_footprint
 from nfjax.geometry import Geometry, tilt_matrix
@@ -108,19 +109,78 @@ def hard_spot_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Ar
     the detector also drops every later pixel of the same spot, §12 item 6); the default
     drops only that pixel. Returns ``(total (S,), overlap (S,))`` int32.
     """
-    if rt is None:
-        rt = tilt_matrix(geom.tilts)
-    fp = jax.vmap(lambda y, z, w: spot_footprint(verts, y, z, w, geom, box, rt))(yl, zl, omega)
-    spot_ok = valid & fp.frame_ok & fp.verts_in                        # (S,)
-    on_det = jnp.all(fp.in_range, axis=-1)                             # (S, P)
+    keep, found = _pixel_flags(verts, yl, zl, omega, valid, geom, box, words, shape, rt,
+                               sticky)
+    return (jnp.sum(keep, axis=-1, dtype=jnp.int32),
+            jnp.sum(found, axis=-1, dtype=jnp.int32))
+
+
+def _flags(fp, valid, words, shape, sticky):
+    """``(keep, found)`` bool ``(..., P)`` of footprints ``fp`` with any leading batch
+    axes; ``valid`` broadcasts against ``fp.frame_ok``."""
+    spot_ok = valid & fp.frame_ok & fp.verts_in                        # (...)
+    on_det = jnp.all(fp.in_range, axis=-1)                             # (..., P)
     if sticky:
         bad = fp.pix_ok & ~on_det
         on_det = jnp.cumsum(bad.astype(jnp.int32), axis=-1) == 0
-    keep = spot_ok[:, None] & fp.pix_ok & on_det                       # (S, P)
-    lit = lookup_all_distances(words, shape, fp.frame[:, None], fp.py, fp.pz)   # (S, P, D)
-    found = keep & jnp.all(lit, axis=-1)
-    return (jnp.sum(keep, axis=-1, dtype=jnp.int32),
-            jnp.sum(found, axis=-1, dtype=jnp.int32))
+    keep = spot_ok[..., None] & fp.pix_ok & on_det                     # (..., P)
+    lit = lookup_all_distances(words, shape, fp.frame[..., None], fp.py, fp.pz)  # (..., P, D)
+    return keep, keep & jnp.all(lit, axis=-1)
+
+
+def _pixel_flags(verts, yl, zl, omega, valid, geom, box, words, shape, rt, sticky):
+    """``(keep, found)`` bool ``(S, P)`` of :func:`hard_spot_counts`: whether each
+    footprint pixel counts in the denominator, and whether it is also lit."""
+    if rt is None:
+        rt = tilt_matrix(geom.tilts)
+    fp = jax.vmap(lambda y, z, w: spot_footprint(verts, y, z, w, geom, box, rt))(yl, zl, omega)
+    return _flags(fp, valid, words, shape, sticky)
+
+
+def _packed_sum(keep: Array, found: Array, axis) -> tuple[Array, Array]:
+    """``(sum(keep), sum(found))`` int32 over ``axis``, from one reduction of one packed
+    integer per pixel (``found`` in the high half).
+
+    With two separate sums XLA:CPU computes the footprint chain in several loops and
+    streams its float intermediates through memory between them (about 1.5x slower in the
+    screen). The halves cannot carry into each other: a count is at most the number of
+    pixels summed.
+    """
+    axes = range(keep.ndim) if axis is None else np.atleast_1d(axis)
+    n_pix = int(np.prod([keep.shape[a] for a in axes], dtype=np.int64))
+    if n_pix < 1 << 15:
+        it, shift = jnp.int32, 16
+    elif jax.config.jax_enable_x64 and n_pix < 1 << 31:
+        it, shift = jnp.int64, 32
+    else:
+        return (jnp.sum(keep, axis=axis, dtype=jnp.int32),
+                jnp.sum(found, axis=axis, dtype=jnp.int32))
+    packed = jnp.sum(keep.astype(it) + (found.astype(it) << shift), axis=axis, dtype=it)
+    return ((packed & ((1 << shift) - 1)).astype(jnp.int32),
+            (packed >> shift).astype(jnp.int32))
+
+
+def hard_counts_voxels(verts: Array, yl: Array, zl: Array, omega: Array, valid: Array,
+                       geom: Geometry, box: int, words: Array, shape: tuple,
+                       rt: Array | None = None, *, sticky: bool = False
+                       ) -> tuple[Array, Array]:
+    """:func:`hard_counts` of many voxels ``verts (V,3,2)`` against one orientation's
+    spots ``(S,)``: ``(total (V,), overlap (V,))`` int32 — the screen's kernel.
+
+    Computed spot-major, voxels innermost: the look-ups of one spot for neighbouring
+    voxels fall on nearby pixels of one frame (cache lines shared), and the per-spot
+    quantities broadcast along the vector lanes. On the CPU this is about 2x faster than
+    vmapping :func:`hard_counts` over the voxels.
+    """
+    if rt is None:
+        rt = tilt_matrix(geom.tilts)
+
+    def one_spot(y, z, w):
+        return jax.vmap(lambda v: spot_footprint(v, y, z, w, geom, box, rt))(verts)
+
+    fp = jax.vmap(one_spot)(yl, zl, omega)                             # (S, V, ...)
+    keep, found = _flags(fp, valid[:, None], words, shape, sticky)     # (S, V, P)
+    return _packed_sum(keep, found, (0, 2))
 
 
 def hard_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Array,
@@ -128,9 +188,9 @@ def hard_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Array,
                 rt: Array | None = None, *, sticky: bool = False) -> tuple[Array, Array]:
     """``(Total, Overlap)`` int32 scalars of one voxel and one orientation's spots: the sums
     of :func:`hard_spot_counts` over the spots."""
-    total, overlap = hard_spot_counts(verts, yl, zl, omega, valid, geom, box, words, shape,
-                                      rt, sticky=sticky)
-    return jnp.sum(total), jnp.sum(overlap)
+    keep, found = _pixel_flags(verts, yl, zl, omega, valid, geom, box, words, shape, rt,
+                               sticky)
+    return _packed_sum(keep, found, None)
 
 
 def frac_from_counts(total: Array, overlap: Array, dtype=jnp.float64) -> Array:
