@@ -99,7 +99,7 @@ def _param_threshold(params):
     return max(found, key=lambda t: t[0])[1] if found else None
 
 
-def _settings(params, max_angle, min_confidence, space_group):
+def cluster_settings(params, max_angle=None, min_confidence=None, space_group=None):
     """Effective (space group, max angle deg, threshold, lattice (6,)): argument > params >
     Mic2GrainsList default."""
     sg = space_group
@@ -272,7 +272,7 @@ def cluster_mic(mic, params=None, max_angle=None, min_confidence=None, space_gro
     from nfjax.crystal import symmetry_quaternions
     from nfjax.orientation import euler_to_matrix_midas, matrix_to_quat
 
-    sg, angle, thr, lattice = _settings(params, max_angle, min_confidence, space_group)
+    sg, angle, thr, lattice = cluster_settings(params, max_angle, min_confidence, space_group)
     sym = symmetry_quaternions(sg)
     records = np.asarray(mic.records, dtype=np.float64)
     if records.ndim != 2 or records.shape[1] < 11:

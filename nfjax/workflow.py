@@ -13,9 +13,10 @@ Stages and their inputs (a stage reruns when the hash of its inputs changes):
 → ``map``. Multi-resolution runs ``grid0``/``spots_all``/``fit0``, then per loop K
 ``clusterK``, ``seedsK``, ``gridK``, ``spotsK``, ``seededK`` and ``unseededK``; the merge
 is recomputed from the two passes. Every fit pass writes its own binary
-(``MicFileBinary.0``, ``.seededK``, ``.unseededK``), which is what a resumed run reloads;
-``MicFileBinary`` itself holds the latest result, as in MIDAS, and is rewritten by every
-loop.
+(``MicFileBinary.0``, ``.seededK``, ``.unseededK``) and every loop its own grid
+(``grid.txt.K``), which is what a resumed run reloads; ``MicFileBinary`` and ``grid.txt``
+themselves hold the latest result, as in MIDAS, and are rewritten by every loop. A
+stage's inputs include the paths it writes, so renaming an output reruns it.
 
 Differences from MIDAS (also in docs/midas-differences.md): the merge keeps, per voxel, the
 better of the seeded and unseeded results (MIDAS overwrites unconditionally, so an empty
@@ -103,6 +104,24 @@ class Manifest:
             json.dump({"version": 1, "stages": self.stages}, fh, indent=1, sort_keys=True)
 
 
+def array_hash(a) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def geometry_key(params) -> str:
+    """Hash of everything :func:`nfjax.geometry.geometry_from_params` reads (the forward
+    model's detector, scan and wavelength)."""
+    from nfjax.geometry import geometry_from_params
+
+    g = geometry_from_params(params)
+    return value_hash({f.name: (np.asarray(getattr(g, f.name)).tolist()
+                                if f.name in ("lsd", "ybc", "zbc", "tilts", "px", "wedge")
+                                else getattr(g, f.name))
+                       for f in dataclasses.fields(g)})
+
+
 # --------------------------------------------------------------------------- context
 @dataclasses.dataclass
 class Run:
@@ -126,6 +145,9 @@ class Run:
         Under MPI rank 0 alone reads the manifest and decides, so every rank takes the same
         branch, and no rank leaves a stage before rank 0 has written its outputs (later
         stages read them on every rank)."""
+        # Where a stage writes is one of its inputs: renaming an output (MicFileBinary,
+        # SeedOrientations, ...) reruns the stage instead of reloading a path that is gone.
+        inputs = value_hash(inputs, sorted(os.path.relpath(p, self.out) for p in outputs))
         done = self.comm.bcast(self.manifest.is_done(name, inputs) if self.comm.is_root
                                else None)
         if done:
@@ -245,7 +267,10 @@ def _seeds_from_grains_stage(run: Run, name: str, grains_path: Path, out_path: P
                      lambda: read_seeds(out_path))
 
 
-def _grid(run: Run, name: str, params, path: Path):
+def _grid(run: Run, name: str, params, path: Path, shared: Path | None = None):
+    """The grid stage, written to ``path``. A multi-resolution loop also writes it to
+    ``shared`` (MIDAS's ``grid.txt``, which every loop overwrites) but records and reloads
+    only its own ``path``, so a resumed run does not redo every loop's grid."""
     from nfjax.grid import grid_from_params
     from nfjax.io.gridfile import read_grid, write_grid
 
@@ -254,13 +279,18 @@ def _grid(run: Run, name: str, params, path: Path):
                         params.grid_mask, params.tomo_pixel_size,
                         file_fingerprint(tomo) if tomo and tomo.exists() else None)
 
+    def publish(grid):
+        if run.comm.is_root and shared is not None:
+            write_grid(grid, shared)
+        return grid
+
     def compute():
         grid = grid_from_params(params)
         if run.comm.is_root:
             write_grid(grid, path)
-        return grid
+        return publish(grid)
 
-    return run.stage(name, inputs, [path], compute, lambda: read_grid(path))
+    return run.stage(name, inputs, [path], compute, lambda: publish(read_grid(path)))
 
 
 def _spots(run: Run, name: str, hkls, quats, out_dir: Path):
@@ -273,9 +303,8 @@ def _spots(run: Run, name: str, hkls, quats, out_dir: Path):
     table = select_rings(hkls, p.rings_to_use)
     geom = geometry_from_params(p)
     paths = [out_dir / n for n in NAMES]
-    inputs = value_hash(hashlib.sha256(np.ascontiguousarray(quats).tobytes()).hexdigest(),
-                        hashlib.sha256(np.ascontiguousarray(table.g).tobytes()).hexdigest(),
-                        p.lsd, p.omega_ranges, p.box_sizes, p.exclude_pole_angle)
+    inputs = value_hash(array_hash(quats), array_hash(table.g), array_hash(table.theta),
+                        geometry_key(p))
 
     def compute():
         spots = make_diffraction_spots(quats, table.g, table.theta, geom,
@@ -331,7 +360,7 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
     ``seeded``: the orientations are grains' (FF or clustered), not a library (see
     :func:`nfjax.fit.refinement_options`). Returns the records (every rank) and the
     ``.AllMatches`` rows (rank 0; ``None`` elsewhere)."""
-    from nfjax.fit import fit_grid, refinement_options
+    from nfjax.fit import fit_grid, refinement_options, unresolved_below
     from nfjax.io.mic import (allmatches_path, read_allmatches, read_binary_mic,
                               write_allmatches, write_binary_mic, write_text_mic)
     from nfjax.parallel import block_range
@@ -339,13 +368,15 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
     n_sol = max(1, int(params.save_n_solutions or 1))
     am_path = allmatches_path(bin_path)
     inputs = value_hash(
-        hashlib.sha256(np.ascontiguousarray(grid).tobytes()).hexdigest(),
-        hashlib.sha256(np.ascontiguousarray(spots.spots).tobytes()).hexdigest(),
+        array_hash(grid), array_hash(spots.key), array_hash(spots.spots),
+        array_hash(spots.orient),
         file_fingerprint(run.out / "SpotsInfo.bin") if (run.out / "SpotsInfo.bin").exists()
         else value_hash(int(obs.words.shape[0])),
+        # the refinement predicts spots itself, from the hkls and the geometry
+        array_hash(hkls.g), array_hash(hkls.theta), params.rings_to_use, geometry_key(params),
         params.min_frac_accept, params.orient_tol, n_sol, params.min_miso_n_saves,
-        params.space_group, params.lsd, params.bc, params.tx, params.ty, params.tz,
-        params.px, params.wedge, params.omega_start, params.omega_step,
+        params.space_group, unresolved_below(params),
+        params.phase_nr, params.num_phases, params.global_position,
         "midas-refinement" if run.midas_refinement else "default-refinement",
         "seeded" if seeded else "library")
 
@@ -430,7 +461,7 @@ def _publish(run: Run, records: np.ndarray, allmatches: np.ndarray | None) -> No
 
 
 def _multi(run: Run, hkls, quats0) -> Path:
-    from nfjax.cluster import cluster_mic, write_grains_csv
+    from nfjax.cluster import cluster_mic, cluster_settings, write_grains_csv
     from nfjax.fit import unresolved_below
     from nfjax.io.atomic import atomic_write
     from nfjax.io.mic import MicData, write_text_mic
@@ -451,7 +482,8 @@ def _multi(run: Run, hkls, quats0) -> Path:
     obs = _observations(run)
     # Loop 0: unseeded at the start size.
     p0 = p.replace(grid_size=float(f"{g0:.6f}"))
-    grid = _grid(run, "grid0", p0, run.out / (p.grid_file_name or "grid.txt"))
+    grid_path = run.out / (p.grid_file_name or "grid.txt")
+    grid = _grid(run, "grid0", p0, Path(f"{grid_path}.0"), grid_path)
     spots_all = _spots(run, "spots_all", hkls, quats0, run.out)
     current = run.out / f"{base}.0"
     bin0 = run.out / f"{p.mic_file_binary}.0"
@@ -483,11 +515,13 @@ def _multi(run: Run, hkls, quats0) -> Path:
                          len(grains), source, sizes, ", ..." if len(grains) > 10 else "")
             return grains
 
-        run.stage(f"cluster{k}", value_hash(hashlib.sha256(records.tobytes()).hexdigest()),
+        sg, angle, thr, lattice = cluster_settings(p)
+        run.stage(f"cluster{k}", value_hash(array_hash(records), sg, angle, thr,
+                                            lattice.tolist()),
                   [grains_path], cluster, lambda: None)
         seeds_k = _seeds_from_grains_stage(run, f"seeds{k}", grains_path,
                                            run.out / f"{sbase}.{k}")
-        grid = _grid(run, f"grid{k}", pk, run.out / (p.grid_file_name or "grid.txt"))
+        grid = _grid(run, f"grid{k}", pk, Path(f"{grid_path}.{k}"), grid_path)
         spots_k = _spots(run, f"spots{k}", hkls, seeds_k, run.out / f"seeded{k}")
         seeded_bin = run.out / f"{p.mic_file_binary}.seeded{k}"
         seeded, allmatches = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls,

@@ -130,6 +130,15 @@ def _skipped(out: Path) -> set[str]:
             and line.split()[4] == "skipped"}
 
 
+def _ran(out: Path) -> set[str]:
+    """Every stage of the last run in the master log, skipped or not."""
+    last = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    last = last.split("nfjax reconstruct")[-1]
+    return {line.split()[3] for line in last.splitlines()
+            if len(line.split()) > 4 and line.split()[2] == "stage"
+            and line.split()[4] in ("skipped", "started")}
+
+
 def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
     params = _setup(tmp_path / "run", spotsinfo, **_small())
     out = tmp_path / "run"
@@ -143,6 +152,21 @@ def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
                                                                           10.0)}))
     reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
     assert _skipped(out) == {"hkls", "seeds", "spots"}               # grid and fit reran
+    # The wavelength moves every Bragg angle: hkls, spots and fit rerun, and the result is
+    # the one a fresh run gives.
+    params.write_text(update_param_text(params.read_text(), {"Wavelength": 0.1725}))
+    reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    assert _skipped(out) == {"seeds", "grid"}
+    fresh = _setup(tmp_path / "fresh", spotsinfo)
+    fresh.write_text(params.read_text())
+    reconstruct(fresh, ff_seeds=True, image_processing=False, progress=False)
+    assert _final_bytes(out) == _final_bytes(tmp_path / "fresh")
+    # A renamed output reruns the stage that writes it instead of failing on the old path.
+    params.write_text(update_param_text(params.read_text(),
+                                        {"MicFileBinary": "renamed_bin.mic"}))
+    reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots"}
+    assert (out / "renamed_bin.mic").exists()
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -440,9 +464,21 @@ def test_multi_resolution_resume_after_kill(tmp_path, spotsinfo, multi_small, mo
     ref, _ = multi_small
     for name in MULTI_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
-    # Resumed again with nothing changed: no fit pass runs.
+    # Resumed again with nothing changed: no stage runs, not even a grid (each loop's grid
+    # is kept in grid.txt.K; grid.txt holds the last one, as in MIDAS).
     reconstruct(params, image_processing=False, resume=True, progress=False)
-    assert {"fit0", "seeded1", "unseeded1", "seeded2", "unseeded2"} <= _skipped(out)
+    stages = {"hkls", "grid0", "spots_all", "fit0", "spots_library"} | {
+        f"{s}{k}" for k in (1, 2) for s in ("cluster", "seeds", "grid", "spots", "seeded",
+                                            "unseeded")}
+    assert _skipped(out) == stages & _ran(out)
+    assert (out / "grid.txt").read_bytes() == (out / "grid.txt.2").read_bytes()
+    # A clustering setting reruns the clustering of both loops (and what it feeds), not
+    # loop 0.
+    params.write_text(update_param_text(params.read_text(), {"MaxAngle": 10.0}))
+    reconstruct(params, image_processing=False, resume=True, progress=False)
+    skipped = _skipped(out)
+    assert "fit0" in skipped and not {"cluster1", "cluster2"} & skipped, skipped
+    assert "%MaxAngle 10.0000" in (out / "Grains.csv.1").read_text()
 
 
 @pytest.mark.slow
