@@ -1262,11 +1262,9 @@ def run_fit(args) -> int:
     device = getattr(args, "device", None)
     ctx = contextlib.nullcontext()
     if device is not None:
-        try:
-            ctx = jax.default_device(jax.devices(device)[0])
-        except RuntimeError:
-            raise NfjaxError(f"--device {device}: no {device} device is available to JAX "
-                             f"(found {', '.join(d.platform for d in jax.devices())})") from None
+        from nfjax.parallel import local_device
+
+        ctx = jax.default_device(local_device(None, device))
     out = params.output_dir
     max_memory = getattr(args, "max_memory", None)
     progress = None

@@ -129,9 +129,15 @@ def world(force: bool | None = None) -> Comm:
     return Comm(rank=comm.Get_rank(), size=comm.Get_size(), mpi=comm)
 
 
-def local_device(comm: Comm, platform: str | None = None):
-    """The JAX device this rank should use: ranks on one node take its devices in turn."""
+def local_device(comm: Comm | None = None, platform: str | None = None):
+    """The JAX device this rank should use: ranks on one node take its devices in turn.
+    A ``platform`` JAX cannot give (``gpu`` on a CPU-only install) is a one-line error."""
     import jax
 
-    devices = jax.devices(platform) if platform else jax.devices()
-    return devices[comm.rank % len(devices)]
+    try:
+        devices = jax.devices(platform) if platform else jax.devices()
+    except RuntimeError:
+        raise NfjaxError(f"--device {platform}: no {platform} device is available to JAX "
+                         f"(found {', '.join(sorted({d.platform for d in jax.devices()}))})"
+                         ) from None
+    return devices[(comm.rank if comm is not None else 0) % len(devices)]

@@ -229,6 +229,74 @@ def validate(params, ff_seeds: bool) -> None:
                    "MicFileText", why="nfjax reconstruct")
 
 
+@dataclasses.dataclass
+class Inputs:
+    """What :func:`preflight` read: the loop-0 seeds (``None`` with ``--ff-seeds``: they
+    come from the GrainsFile) and the unseeded library of a multi-resolution run."""
+
+    quats: np.ndarray | None
+    quats_all: np.ndarray | None
+
+
+def _seed_source(params) -> str:
+    """The seed file of the first pass: SeedOrientations, or SeedOrientationsAll when a
+    multi-resolution run has no SeedOrientations file yet."""
+    if params.seed_orientations and params.resolve(params.seed_orientations).is_file():
+        return params.seed_orientations
+    return params.seed_orientations_all
+
+
+def preflight(params, ff_seeds: bool, image_processing: bool = True,
+              max_memory=None) -> Inputs:
+    """:func:`validate`, then read or check every input the run will need, so that a bad
+    one is a one-line error before anything is written: the memory budget, RingsToUse
+    against the reflection list, the first grid (GridMask / TomoImage), the seed and grain
+    files, and the observations (SpotsInfo.bin's size, or every raw frame's TIFF header)."""
+    from nfjax import observe
+    from nfjax.chunking import parse_memory
+    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.grid import grid_from_params
+    from nfjax.io.grains import read_grains_csv
+    from nfjax.io.seeds import read_seeds
+
+    validate(params, ff_seeds)
+    src = params.source
+    parse_memory(max_memory)
+    try:
+        select_rings(hkls_from_params(params), params.rings_to_use)
+    except NfjaxError as exc:
+        raise ParamError(f"{src}: {exc}") from None
+    first = params
+    if params.grid_refactor is not None:
+        first = params.replace(grid_size=float(f"{params.grid_refactor[0]:.6f}"))
+    grid_from_params(first)
+    quats = quats_all = None
+    if ff_seeds:
+        if len(read_grains_csv(params.resolve(params.grains_file))) == 0:
+            raise ParamError(f"{src}: GrainsFile {params.resolve(params.grains_file)} holds "
+                             "no grains")
+    else:
+        quats = read_seeds(params.resolve(_seed_source(params)))
+    if params.grid_refactor is not None:
+        quats_all = read_seeds(params.resolve(params.seed_orientations_all))
+    shape = observe.spots_info_shape(params)
+    if not image_processing:
+        path = params.output_dir / "SpotsInfo.bin"
+        if not path.is_file():
+            raise NfjaxError(f"{path}: not found (image processing was skipped with "
+                             "--no-image-processing / -doImageProcessing 0)")
+        sizes = {4 * w for w in observe.file_words(shape)}
+        if path.stat().st_size not in sizes:
+            raise NfjaxError(f"{path}: expected {' or '.join(map(str, sorted(sizes)))} bytes "
+                             f"for a SpotsInfo volume of shape (distances, frames, NY, NZ) = "
+                             f"{shape}, found {path.stat().st_size} bytes")
+    else:
+        from nfjax.images import check_frames
+
+        check_frames(params)
+    return Inputs(quats, quats_all)
+
+
 # --------------------------------------------------------------------------- stages
 def _hkls(run: Run):
     from nfjax.crystal import hkls_from_params
@@ -323,18 +391,11 @@ def _observations(run: Run):
     p = run.params
     path = run.out / "SpotsInfo.bin"
     shape = observe.spots_info_shape(p)
-    if not run.image_processing:
-        if not path.exists():
-            raise NfjaxError(f"{path}: not found (image processing was skipped with "
-                             "--no-image-processing / -doImageProcessing 0)")
+    if not run.image_processing:      # preflight checked that it is there
         return observe.read_spots_info(path, shape)
     from nfjax.images import frame_paths, median_image_path, process_all, write_median_image
 
     frames = [f for L in range(p.n_distances) for f in frame_paths(p, L)]
-    missing = [f for f in frames if not f.exists()]
-    if missing:
-        raise NfjaxError(f"{missing[0]}: raw frame not found ({len(missing)} of {len(frames)} "
-                         "frames missing; use --no-image-processing to reuse SpotsInfo.bin)")
     inputs = value_hash(p.blanket_subtraction, p.med_filt_radius, p.gauss_filt_radius,
                         p.log_mask_radius, p.do_log_filter, shape,
                         [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in frames])
@@ -460,12 +521,11 @@ def _publish(run: Run, records: np.ndarray, allmatches: np.ndarray | None) -> No
         write_allmatches(allmatches_path(bin_path), allmatches)
 
 
-def _multi(run: Run, hkls, quats0) -> Path:
+def _multi(run: Run, hkls, quats0, quats_all) -> Path:
     from nfjax.cluster import cluster_mic, cluster_settings, write_grains_csv
     from nfjax.fit import unresolved_below
     from nfjax.io.atomic import atomic_write
     from nfjax.io.mic import MicData, write_text_mic
-    from nfjax.io.seeds import read_seeds
 
     p = run.params
     g0, scale, n_loops = p.grid_refactor
@@ -478,7 +538,6 @@ def _multi(run: Run, hkls, quats0) -> Path:
         with open(all_path, "rb") as src, atomic_write(backup, "wb") as dst:
             shutil.copyfileobj(src, dst)
     run.comm.barrier()
-    quats_all = read_seeds(backup)
     obs = _observations(run)
     # Loop 0: unseeded at the start size.
     p0 = p.replace(grid_size=float(f"{g0:.6f}"))
@@ -560,12 +619,11 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     Under MPI an exception on one rank leaves the others waiting in the next collective;
     a script that calls this under ``mpiexec`` should end the job on error as the CLI does
     (:func:`nfjax.parallel.abort_other_ranks`), or run under ``python -m mpi4py``."""
-    from nfjax.io.seeds import read_seeds
     from nfjax.params import read_params
     from nfjax.parallel import local_device, world
 
     params = read_params(params_path)
-    validate(params, ff_seeds)
+    inputs = preflight(params, ff_seeds, image_processing, max_memory)
     comm = comm or world()
     if device:
         import jax
@@ -578,6 +636,8 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
               image_processing=image_processing, ff_seeds=ff_seeds,
               midas_refinement=midas_refinement)
     run.log.info("nfjax reconstruct %s (output %s, %d rank(s))", params.source, out, comm.size)
+    for warning in params.warnings:
+        run.log.info("warning: %s", warning)
     t0 = time.perf_counter()
     hkls = _hkls(run)
     if ff_seeds:
@@ -585,12 +645,10 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
         quats = _seeds_from_grains_stage(run, "seeds", params.resolve(params.grains_file),
                                          seeds_path)
     else:
-        src = params.seed_orientations if params.seed_orientations and \
-            params.resolve(params.seed_orientations).is_file() else params.seed_orientations_all
-        quats = read_seeds(params.resolve(src))
+        quats = inputs.quats
     if params.grid_refactor is None:
         final = _single(run, hkls, quats)
     else:
-        final = _multi(run, hkls, quats)
+        final = _multi(run, hkls, quats, inputs.quats_all)
     run.log.info("finished in %.1f s -> %s", time.perf_counter() - t0, final)
     return final

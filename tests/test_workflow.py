@@ -187,13 +187,86 @@ def test_bad_input_fails_before_any_work(tmp_path, spotsinfo, capsys, changes, m
     assert not (out / "hkls.csv").exists()                 # nothing ran
 
 
+def _bad(out: Path, spec: str) -> list[str]:
+    """Spoil one input of a run set up in ``out``; returns extra CLI arguments."""
+    params = out / "params.txt"
+    edit = {
+        "bad_seeds": {"SeedOrientations": "seeds.csv"},
+        "rings": {"RingsToUse": 99},
+        "mask": {"GridMask": (100.0, 110.0, 100.0, 110.0)},
+        "tomo": {"TomoImage": "tomo.bin", "TomoPixelSize": 1.0},
+        "library": {"GridRefactor": (5.0, 2.0, 1), "SeedOrientationsAll": "library.csv"},
+        "frames": {"OrigFileName": "au", "extOrig": "tif"},
+    }.get(spec, {})
+    if edit:
+        params.write_text(update_param_text(params.read_text(), edit))
+    (out / "seeds.csv").write_text("1,0,0,0\n1,0,0,abc\n" if spec == "bad_seeds"
+                                   else "1,0,0,0\n")
+    (out / "library.csv").write_text("1,0,0,0\n0,1,0,0,\n0.5,x\n")
+    args = ["--no-image-processing"]
+    if spec == "grains":
+        (out / "grs.csv").write_text((out / "grs.csv").read_text().splitlines()[0] + "\n")
+    if spec in ("grains", "mask", "tomo", "memory", "no_spotsinfo", "short_spotsinfo",
+                "device"):
+        args.append("--ff-seeds")
+    if spec == "memory":
+        args += ["--max-memory", "abc"]
+    if spec in ("no_spotsinfo", "short_spotsinfo"):
+        (out / "SpotsInfo.bin").unlink()
+        if spec == "short_spotsinfo":
+            (out / "SpotsInfo.bin").write_bytes(b"\0" * 1024)
+    if spec in ("frames", "no_names"):
+        args = ["--ff-seeds"]                       # process images: none are there
+    if spec == "device":
+        args += ["--device", "gpu"]
+    return args
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bad_seeds", "seeds.csv:2: expected 4 numbers"),
+    ("grains", "no grains found"),
+    ("rings", "params.txt: RingsToUse 99: no such ring"),
+    ("mask", "grid is empty after GridMask"),
+    ("tomo", "tomo.bin: tomography image (TomoImage) not found"),
+    ("memory", "--max-memory: expected a size"),
+    ("no_spotsinfo", "SpotsInfo.bin: not found (image processing was skipped"),
+    ("short_spotsinfo", "SpotsInfo.bin: expected"),
+    ("no_names", "params.txt: OrigFileName: expected a value"),
+    ("frames", "au_000000.tif: raw frame not found"),
+    ("library", "library.csv:3: expected at least 4"),
+    ("device", "--device gpu: no gpu device is available"),
+])
+def test_bad_inputs_read_later_fail_before_any_work(tmp_path, spotsinfo, capsys, spec,
+                                                    message):
+    """Inputs that used to be read by their stage (after hkls, seeds, grid and spots had
+    written their files) are read or checked up front: one line, nothing written."""
+    if spec == "device":
+        import jax
+
+        if any(d.platform == "gpu" for d in jax.devices()):
+            pytest.skip("a GPU is present: --device gpu is valid here")
+    out = tmp_path / "run"
+    _setup(out, spotsinfo, **_small())
+    args = _bad(out, spec)
+    before = sorted(p.name for p in out.iterdir())
+    rc = main(["reconstruct", str(out / "params.txt"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in out.iterdir()) == before      # nothing written
+
+
 def test_midas_driver_flags_are_accepted(tmp_path, spotsinfo, capsys):
-    params = _setup(tmp_path / "run", spotsinfo, **_small())
+    # A misspelt key is not silently dropped: the parser's warning is shown and logged.
+    params = _setup(tmp_path / "run", spotsinfo, raw="Gridrefactor 5 2 1\n", **_small())
     rc = main(["reconstruct", "-paramFN", str(params), "-nCPUs", "8", "-machineName", "local",
                "-ffSeedOrientations", "1", "-doImageProcessing", "0"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "-machineName local ignored" in err
+    log = (tmp_path / "run" / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    for text in (err, log):
+        assert "warning:" in text and "did you mean 'GridRefactor'" in text, text
     assert (tmp_path / "run" / "Au_txt_Reconstructed.mic").exists()
 
 
