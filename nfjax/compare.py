@@ -141,6 +141,8 @@ def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 2
     a, b = name_a, name_b
     if not 1 <= int(space_group) <= 230:
         raise NfjaxError(f"space group: expected an integer in 1..230, found {space_group}")
+    if nearest is not None and not (np.isfinite(nearest) and nearest > 0):
+        raise NfjaxError(f"--nearest: expected a positive distance in um, found {nearest!r}")
     sym = _symmetry(int(space_group))
     rows_a = np.asarray(rows_a, dtype=np.float64)
     rows_b = np.asarray(rows_b, dtype=np.float64)

@@ -33,8 +33,17 @@ _COVER_DENSITY = 2.0
 # point unchanged whatever the rounding of the comparison.
 _FZ_MARGIN = 1e-12
 _CHUNK = 1 << 19
-# Finest spacing accepted: 0.25 deg already means ~40 million triclinic orientations.
+# Finest spacing accepted: 0.25 deg means ~19 million cubic orientations.
 _MIN_RESOLUTION_DEG = 0.25
+# Largest library built: 50 million orientations are 1.6 GB in memory and ~2 GB of CSV, and
+# far more than a screen can search (triclinic at 0.25 deg would be ~908 million).
+_MAX_SEEDS = 50_000_000
+
+
+def _n_points(resolution_deg: float) -> int:
+    """Points of the whole rotation space at a covering resolution (degrees)."""
+    theta = math.radians(resolution_deg)
+    return int(math.ceil(2.0 * _COVER_DENSITY * math.pi / (theta - math.sin(theta))))
 
 
 def seeds_from_grains(grains) -> np.ndarray:
@@ -112,10 +121,21 @@ def uniform_seeds(space_group: int, resolution_deg: float, seed: int = 0) -> np.
     if not (_MIN_RESOLUTION_DEG <= res <= 90.0):
         raise NfjaxError(f"uniform seeds: resolution must be between {_MIN_RESOLUTION_DEG:g} "
                          f"and 90 degrees, found {resolution_deg!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise NfjaxError(f"uniform seeds: the random seed must be a non-negative integer, "
+                         f"found {seed!r}")
     sym = symmetry_quaternions(space_group)
-    theta = math.radians(res)
-    n = int(math.ceil(2.0 * _COVER_DENSITY * math.pi / (theta - math.sin(theta))))
-    n = max(n, 4 * sym.shape[0])
+    n = max(_n_points(res), 4 * sym.shape[0])
+    # The points cover the hemisphere w >= 0 of unit quaternions; one in |G| is kept.
+    kept = lambda n_points: n_points / sym.shape[0]   # noqa: E731
+    if kept(n) > _MAX_SEEDS:
+        finest = next(r / 100 for r in range(int(res * 100), 9001)
+                      if kept(_n_points(r / 100)) <= _MAX_SEEDS)
+        raise NfjaxError(
+            f"uniform seeds: space group {space_group} at {res:g} deg would be about "
+            f"{kept(n) / 1e6:.0f} million orientations (at most "
+            f"{_MAX_SEEDS // 1_000_000} million are built); use --resolution {finest:g} or "
+            "coarser")
     # w of q ⊗ s is q · (s0, -s1, -s2, -s3); fz_reduce compares it after normalising the
     # product, i.e. divided by |s| (MIDAS's 5-decimal operators are unit only to ~1e-5).
     conj = sym * np.array([1.0, -1.0, -1.0, -1.0])

@@ -203,8 +203,9 @@ def validate(params, ff_seeds: bool) -> None:
         if not params.seed_orientations_all:
             raise ParamError(f"{src}: GridRefactor needs SeedOrientationsAll (the orientation "
                              "library for the unseeded passes)")
-        if params.seed_orientations and (params.resolve(params.seed_orientations_all)
-                                         == params.resolve(params.seed_orientations)):
+        if params.seed_orientations and (
+                params.resolve(params.seed_orientations_all).resolve()
+                == params.resolve(params.seed_orientations).resolve()):
             raise ParamError(f"{src}: SeedOrientationsAll must differ from SeedOrientations "
                              f"(both are {params.seed_orientations}): each multi-resolution "
                              "loop rewrites SeedOrientations")
@@ -261,6 +262,9 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
 
     validate(params, ff_seeds)
     src = params.source
+    if params.output_dir.exists() and not params.output_dir.is_dir():
+        raise ParamError(f"{src}: OutputDirectory: expected a directory, found a file: "
+                         f"{params.output_dir}")
     parse_memory(max_memory)
     try:
         select_rings(hkls_from_params(params), params.rings_to_use)

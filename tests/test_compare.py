@@ -118,6 +118,13 @@ def test_nearest_pairs_maps_on_different_grids(tmp_path, capsys):
     assert compare_mics(empty, ref, nearest=1.0).n_matched == 0
     assert main(["compare", str(got), str(ref), "--nearest", "0.3"]) == 0
     assert "matched 2 (50.0% of B)" in capsys.readouterr().out
+    # 0 would match nothing (the bound is strict), a negative or nan distance everything
+    # or nothing: each is a one-line error.
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["compare", str(got), str(ref), "--nearest", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--nearest: expected a positive distance" in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_binary_holes_are_ignored_and_nothing_matched(tmp_path):

@@ -105,6 +105,20 @@ def test_bad_resolution_is_a_user_error(bad):
         uniform_seeds(225, bad)
 
 
+def test_library_too_large_to_build_is_refused_with_the_finest_resolution():
+    # Triclinic at 0.25 deg would be ~908 million orientations (29 GB): refused before any
+    # memory is taken, naming the finest resolution under the 50 million cap.
+    with pytest.raises(NfjaxError, match=r"about 908 million .* --resolution 0\.66 or coarser"):
+        uniform_seeds(1, 0.25)
+    assert len(uniform_seeds(1, 5.0)) == pytest.approx(113_497, rel=0.01)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
+def test_bad_random_seed_is_a_user_error(bad):
+    with pytest.raises(NfjaxError, match="random seed must be a non-negative integer"):
+        uniform_seeds(225, 5.0, seed=bad)
+
+
 @pytest.mark.slow
 def test_cubic_1p5deg_library_size_and_coverage():
     import time

@@ -175,6 +175,9 @@ def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
      "SeedOrientationsAll must differ from SeedOrientations"),
     ({"GrainsFile": "missing_grains.csv"}, "GrainsFile is not a readable file"),
     ({"raw": "GridRefactor 5.0 2.0 2.5\n"}, "GridRefactor: expected an integer"),
+    ({"GridRefactor": (5.0, 2.0, 2), "SeedOrientationsAll": "./sub/../seeds.csv"},
+     "SeedOrientationsAll must differ from SeedOrientations"),
+    ({"OutputDirectory": "seeds.csv"}, "OutputDirectory: expected a directory, found a file"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, spotsinfo, capsys, changes, message):
     out = tmp_path / "run"
