@@ -281,6 +281,26 @@ def spots_info_shape(params) -> tuple[int, int, int, int]:
             int(params.nr_pixels_y), int(params.nr_pixels_z))
 
 
+def check_spots_info(path, shape, missing: str = "SpotsInfo file not found") -> int:
+    """Size in bytes of the SpotsInfo.bin ``path`` if it can hold a volume of ``shape``
+    (MIDAS's floor or simulateNF's ceil word count, see :func:`read_spots_info`);
+    InputFileError naming the file otherwise (``missing``: the message when it is absent).
+    """
+    path = Path(path)
+    shape = tuple(int(s) for s in shape)
+    floor_w, ceil_w = file_words(shape)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: {missing}") from None
+    if size not in (4 * floor_w, 4 * ceil_w):
+        expected = f"{4 * floor_w}" if floor_w == ceil_w else f"{4 * floor_w} or {4 * ceil_w}"
+        raise InputFileError(
+            f"{path}: expected {expected} bytes for a SpotsInfo volume of shape "
+            f"(distances, frames, NY, NZ) = {shape}, found {size} bytes")
+    return size
+
+
 def read_spots_info(path, shape, *, mmap: bool = False) -> ObsVolume:
     """Read a SpotsInfo.bin of ``shape`` into host words.
 
@@ -291,16 +311,8 @@ def read_spots_info(path, shape, *, mmap: bool = False) -> ObsVolume:
     """
     path = Path(path)
     shape = tuple(int(s) for s in shape)
-    floor_w, ceil_w = file_words(shape)
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: SpotsInfo file not found") from None
-    if size not in (4 * floor_w, 4 * ceil_w):
-        expected = f"{4 * floor_w}" if floor_w == ceil_w else f"{4 * floor_w} or {4 * ceil_w}"
-        raise InputFileError(
-            f"{path}: expected {expected} bytes for a SpotsInfo volume of shape "
-            f"(distances, frames, NY, NZ) = {shape}, found {size} bytes")
+    size = check_spots_info(path, shape)
+    ceil_w = file_words(shape)[1]
     if mmap and size == 4 * ceil_w:
         words = np.memmap(path, dtype="<u4", mode="r", shape=(ceil_w,))
     else:

@@ -116,10 +116,9 @@ def geometry_key(params) -> str:
     from nfjax.geometry import geometry_from_params
 
     g = geometry_from_params(params)
-    return value_hash({f.name: (np.asarray(getattr(g, f.name)).tolist()
-                                if f.name in ("lsd", "ybc", "zbc", "tilts", "px", "wedge")
-                                else getattr(g, f.name))
-                       for f in dataclasses.fields(g)})
+    values = {f.name: getattr(g, f.name) for f in dataclasses.fields(g)}
+    return value_hash({k: np.asarray(v).tolist() if hasattr(v, "shape") else v
+                       for k, v in values.items()})
 
 
 # --------------------------------------------------------------------------- context
@@ -230,6 +229,13 @@ def validate(params, ff_seeds: bool) -> None:
                    "MicFileText", why="nfjax reconstruct")
 
 
+def _loop_params(params, k: int):
+    """The parameters of multi-resolution loop ``k``: GridSize ``G0 / scale**k`` as MIDAS
+    writes it (6 decimals)."""
+    g0, scale, _ = params.grid_refactor
+    return params.replace(grid_size=float(f"{g0 / scale ** k:.6f}"))
+
+
 @dataclasses.dataclass
 class Inputs:
     """What :func:`preflight` read: the loop-0 seeds (``None`` with ``--ff-seeds``: they
@@ -270,30 +276,19 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
         select_rings(hkls_from_params(params), params.rings_to_use)
     except NfjaxError as exc:
         raise ParamError(f"{src}: {exc}") from None
-    first = params
-    if params.grid_refactor is not None:
-        first = params.replace(grid_size=float(f"{params.grid_refactor[0]:.6f}"))
-    grid_from_params(first)
+    grid_from_params(params if params.grid_refactor is None else _loop_params(params, 0))
     quats = quats_all = None
     if ff_seeds:
-        if len(read_grains_csv(params.resolve(params.grains_file))) == 0:
-            raise ParamError(f"{src}: GrainsFile {params.resolve(params.grains_file)} holds "
-                             "no grains")
+        read_grains_csv(params.resolve(params.grains_file))   # raises if it holds no grains
     else:
         quats = read_seeds(params.resolve(_seed_source(params)))
     if params.grid_refactor is not None:
         quats_all = read_seeds(params.resolve(params.seed_orientations_all))
-    shape = observe.spots_info_shape(params)
     if not image_processing:
-        path = params.output_dir / "SpotsInfo.bin"
-        if not path.is_file():
-            raise NfjaxError(f"{path}: not found (image processing was skipped with "
-                             "--no-image-processing / -doImageProcessing 0)")
-        sizes = {4 * w for w in observe.file_words(shape)}
-        if path.stat().st_size not in sizes:
-            raise NfjaxError(f"{path}: expected {' or '.join(map(str, sorted(sizes)))} bytes "
-                             f"for a SpotsInfo volume of shape (distances, frames, NY, NZ) = "
-                             f"{shape}, found {path.stat().st_size} bytes")
+        observe.check_spots_info(params.output_dir / "SpotsInfo.bin",
+                                 observe.spots_info_shape(params),
+                                 missing="not found (image processing was skipped with "
+                                 "--no-image-processing / -doImageProcessing 0)")
     else:
         from nfjax.images import check_frames
 
@@ -532,7 +527,7 @@ def _multi(run: Run, hkls, quats0, quats_all) -> Path:
     from nfjax.io.mic import MicData, write_text_mic
 
     p = run.params
-    g0, scale, n_loops = p.grid_refactor
+    n_loops = p.grid_refactor[2]
     base = _SUFFIX.sub("", p.mic_file_text)
     sbase = _SUFFIX.sub("", Path(p.seed_orientations).name if p.seed_orientations
                         else "seeds.txt")
@@ -544,7 +539,7 @@ def _multi(run: Run, hkls, quats0, quats_all) -> Path:
     run.comm.barrier()
     obs = _observations(run)
     # Loop 0: unseeded at the start size.
-    p0 = p.replace(grid_size=float(f"{g0:.6f}"))
+    p0 = _loop_params(p, 0)
     grid_path = run.out / (p.grid_file_name or "grid.txt")
     grid = _grid(run, "grid0", p0, Path(f"{grid_path}.0"), grid_path)
     spots_all = _spots(run, "spots_all", hkls, quats0, run.out)
@@ -557,7 +552,7 @@ def _multi(run: Run, hkls, quats0, quats_all) -> Path:
         spots_all = _spots(run, "spots_library", hkls, quats_all, run.out / "library")
     min_conf = unresolved_below(p)
     for k in range(1, int(n_loops) + 1):
-        pk = p.replace(grid_size=float(f"{g0 / scale ** k:.6f}"))
+        pk = _loop_params(p, k)
         grains_path = run.out / f"Grains.csv.{k}"
 
         def cluster(records=records, grains_path=grains_path, k=k, source=current.name):
