@@ -191,6 +191,11 @@ RUN_VALUE_ERRORS = [
     (dict(contraction=1.0), "contraction parameter >= 1"),
     (dict(min_spots=3), "min_spots outside of [4..max_uint]"),
     (dict(n_iter=-1), "n_iter out of bounds for an unsigned integer"),
+    # nfjax additions (upstream: StopIteration-like failures or silently changed results)
+    (dict(length_threshold=0.0), "length_threshold <= 0"),
+    (dict(length_threshold=-1.0), "length_threshold <= 0"),
+    (dict(trimh=float("nan")), "trimh is not a number (nan)"),
+    (dict(max_dist=float("nan")), "max_dist is not a number (nan)"),
 ]
 
 
@@ -522,3 +527,77 @@ def test_count_first_shortcut_is_exact(data):
         np.testing.assert_allclose(scores, np.asarray(ref_scores), atol=2e-5)
         dev, det, _ = lattice_match(cell_of(cells, 0), np.asarray(ref_cells[0], np.float64))
         assert dev < 1e-3 and round(det) == 1
+
+
+def test_argument_types_are_checked_before_values(ix):
+    """As upstream's argument parsing: every conversion (TypeError) before any value check;
+    ``min_spots`` rejects strings and floats like the other integer arguments."""
+    spots = np.zeros((3, 10), np.float32)
+    cell = np.eye(3, dtype=np.float32) * 30
+    with pytest.raises(TypeError, match="n_iter: integer argument expected"):
+        ix.run(spots, cell, triml=-1, n_iter=1.5)
+    for bad in ("8", 8.0):
+        with pytest.raises(TypeError, match="min_spots: integer argument expected"):
+            ix.run(spots, cell, min_spots=bad)
+        with pytest.raises(TypeError, match="min_spots: integer argument expected"):
+            ix.crystals(np.zeros((3, 3), np.float32), spots, np.zeros(1, np.float32),
+                        min_spots=bad)
+
+
+def test_non_finite_or_degenerate_inputs_are_errors(ix, data):
+    """One NaN spot used to turn every score of the frame into NaN (and refinement off); a
+    NaN cell raised a bare StopIteration; a degenerate cell returned 0.0 "perfect" scores."""
+    d = data["test0"]
+    for value in (np.nan, np.inf):
+        spots = d.spots.copy()
+        spots[1, 5] = value
+        with pytest.raises(ValueError, match=r"^spot 5 is not finite \(.*\); 1 of 90 "):
+            ix.run(spots, d.cell)
+        with pytest.raises(ValueError, match="^spot 5 is not finite"):
+            ix.crystals(np.ascontiguousarray(np.tile(d.cell, 1)), spots,
+                        np.zeros(1, np.float32))
+    cell = d.cell.copy()
+    cell[2, 1] = np.nan
+    with pytest.raises(ValueError, match="^input cell vector 1 is not finite"):
+        ix.run(d.spots, cell)
+    same = np.ascontiguousarray(np.array([[30, 30, 0], [0, 0, 0], [0, 0, 50]], np.float32))
+    zero = np.zeros((3, 3), np.float32)
+    for bad in (same, zero):
+        with pytest.raises(ValueError, match="^input cell 0 is degenerate"):
+            ix.run(d.spots, bad)
+        with pytest.raises(ValueError, match="^input cell 0 is degenerate"):
+            ix.run_batch([d.spots], bad)
+
+
+def test_crystals_singular_cell_covers_nothing(ix, data):
+    """``ifssr`` coverage inverts the cell: a singular one covers no spot (was a NumPy
+    LinAlgError); a good cell next to it is still found."""
+    d = data["test0"]
+    cells = np.ascontiguousarray(np.concatenate([np.zeros((3, 3), np.float32), d.cell], axis=1))
+    scores = np.array([1.0, 0.0], np.float32)       # the good cell is visited first
+    assert ix.crystals(np.zeros((3, 3), np.float32), d.spots, np.zeros(1, np.float32)) is None
+    np.testing.assert_array_equal(ix.crystals(cells, d.spots, scores), [1])
+
+
+def test_crystals_accepts_the_module_documents_keyword_names(ix, data):
+    """The ffbidx module document calls them ``output_cells``/``output_scores``."""
+    d = data["image0_local"]
+    cells, scores = ix.run(d.spots, d.cell)
+    ref = ix.crystals(cells, d.spots, scores)
+    assert ref is not None and len(ref) >= 1
+    got = ix.crystals(output_cells=cells, spots=d.spots, output_scores=scores)
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(TypeError, match="both 'cells' and its alias 'output_cells'"):
+        ix.crystals(cells, d.spots, scores, output_cells=cells)
+    with pytest.raises(TypeError, match="missing required argument 'scores'"):
+        ix.crystals(cells, d.spots)
+
+
+def test_kth_norm_ranks_nan_last():
+    """The bit-pattern bisection read the default NaN (0xffc00000, sign bit set) as a
+    negative number, so a NaN residual ranked below every distance and gave score 0.0."""
+    nan = np.array([0xFFC00000], np.uint32).view(np.float32)[0]
+    nrm = np.array([[0.5, 0.3, nan, 0.1], [nan, nan, nan, nan]], np.float32)
+    got = np.asarray(core._kth_norm(jax.numpy.asarray(nrm), np.int32(2)))
+    assert got[0] == np.float32(0.3)
+    assert np.isinf(got[1])

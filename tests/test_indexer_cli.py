@@ -47,6 +47,23 @@ def test_index_malformed_file(tmp_path, capsys):
     assert f"{bad}:2: expected a spot 'x y z', found 2 numbers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"# cell in \xc5\n30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3\n",
+     ":1: not a simple-data text file (bytes that are not UTF-8)"),
+    (b"30 0 0 0 40 0 0 0 50 0.1 0.2 0.3\n0.1 0.2 0.3\n",
+     ":1: expected 9 cell numbers (ax ay az bx by bz cx cy cz), found 12"),
+    (b"30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3 0.4\n", ":2: expected a spot 'x y z', found 4 numbers"),
+    (b"30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3\nnan nan nan\n",
+     ":3: expected finite numbers, found 'nan nan nan'"),
+])
+def test_index_bad_file_is_one_line(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    assert main(["index", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}{message}" in err and len(err.strip().splitlines()) == 1
+
+
 def test_log_level_env():
     code = ("import numpy as np, nfjax\n"
             "from nfjax.indexer import Indexer\n"

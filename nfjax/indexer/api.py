@@ -13,6 +13,7 @@ already seen (spots are padded to ``max_spots`` for sampling and, above it, to a
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import sys
 import time
@@ -100,19 +101,60 @@ def select_device():
 
 
 # --------------------------------------------------------------------------- run settings
+def _as_int(value, name: str) -> int:
+    """A signed integer argument (``min_spots``): floats and non-numbers are a TypeError."""
+    if isinstance(value, (float, np.floating)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: integer argument expected, got {type(value).__name__}")
+    return int(value)
+
+
+def _alias(value, alias, name: str, alias_name: str):
+    if value is not None and alias is not None:
+        raise TypeError(f"crystals() got both '{name}' and its alias '{alias_name}'")
+    value = alias if value is None else value
+    if value is None:
+        raise TypeError(f"crystals() missing required argument '{name}'")
+    return value
+
+
+def _check_input_cells(vecs: np.ndarray, n_cells: int) -> None:
+    """Reject input cells that cannot index (an nfjax addition: upstream runs on, and returns
+    NaN cells or 0.0 "perfect" scores): a zero-length vector, or three vectors that span
+    (almost) no volume."""
+    for m in range(min(n_cells, len(vecs) // 3)):
+        cell = vecs[3 * m:3 * m + 3].astype(np.float64)
+        lengths = np.linalg.norm(cell, axis=1)
+        if not np.all(lengths > 0) or abs(np.linalg.det(cell)) <= 1e-6 * np.prod(lengths):
+            raise IndexerValueError(
+                f"input cell {m} is degenerate (vector lengths "
+                f"{', '.join(f'{v:.4g}' for v in lengths)} Å, volume "
+                f"{abs(np.linalg.det(cell)):.4g} Å³): give three independent vectors")
+
+
 class RunConfig:
     """Validated ``run()`` arguments (§11.6 order); dist1/dist3 ≤ 0 replaced by trimh."""
 
     def __init__(self, method, length_threshold, triml, trimh, delta, dist1, dist3,
                  vr_min_spots, num_halfsphere_points, num_angle_points, n_output_cells,
                  contraction, max_dist, min_spots, n_iter):
-        self.method = check_method(method)
+        # Argument conversion first (TypeError), then the value checks in upstream's order.
         self.length_threshold = as_float(length_threshold, "length_threshold")
         self.triml = as_float(triml, "triml")
         self.trimh = as_float(trimh, "trimh")
         self.delta = as_float(delta, "delta")
         dist1 = as_float(dist1, "dist1")
         dist3 = as_float(dist3, "dist3")
+        self.vr_min_spots = as_uint(vr_min_spots, "vr_min_spots")
+        self.num_halfsphere_points = as_uint(num_halfsphere_points, "num_halfsphere_points")
+        self.num_angle_points = as_uint(num_angle_points, "num_angle_points")
+        self.n_output_cells = as_uint(n_output_cells, "n_output_cells")
+        self.contraction = as_float(contraction, "contraction")
+        self.max_dist = as_float(max_dist, "max_dist")
+        min_spots = _as_int(min_spots, "min_spots")
+        self.n_iter = as_uint(n_iter, "n_iter")
+        self.method = check_method(method)
+        if not self.length_threshold > 0:  # nfjax addition: 0 or less groups no length
+            raise IndexerValueError("length_threshold <= 0")
         if self.triml < 0:
             raise IndexerValueError("lower trim value < 0")
         if self.trimh > 0.5:
@@ -123,26 +165,17 @@ class RunConfig:
             raise IndexerValueError("delta + triml <= 0")
         self.dist1 = self.trimh if dist1 <= 0 else dist1
         self.dist3 = self.trimh if dist3 <= 0 else dist3
-        self.vr_min_spots = as_uint(vr_min_spots, "vr_min_spots")
         if self.vr_min_spots != 0 and self.vr_min_spots < 4:
             raise IndexerValueError("vr_min_spots value too low")
-        self.num_halfsphere_points = as_uint(num_halfsphere_points, "num_halfsphere_points")
-        self.num_angle_points = as_uint(num_angle_points, "num_angle_points")
-        self.n_output_cells = as_uint(n_output_cells, "n_output_cells")
-        self.contraction = as_float(contraction, "contraction")
-        self.max_dist = as_float(max_dist, "max_dist")
         if self.contraction <= 0:
             raise IndexerValueError("contraction parameter <= 0")
         if self.max_dist <= 0:
             raise IndexerValueError("max distance parameter <= 0")
         if self.contraction >= 1:
             raise IndexerValueError("contraction parameter >= 1")
-        if isinstance(min_spots, (float, np.floating)):
-            raise TypeError(f"min_spots: integer argument expected, got {type(min_spots).__name__}")
-        if int(min_spots) < 4 or int(min_spots) > 2**32 - 1:
+        if min_spots < 4 or min_spots > 2**32 - 1:
             raise IndexerValueError("min_spots outside of [4..max_uint]")
-        self.min_spots = int(min_spots)
-        self.n_iter = as_uint(n_iter, "n_iter")
+        self.min_spots = min_spots
 
     def device_checks(self, ix: "Indexer") -> int:
         """The library-side checks (RuntimeError); returns Q."""
@@ -307,7 +340,7 @@ class Indexer:
                         contraction, max_dist, min_spots, n_iter)
         self._check_live()
         rows = spots_rows(spots)
-        cell_rows(input_cells)
+        _check_input_cells(cell_rows(input_cells), self.max_input_cells)
         n_out = cfg.device_checks(self)
         cells, scores = self._run_rows([rows], input_cells, cfg)[0]
         return cells_to_ffbidx(cells[:n_out]), np.ascontiguousarray(scores[:n_out])
@@ -336,7 +369,7 @@ class Indexer:
         cfg = RunConfig(method, **params)
         self._check_live()
         rows = [spots_rows(s) for s in spot_arrays]
-        cell_rows(input_cells)
+        _check_input_cells(cell_rows(input_cells), self.max_input_cells)
         n_out = cfg.device_checks(self)
         if not rows:
             return []
@@ -402,12 +435,40 @@ class Indexer:
             print(f"output cells:\n{cells}\nscores:\n{scores}")
         return list(zip(cells, scores))
 
-    def crystals(self, cells, spots, scores, method="ifssr", threshold=.00075, min_spots=8):
-        """ffbidx ``Indexer.crystals``: see :func:`crystals`."""
+    def crystals(self, cells=None, spots=None, scores=None, method="ifssr", threshold=.00075,
+                 min_spots=8, *, output_cells=None, output_scores=None):
+        """ffbidx ``Indexer.crystals``: see :func:`crystals`.
+
+        ``output_cells``/``output_scores`` are accepted as keyword aliases of ``cells``/
+        ``scores``: the ffbidx module document names them so, upstream's code does not.
+        """
+        cells = _alias(cells, output_cells, "cells", "output_cells")
+        scores = _alias(scores, output_scores, "scores", "output_scores")
+        if spots is None:
+            raise TypeError("crystals() missing required argument 'spots'")
         return crystals(cells, spots, scores, method, threshold, min_spots)
 
 
 # --------------------------------------------------------------------------- crystals
+def covered_spots(cell: np.ndarray, spots: np.ndarray, method: str, threshold) -> np.ndarray:
+    """Which ``spots (K,3)`` Å⁻¹ the cell ``(3 vectors, 3)`` Å indexes (§10): the error to
+    the induced spot (``ifssr``, Å⁻¹) or to the nearest Miller triple (else) is below
+    ``threshold``. Miller indices round half away from zero. A singular cell covers nothing
+    (upstream's float32 inverse would give inf/NaN errors, which compare false as well)."""
+    b = np.asarray(cell, np.float32).T                          # columns = vectors
+    x = spots @ b
+    h = np.where(np.abs(x - np.trunc(x)) == 0.5, np.trunc(x) + np.sign(x), np.rint(x))
+    if method == "ifssr":
+        try:
+            e = spots - h @ np.linalg.inv(b).astype(np.float32)
+        except np.linalg.LinAlgError:
+            return np.zeros(len(spots), bool)
+    else:
+        e = x - h
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.linalg.norm(e.astype(np.float32), axis=1) < threshold
+
+
 def crystals(cells, spots, scores, method="ifssr", threshold=.00075, min_spots=8):
     """Greedy selection of separate crystals among candidate cells (§10), host NumPy.
 
@@ -422,22 +483,13 @@ def crystals(cells, spots, scores, method="ifssr", threshold=.00075, min_spots=8
     s = spots_rows(spots)
     sc = score_vector(scores, len(vecs) // 3)
     threshold = np.float32(as_float(threshold, "threshold"))
-    if isinstance(min_spots, (float, np.floating)):
-        raise TypeError(f"min_spots: integer argument expected, got {type(min_spots).__name__}")
-    min_spots = int(min_spots)
+    min_spots = _as_int(min_spots, "min_spots")
     if min_spots < 0:  # upstream wraps to a huge unsigned value: nothing qualifies
         return None
     cell_arr = vecs.reshape(-1, 3, 3)
 
     def covered(i):
-        b = cell_arr[i].T                                        # columns = vectors
-        x = s @ b
-        h = np.where(np.abs(x - np.trunc(x)) == 0.5, np.trunc(x) + np.sign(x), np.rint(x))
-        if method == "ifssr":
-            e = s - h @ np.linalg.inv(b).astype(np.float32)
-        else:
-            e = x - h
-        return np.linalg.norm(e.astype(np.float32), axis=1) < threshold
+        return covered_spots(cell_arr[i], s, method, threshold)
 
     order = np.argsort(sc, kind="stable")
     union = covered(order[0])

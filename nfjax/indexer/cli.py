@@ -16,19 +16,11 @@ import time
 import jax
 import numpy as np
 
-from nfjax.indexer.api import Indexer
+from nfjax.indexer.api import Indexer, covered_spots
 from nfjax.indexer.simple_data import read_simple_data
 
 MILLER_THRESHOLD = 0.1
 RECIPROCAL_THRESHOLD = 0.00075
-
-
-def _covered(cell_rows: np.ndarray, spots_rows: np.ndarray, method: str, threshold: float):
-    b = cell_rows.T.astype(np.float32)
-    x = spots_rows @ b
-    h = np.where(np.abs(x - np.trunc(x)) == 0.5, np.trunc(x) + np.sign(x), np.rint(x))
-    e = spots_rows - h @ np.linalg.inv(b) if method == "ifssr" else x - h
-    return np.linalg.norm(e, axis=1) < threshold
 
 
 def index_file(ix: Indexer, path, method: str) -> dict:
@@ -56,7 +48,7 @@ def index_file(ix: Indexer, path, method: str) -> dict:
         cells, scores, found, seconds = once()
     best = int(np.argmin(scores))
     cell = np.asarray(cells[:, 3 * best:3 * best + 3].T, dtype=np.float64)
-    n_idx = int(_covered(cell, data.spots.T, method, threshold).sum())
+    n_idx = int(covered_spots(cell, data.spots.T, method, threshold).sum())
     return {"file": str(path), "cell": [[round(float(v), 6) for v in row] for row in cell],
             "score": float(scores[best]), "indexed_spots": n_idx,
             "n_crystals": 0 if found is None else int(len(found)), "seconds": seconds,

@@ -388,11 +388,14 @@ def _lstsq(spots, w, target):
 
 
 def _kth_norm(nrm, min_spots):
-    """The ``min_spots``-th smallest of non-negative ``nrm`` (Q, K) per row, exactly.
+    """The ``min_spots``-th smallest of non-negative ``nrm`` (Q, K) per row, exactly (NaN
+    counts as +inf).
 
     Bisection on the float32 bit patterns (monotonic for values ≥ 0, +inf included): 31
     compare-and-count passes instead of a sort, which is slow on XLA:CPU.
     """
+    # NaN (its sign bit may be set: 0/0 gives 0xffc00000) ranks as +inf, never as 0.
+    nrm = jnp.where(jnp.isnan(nrm), f32(jnp.inf), nrm)
     bits = jax.lax.bitcast_convert_type(nrm, i32)
     k = jnp.clip(min_spots, 1, nrm.shape[1])
 

@@ -46,10 +46,25 @@ def as_uint(value, name: str) -> int:
 
 
 def as_float(value, name: str) -> float:
-    """A float argument: any real number (Python ints included)."""
+    """A float argument: any real number (Python ints included); NaN is a ValueError (an
+    nfjax addition: upstream compares NaN silently and returns changed results)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: must be real number, not {type(value).__name__}")
-    return float(value)
+    value = float(value)
+    if value != value:
+        raise IndexerValueError(f"{name} is not a number (nan)")
+    return value
+
+
+def _check_finite(rows: np.ndarray, what: str) -> np.ndarray:
+    """Reject NaN/inf coordinates (an nfjax addition: upstream lets one non-finite spot turn
+    every score of the frame into NaN)."""
+    bad = ~np.isfinite(rows).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise IndexerValueError(f"{what} {i} is not finite ({' '.join(map(str, rows[i]))}); "
+                                f"{int(bad.sum())} of {len(rows)} non-finite")
+    return rows
 
 
 def _ndarray(arr, name: str) -> np.ndarray:
@@ -85,7 +100,7 @@ def spots_rows(spots, name: str = "spots") -> np.ndarray:
         raise IndexerRuntimeError("only NPY_ARRAY_CARRAY or NPY_ARRAY_FARRAY spot data is supported")
     if rows.shape[0] == 0:
         raise IndexerRuntimeError("no spots")
-    return np.ascontiguousarray(rows, dtype=np.float32)
+    return _check_finite(np.ascontiguousarray(rows, dtype=np.float32), "spot")
 
 
 def cell_rows(cells, what: str = "input cell", name: str = "input_cells") -> np.ndarray:
@@ -116,7 +131,7 @@ def cell_rows(cells, what: str = "input cell", name: str = "input_cells") -> np.
         raise IndexerRuntimeError(f"only NPY_ARRAY_CARRAY or NPY_ARRAY_FARRAY {generic} is supported")
     if rows.shape[0] == 0:
         raise IndexerRuntimeError(f"no {what}s")
-    return np.ascontiguousarray(rows, dtype=np.float32)
+    return _check_finite(np.ascontiguousarray(rows, dtype=np.float32), f"{what} vector")
 
 
 def score_vector(scores, n_cells: int) -> np.ndarray:

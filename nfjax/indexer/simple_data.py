@@ -8,6 +8,7 @@ naming the file and line.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,9 +35,13 @@ def read_simple_data(path) -> SimpleData:
     """Read one simple-data file into ffbidx layouts (see :class:`SimpleData`)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
         raise InputFileError(f"{path}: cannot read simple-data file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise InputFileError(f"{path}:{line}: not a simple-data text file (bytes that are "
+                             f"not UTF-8)") from None
     cell = None
     spots: list[list[float]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -48,16 +53,19 @@ def read_simple_data(path) -> SimpleData:
         except ValueError:
             raise InputFileError(f"{path}:{lineno}: expected numbers, found {line.strip()!r}") \
                 from None
+        if not all(math.isfinite(v) for v in values):
+            raise InputFileError(f"{path}:{lineno}: expected finite numbers, found "
+                                 f"{line.strip()!r}")
         if cell is None:
-            if len(values) < 9:
+            if len(values) != 9:
                 raise InputFileError(f"{path}:{lineno}: expected 9 cell numbers "
                                      f"(ax ay az bx by bz cx cy cz), found {len(values)}")
-            cell = values[:9]
+            cell = values
         else:
-            if len(values) < 3:
+            if len(values) != 3:
                 raise InputFileError(f"{path}:{lineno}: expected a spot 'x y z', "
                                      f"found {len(values)} numbers")
-            spots.append(values[:3])
+            spots.append(values)
     if cell is None:
         raise InputFileError(f"{path}: no input cell line found (empty file?)")
     if not spots:
