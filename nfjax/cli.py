@@ -2,11 +2,14 @@
 
 Each subcommand is a thin handler: parse arguments, call the library, print a short
 report. User errors (:class:`nfjax.errors.NfjaxError`, unreadable files) are printed as one
-line on stderr with exit status 2; no traceback. ``NFJAX_DEBUG=1`` shows tracebacks.
+line on stderr with exit status 2; no traceback. ``NFJAX_DEBUG=1`` shows tracebacks. Every
+command that reads a parameter file prints its warnings on stderr. A closed stdout pipe
+ends the command quietly with status 141, as it would a C tool.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -15,13 +18,22 @@ from nfjax import __version__
 from nfjax.errors import NfjaxError
 
 
-# --------------------------------------------------------------------------- params
-def _cmd_params_check(args: argparse.Namespace) -> int:
-    from nfjax.params import format_params, read_params
+def _read_params(path, **options):
+    """Read a parameter file and print its warnings on stderr: every command that reads one
+    goes through here, so no command drops them."""
+    from nfjax.params import read_params
 
-    params = read_params(args.file)
+    params = read_params(path, **options)
     for warning in params.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    return params
+
+
+# --------------------------------------------------------------------------- params
+def _cmd_params_check(args: argparse.Namespace) -> int:
+    from nfjax.params import format_params
+
+    params = _read_params(args.file)
     print(format_params(params), end="")
     return 0
 
@@ -30,9 +42,8 @@ def _cmd_params_check(args: argparse.Namespace) -> int:
 def _cmd_hkls(args: argparse.Namespace) -> int:
     from nfjax.crystal import hkls_from_params, ring_summary
     from nfjax.io.hkls import write_hkls_csv
-    from nfjax.params import read_params
 
-    params = read_params(args.file)
+    params = _read_params(args.file)
     table = hkls_from_params(params)
     write_hkls_csv(table, args.output)
     print(f"{len(table.d)} reflections in {int(table.ring.max()) if len(table.d) else 0} rings "
@@ -46,9 +57,8 @@ def _cmd_hkls(args: argparse.Namespace) -> int:
 def _cmd_grid(args: argparse.Namespace) -> int:
     from nfjax.grid import grid_from_params
     from nfjax.io.gridfile import write_grid
-    from nfjax.params import read_params
 
-    params = read_params(args.file)
+    params = _read_params(args.file)
     grid = grid_from_params(params)
     write_grid(grid, args.output)
     print(f"{grid.shape[0]} grid points (GridSize {params.grid_size:g} um, "
@@ -86,11 +96,8 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from nfjax.cluster import cluster_mic, write_grains_csv
     from nfjax.io.mic import read_mic
 
-    params = None
-    if args.params:
-        from nfjax.params import read_params
-
-        params = read_params(args.params)
+    # Mic2GrainsList reads only a few keys: the detector keys may be absent.
+    params = _read_params(args.params, required=False) if args.params else None
     mic = read_mic(args.mic)
     grains = cluster_mic(mic, params=params, max_angle=args.max_angle,
                          min_confidence=args.min_confidence, space_group=args.space_group,
@@ -125,10 +132,9 @@ def _cmd_spots(args: argparse.Namespace) -> int:
     from nfjax.geometry import geometry_from_params
     from nfjax.io.seeds import read_seeds
     from nfjax.io.spots import write_spot_files
-    from nfjax.params import read_params
     from nfjax.spots import make_diffraction_spots
 
-    params = read_params(args.params)
+    params = _read_params(args.params)
     seeds_path = args.seeds
     if seeds_path is None:
         params.require("SeedOrientations")
@@ -149,10 +155,9 @@ def _cmd_spots(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- simulate
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from nfjax import observe
-    from nfjax.params import read_params
     from nfjax.simulate import simulate_mic, write_tiff_frames
 
-    params = read_params(args.params)
+    params = _read_params(args.params)
     vol, n_rendered, n_total = simulate_mic(params, args.mic, max_memory=args.max_memory)
     out = Path(args.output) if args.output else params.output_dir / "SpotsInfo.bin"
     observe.write_spots_info(out, vol)
@@ -202,6 +207,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from nfjax.fit import run_fit
 
+    _read_params(args.params)  # for its warnings; run_fit reads the (small) file again
     return run_fit(args)
 
 
@@ -216,6 +222,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_process(args: argparse.Namespace) -> int:
     from nfjax.images import run_process
 
+    _read_params(args.params)  # for its warnings; run_process reads the file again
     return run_process(args)
 
 
@@ -287,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_plot = sub.add_parser("plot", help="IPF orientation map and confidence map as PNG")
     p_plot.add_argument("mic", help="mic file (text or binary)")
-    p_plot.add_argument("-o", "--output", default="map.png", help="output PNG (default map.png)")
+    p_plot.add_argument("-o", "--output", default="map.png",
+                        help="output image (default map.png; the suffix picks the format, "
+                             "e.g. .png, .jpg, .svg, .pdf)")
     p_plot.add_argument("--space-group", type=int, default=225, help="default 225")
     p_plot.add_argument("--min-confidence", type=float, default=0.0,
                         help="draw voxels below this confidence grey in the orientation map "
@@ -412,7 +421,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit handler
+        return status
+    except BrokenPipeError:
+        # The reader of stdout went away (`nfjax hkls p.txt | head -1`): stop quietly with
+        # the status a C tool killed by SIGPIPE has, and send what is still buffered to
+        # devnull so Python does not complain about it at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except NfjaxError as exc:
         if os.environ.get("NFJAX_DEBUG"):
             raise

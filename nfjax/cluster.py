@@ -18,6 +18,8 @@ Differences from MIDAS, on purpose:
   threshold ≤ 0; MIDAS reads only text mics, which never contain them.
 * Parameter keys are read by :mod:`nfjax.params` (exact key names, ``#`` comments), where
   MIDAS's Mic2GrainsList matches key prefixes (``MaxAngleX`` would set ``MaxAngle``).
+* The neighbour mode on a mic whose TriEdgeSize is 0 (ParseMic writes 0 when grid row 0
+  is a hole) is an error; MIDAS silently falls back to the global mode.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ DEFAULT_SPACE_GROUP = 225
 # and in one of the 3x3 bins around the voxel (MIDAS's constants).
 _BIN_FACTOR = 1.01
 _NEIGHBOUR_FACTOR = 2.0
-# MIDAS falls back to the global mode when %TriEdgeSize is missing or below this.
+# The neighbour mode needs a %TriEdgeSize above this (MIDAS falls back to the global mode).
 _MIN_EDGE = 1e-6
 # Budget of (seed, voxel, symmetry operator) products per batched misorientation call.
 _BATCH_ELEMENTS = 2_000_000
@@ -261,8 +263,8 @@ def cluster_mic(mic, params=None, max_angle=None, min_confidence=None, space_gro
         MinFracAccept, whichever comes last in the file, as MIDAS; else 0.04).
       space_group: crystal symmetry for the misorientation (default: params, else 225).
       neighbours: grow grains through spatial neighbours (mode 1) instead of globally. Needs
-        a ``%TriEdgeSize`` > 1e-6 (MIDAS silently falls back to the global mode otherwise;
-        so does this). Neighbours are closer than 2·TriEdgeSize, which finds none when
+        a ``%TriEdgeSize`` > 1e-6 (NfjaxError otherwise, where MIDAS silently falls back to
+        the global mode). Neighbours are closer than 2·TriEdgeSize, which finds none when
         EdgeLength ≪ GridSize (each voxel then is its own grain, as in MIDAS).
 
     Returns a :class:`MicGrains`.
@@ -283,7 +285,13 @@ def cluster_mic(mic, params=None, max_angle=None, min_confidence=None, space_gro
     # Stable: equal confidences keep file order (MIDAS's qsort does not promise that).
     rows = rows[np.argsort(-conf[rows], kind="stable")]
     edge = float(mic.tri_edge_size)
-    use_neighbours = bool(neighbours) and edge > _MIN_EDGE
+    use_neighbours = bool(neighbours)
+    if use_neighbours and not edge > _MIN_EDGE:
+        rows_say = records[rows[0], 5] if rows.size else 0.0
+        fix = (f"its rows say {rows_say:g} µm: put '%TriEdgeSize {rows_say:g}' in the header, "
+               "or " if rows_say > _MIN_EDGE and mic.kind == "text" else "")
+        raise NfjaxError(f"{mic.path or 'mic'}: TriEdgeSize is {edge:g}, so the neighbour "
+                         f"mode has no neighbour distance; {fix}cluster without --neighbours")
 
     if rows.size:
         mats = np.asarray(euler_to_matrix_midas(jnp.asarray(records[rows, 7:10])))

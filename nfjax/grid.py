@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 GRID_COLUMNS = ("y1", "y2", "xs", "ys", "gs")
+# Largest grid built: 50 million rows are 2 GB as float64 (more while building and writing)
+# and far more voxels than a fit can score in reasonable time.
+_MAX_GRID_ROWS = 50_000_000
 
 
 def round_as_written(values: np.ndarray) -> np.ndarray:
@@ -65,6 +68,7 @@ def make_hex_grid(grid_size: float, edge_length: float, rsample: float, *,
 
     Returns:
       ``(N, 5)`` float64, columns ``y1 y2 xs ys gs`` (µm), N = 6·ceil(2R/(√3·G))².
+      A grid of more than 50 million rows is refused (ParamError) before it is built.
     """
     grid_size = float(grid_size)
     edge_length = float(edge_length)
@@ -83,6 +87,11 @@ def make_hex_grid(grid_size: float, edge_length: float, rsample: float, *,
     a_large = (2 * rsample) / sqrt3
     ht = (sqrt3 * grid_size) / 2
     nr_hex = math.ceil(a_large / grid_size)
+    n_rows = 6 * nr_hex * nr_hex
+    if n_rows > _MAX_GRID_ROWS:
+        raise ParamError(f"Rsample {rsample:g} µm with GridSize {grid_size:g} µm would make "
+                         f"{n_rows} grid rows (at most {_MAX_GRID_ROWS // 1_000_000} million "
+                         "are built); raise GridSize or lower Rsample")
     a_last = grid_size * nr_hex
     ysmall = ht * (1.0 / 3.0)
     ybig = ht * (2.0 / 3.0)
@@ -207,7 +216,10 @@ def grid_from_params(params) -> np.ndarray:
             raise ParamError(f"{source}: key {key} is required to build the grid, "
                              "but it is missing")
     edge = getattr(params, "edge_length", None) or 0.0
-    grid = make_hex_grid(grid_size, edge, rsample, as_written=True)
+    try:
+        grid = make_hex_grid(grid_size, edge, rsample, as_written=True)
+    except ParamError as exc:
+        raise ParamError(f"{source}: {exc}") from None
 
     tomo_image = getattr(params, "tomo_image", None)
     grid_mask = getattr(params, "grid_mask", None)

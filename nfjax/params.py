@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 from nfjax.errors import ParamError
+from nfjax.io import TEXT_ENCODING
 from nfjax.io.atomic import atomic_write
 
 __all__ = ["Params", "KeySpec", "read_params", "parse_params", "format_params",
@@ -89,12 +90,16 @@ class KeySpec:
 
 def _k(key: str, types: str, default: Any = None, *, multi: bool = False,
        rule: Rule | None = None, labels: str = "", group: str) -> Any:
-    """A Params field described by its MIDAS key (see KeySpec)."""
+    """A Params field described by its MIDAS key (see KeySpec).
+
+    A required key's field still defaults to None (or ``()``): the parser enforces it,
+    unless a tool that needs only a few keys asks it not to (``required=False``).
+    """
+    required = default is _REQUIRED
     meta = {"midas": dict(key=key, types=types, multi=multi, rule=rule,
-                          labels=tuple(labels.split()), group=group,
-                          required=default is _REQUIRED)}
-    if default is _REQUIRED:
-        return field(metadata=meta)
+                          labels=tuple(labels.split()), group=group, required=required)}
+    if required:
+        default = None
     return field(default=() if multi else default, metadata=meta)
 
 
@@ -108,6 +113,8 @@ class Params:
     marks a key MIDAS leaves uninitialised when absent (use :meth:`require`). ``source`` is
     the file path, ``warnings`` the parser's warnings, ``lines`` maps each key as written to
     its line numbers, ``extra`` keeps unknown keys' raw text (one string per line) for writers.
+    The required keys (nDistances, Lsd, BC, px, Wavelength, LatticeParameter) are always set,
+    except in a Params parsed with ``required=False``, where they may be None or ``()``.
     """
     # geometry
     n_distances: int = _k("nDistances", "i", _REQUIRED, rule=_GE1, group=_GEOMETRY)
@@ -315,17 +322,38 @@ _C_LIMITS = {"OmegaRange": 20, "BoxSize": 20, "RingsToUse": 100, "Lsd": 10}
 _FLOAT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
 _INT_RE = re.compile(r"[+-]?\d+\Z")
 _COMMENT_RE = re.compile(r"(?:^|(?<=\s))#")  # '#' starting a token opens a comment
+_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")  # Unix, Windows and old Mac line ends
 _NOUN = {"f": "a number", "i": "an integer", "s": "a name or path (one token)"}
 _PLURAL = {"f": "numbers", "i": "integers", "s": "tokens"}
 
 
-def _suggest(key: str) -> str:
+def _closest_key(key: str) -> tuple[str, bool] | None:
+    """The known key ``key`` probably means, and whether only the case differs."""
     known = list(KEYS) + sorted(_PASSTHROUGH)
     folded = {k.lower(): k for k in known}
     if key.lower() in folded:
-        return f" (did you mean '{folded[key.lower()]}'? keys are case-sensitive)"
+        return folded[key.lower()], True
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return (close[0], False) if close else None
+
+
+def _suggest(key: str) -> str:
+    match = _closest_key(key)
+    if match is None:
+        return ""
+    name, case_only = match
+    return f" (did you mean '{name}'?{' keys are case-sensitive' if case_only else ''})"
+
+
+def _written_as(spec: KeySpec, lines: Mapping[str, tuple[int, ...]]) -> str:
+    """A hint for a missing required key: an unknown key of the file that looks like it."""
+    names = {k for k, s in KEYS.items() if s.attrs == spec.attrs}
+    for key, found in lines.items():
+        match = None if key in KEYS else _closest_key(key)
+        if match is not None and match[0] in names:
+            why = "keys are case-sensitive" if match[1] else "is it misspelt?"
+            return f" (found '{key}' on line {found[0]}: {why})"
+    return ""
 
 
 # --------------------------------------------------------------------------- values
@@ -352,6 +380,8 @@ def _convert(spec: KeySpec, tokens: list[str], where: str) -> Any:
         found = "nothing" if not tokens else (
             f"{len(tokens)} value{'s' if len(tokens) > 1 else ''} ('{' '.join(tokens)}')")
         hint = "; start a trailing comment with '#'" if len(tokens) > n else ""
+        if any("#" in t for t in tokens):
+            hint = "; a '#' inside a name is part of it: put a space before a comment"
         raise ParamError(f"{where}: expected {_expected_count(spec)}, found {found}{hint}")
     out = []
     for i, (kind, tok) in enumerate(zip(spec.types, tokens)):
@@ -422,7 +452,7 @@ def _entries(spec: KeySpec, value: Any) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- parsing
-def read_params(path: str | os.PathLike) -> Params:
+def read_params(path: str | os.PathLike, *, required: bool = True) -> Params:
     """Parse and validate the MIDAS parameter file at ``path`` (see :func:`parse_params`)."""
     name = os.fspath(path)
     try:
@@ -437,21 +467,24 @@ def read_params(path: str | os.PathLike) -> Params:
         line = data[:data.index(b"\0")].count(b"\n") + 1
         raise ParamError(f"{name}: not a text parameter file (NUL byte on line {line})")
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode(TEXT_ENCODING)
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise ParamError(f"{name}: not a text parameter file (bytes that are not UTF-8 on "
                          f"line {line})") from None
-    return parse_params(text, source=name)
+    return parse_params(text, source=name, required=required)
 
 
-def parse_params(text: str, source: str = "<string>") -> Params:
+def parse_params(text: str, source: str = "<string>", *, required: bool = True) -> Params:
     """Parse parameter-file text into a validated :class:`Params`.
 
-    Syntax as MIDAS's shared parser: ``Key value ...`` per line, any whitespace between
-    tokens, ``#`` opens a comment, blank lines skipped, the last line of a scalar key wins and
-    repeated keys append. Raises ParamError on the first malformed line, a missing required
-    key (nDistances, Lsd, BC, px, Wavelength, LatticeParameter) or an inconsistent count.
+    Syntax as MIDAS's shared parser: ``Key value ...`` per line (lines end in LF, CRLF or
+    CR), any whitespace between tokens, ``#`` opens a comment (see :func:`_strip_comment`),
+    blank lines skipped, the last line of a scalar key wins and repeated keys append. Raises
+    ParamError on the first malformed line, a missing required key (nDistances, Lsd, BC, px,
+    Wavelength, LatticeParameter) or an inconsistent count. ``required=False`` lets the
+    required keys be absent, for tools that read only a few keys (Mic2GrainsList's
+    SpaceGroup, MaxAngle, ...); every key present is still checked.
     """
     if "\0" in text:
         line = text[:text.index("\0")].count("\n") + 1
@@ -461,8 +494,8 @@ def parse_params(text: str, source: str = "<string>") -> Params:
     set_at: dict[str, tuple[str, int]] = {}
     lines: dict[str, list[int]] = {}
     extra: dict[str, list[str]] = {}
-    for lineno, raw in enumerate(text.split("\n"), 1):
-        content = _strip_comment(raw.rstrip("\r"))
+    for lineno, raw in enumerate(_LINE_BREAK_RE.split(text), 1):
+        content = _strip_comment(raw)
         tokens = content.split()
         if not tokens:
             continue
@@ -499,9 +532,10 @@ def parse_params(text: str, source: str = "<string>") -> Params:
     if not lines:
         raise ParamError(f"{source}: contains no parameters")
     for spec in _BY_ATTR.values():
-        if spec.required and spec.attrs[0] not in values:
+        if required and spec.required and spec.attrs[0] not in values:
             alias = " (or 'LatticeConstant')" if spec.key == "LatticeParameter" else ""
-            raise ParamError(f"{source}: missing required key '{spec.key}'{alias}")
+            raise ParamError(f"{source}: missing required key '{spec.key}'{alias}"
+                             f"{_written_as(spec, lines)}")
     kwargs = {a: tuple(v) if isinstance(v, list) else v for a, v in values.items()}
     frozen_lines = MappingProxyType({k: tuple(v) for k, v in lines.items()})
     full = {a: kwargs.get(a, _default(a)) for a in _BY_ATTR}
@@ -511,8 +545,21 @@ def parse_params(text: str, source: str = "<string>") -> Params:
 
 
 def _strip_comment(line: str) -> str:
+    """``line`` without its comment.
+
+    A ``#`` that starts a token opens a comment. After a key whose values are numbers a
+    ``#`` anywhere does (``px 1.48# pixel`` is 1.48, as MIDAS's ``%lf`` stops there); in
+    the value of a key that names a file, or of an unknown key, a ``#`` inside a token is
+    part of it (MIDAS's ``%s`` reads ``a#b.mic`` whole).
+    """
     m = _COMMENT_RE.search(line)
-    return line[:m.start()] if m else line
+    line = line[:m.start()] if m else line
+    tokens = line.split(None, 1)
+    if "#" in line and tokens:
+        spec = KEYS.get(tokens[0])
+        if spec is not None and "s" not in spec.types:
+            line = line[:line.index("#")]
+    return line
 
 
 def _parse_flag(args: list[str], where: str, warnings: list[str]) -> bool:
@@ -548,7 +595,7 @@ def _cross_check(v: dict[str, Any], lines: Mapping[str, tuple[int, ...]],
                  source: str) -> list[str]:
     """Checks between keys. Raises ParamError; returns warnings."""
     for key, attr in (("Lsd", "lsd"), ("BC", "bc")):
-        if len(v[attr]) != v["n_distances"]:
+        if v["n_distances"] is not None and len(v[attr]) != v["n_distances"]:
             raise ParamError(f"{source}: nDistances is {v['n_distances']} but found "
                              f"{len(v[attr])} '{key}' line(s){_line_list(lines, key)}")
     if len(v["box_sizes"]) != len(v["omega_ranges"]):
@@ -653,9 +700,12 @@ def update_param_text(text: str, changes: Mapping[str, Any]) -> str:
     LatticeConstant for LatticeParameter) is rewritten, unlike MIDAS's ``update_param_file``
     (nf_MIDAS_Multiple_Resolutions.py), which replaces only the first occurrence so that a
     later duplicate survives and, for the C programs, wins. Keys not present are appended.
-    Known keys are validated (ParamError); unknown keys are written as given.
+    Known keys are validated (ParamError); unknown keys are written as given. Every line
+    ends as the file's first line does (LF, CRLF or CR).
     """
-    rows = text.split("\n")
+    first_break = _LINE_BREAK_RE.search(text)
+    newline = first_break.group() if first_break else "\n"
+    rows = _LINE_BREAK_RE.split(text)
     if rows and rows[-1] == "":
         rows.pop()
     for key, value in changes.items():
@@ -676,7 +726,7 @@ def update_param_text(text: str, changes: Mapping[str, Any]) -> str:
             names = {k for k, s in KEYS.items() if s.attrs == spec.attrs}
         multi = spec.multi if spec is not None else isinstance(value, list)
         rows = _replace_rows(rows, key, names, new, repeat_all=not multi)
-    return "\n".join(rows) + "\n"
+    return newline.join(rows) + newline
 
 
 def _replace_rows(rows: list[str], key: str, names: set[str], new: list[str],
@@ -684,9 +734,7 @@ def _replace_rows(rows: list[str], key: str, names: set[str], new: list[str],
     out: list[str] = []
     done = False
     for row in rows:
-        cr = "\r" if row.endswith("\r") else ""
-        body = row[:-1] if cr else row
-        content = _strip_comment(body)
+        content = _strip_comment(row)
         tokens = content.split()
         if not tokens or tokens[0] not in names:
             out.append(row)
@@ -694,7 +742,7 @@ def _replace_rows(rows: list[str], key: str, names: set[str], new: list[str],
         if done and not repeat_all:
             continue  # a repeated key's later lines: the new list replaces them all
         done = True
-        comment = body[len(content):]
+        comment = row[len(content):]
         old = content.lstrip()[len(tokens[0]):]  # separator, old values, padding
         for i, value in enumerate(new):
             line = f"{tokens[0]} {value}"  # keep the file's spelling (alias) of the key
@@ -702,7 +750,7 @@ def _replace_rows(rows: list[str], key: str, names: set[str], new: list[str],
                 gap = max(1, len(old) - len(old.rstrip()))
                 pad = max(len(line) + gap, len(tokens[0]) + len(old))  # keep the '#' column
                 line = line.ljust(pad) + comment
-            out.append(line + cr)
+            out.append(line)
     if not done:
         out.extend(f"{key} {value}" for value in new)
     return out

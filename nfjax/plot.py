@@ -1,13 +1,13 @@
-"""Orientation and confidence maps of a mic file, as one PNG (``nfjax plot``).
+"""Orientation and confidence maps of a mic file, as one image (``nfjax plot``).
 
 This module owns the inverse-pole-figure (IPF) colouring of orientations and the drawing of
 a mic as coloured triangles. IPF-Z: the sample z axis expressed in the crystal frame
 (``d = Uᵀ·ẑ`` with U the orientation matrix, crystal Cartesian → sample, MIDAS's crystal
 frame with x ∥ a*), reduced by the Laue class (the proper rotations of
 :func:`nfjax.crystal.symmetry_quaternions` plus the inversion) and coloured. Positions are
-µm, Euler angles radians. It never changes a mic or writes anything but the PNG, which it
-writes atomically; matplotlib (the ``plot`` extra) is imported only inside
-:func:`plot_mic`, with the Agg backend.
+µm, Euler angles radians. It never changes a mic or writes anything but the image (PNG, or
+the format its suffix names), which it writes atomically; matplotlib (the ``plot`` extra) is
+imported only inside :func:`plot_mic`, with the Agg backend.
 
 Colour keys:
 
@@ -263,6 +263,8 @@ def grain_boundaries(records: np.ndarray, edge: float, space_group: int = 225,
         return np.zeros((0, 2, 2))
     xy = rec[:, 3:5]
     pairs = cKDTree(xy).query_pairs(0.8 * float(edge), output_type="ndarray")
+    # Voxels at the same position (a duplicated row) share no edge.
+    pairs = pairs[(xy[pairs[:, 0]] != xy[pairs[:, 1]]).any(axis=1)]
     if pairs.size == 0:
         return np.zeros((0, 2, 2))
     q = euler_to_quat(jnp.asarray(rec[:, 7:10]))
@@ -330,7 +332,8 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
              space_group: int = 225, *, min_confidence: float = 0.0,
              boundary_deg: float | None = 5.0) -> Path:
     """Draw ``mic_path`` as a PNG: the IPF-Z orientation map with its colour key, and the
-    confidence map with a colour bar, side by side, axes in µm.
+    confidence map with a colour bar, side by side, axes in µm. An ``out_png`` ending in
+    another suffix matplotlib writes (``.jpg``, ``.svg``, ``.pdf``, ...) gets that format.
 
     Voxels with zero confidence (holes) are left out. In the orientation map, voxels below
     ``min_confidence`` are drawn grey (their orientation is not trusted), and black lines
@@ -343,10 +346,19 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
     except ImportError:
         raise NfjaxError("nfjax plot needs matplotlib: pip install 'nfjax[plot]'") from None
     matplotlib.use("Agg", force=False)
+    from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
     from nfjax.io.mic import read_mic
+
+    out = Path(out_png)
+    fmt = out.suffix[1:].lower() or "png"
+    # pgf is left out: matplotlib needs a LaTeX installation to write it.
+    formats = {f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf"}
+    if fmt not in formats:
+        raise NfjaxError(f"{out}: cannot write a '.{fmt}' image; expected a file name ending "
+                         f"in one of {', '.join('.' + f for f in sorted(formats))}")
 
     mic = read_mic(mic_path)
     rec = mic.records[mic.valid]
@@ -402,8 +414,7 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
                  f"drawn as triangles of edge {edge:.3g} µm", fontsize=12)
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
-    out = Path(out_png)
+    fig.savefig(buf, format=fmt, dpi=FIGURE_DPI)
     with atomic_write(out, "wb") as fh:
         fh.write(buf.getvalue())
     return out

@@ -180,10 +180,15 @@ def test_neighbour_mode_separates_same_orientation_patches():
     for g in near.ids:
         xs = rec[near.voxel_grain == g, 3]
         assert xs.max() - xs.min() < 5.0
-    # Without a TriEdgeSize the neighbour mode falls back to the global one, as MIDAS.
-    flat = MicData(records=rec, phase_nr=np.ones(len(rec), int), tri_edge_size=0.0)
-    fallback = cluster_mic(flat, neighbours=True)
-    assert not fallback.neighbours and len(fallback) == 2
+    # Without a TriEdgeSize the neighbour mode is refused (MIDAS silently falls back to the
+    # global one); a text mic whose rows carry the edge is told how to fix its header.
+    flat = MicData(records=rec, phase_nr=np.ones(len(rec), int), tri_edge_size=0.0,
+                   kind="text", path="flat.mic")
+    with pytest.raises(NfjaxError, match=r"^flat.mic: TriEdgeSize is 0, so the neighbour mode "
+                       r"has no neighbour distance; its rows say 1 µm: put '%TriEdgeSize 1' "
+                       r"in the header, or cluster without --neighbours$"):
+        cluster_mic(flat, neighbours=True)
+    assert len(cluster_mic(flat)) == 2   # the global mode needs no edge
 
 
 def test_equal_confidences_keep_file_order_and_holes_are_skipped(tmp_path):
@@ -217,3 +222,26 @@ def test_cli_cluster(au, tmp_path, capsys):
     np.testing.assert_array_equal(back.ids, [1, 2, 3, 4])
     expected = cluster_mic(mic)
     np.testing.assert_allclose(back.matrices, expected.matrices, atol=1e-12, rtol=0)
+
+
+def test_cli_cluster_params_file_needs_no_detector_keys(tmp_path, capsys):
+    """Mic2GrainsList's own parameter file: SpaceGroup, MaxAngle, MinConfidence and
+    LatticeParameter, without nDistances, Lsd, ... ."""
+    from nfjax.cli import main
+
+    rec = np.array([[0, 1, 0, 0.0, 0.0, 1, 1, 0.1, 0.2, 0.3, 0.8],
+                    [1, 1, 0, 5.0, 0.0, 1, 1, 0.1, 0.2, 0.3 + math.radians(1.5), 0.6],
+                    [2, 1, 0, 9.0, 0.0, 1, 1, 0.1, 0.2, 0.3, 0.4]], dtype=np.float64)
+    write_binary_mic(tmp_path / "m.bin", rec)
+    params = tmp_path / "m2g.txt"
+    params.write_text("SpaceGroup 194\nMaxAngle 2\nMinConfidence 0.5\n"
+                      "LatticeParameter 2.95 2.95 4.68 90 90 120\n")
+    out = tmp_path / "G.csv"
+    assert main(["cluster", str(tmp_path / "m.bin"), "--params", str(params), "-o",
+                 str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "1 grains" in captured.out
+    header = out.read_text().splitlines()[3:7]
+    assert header == ["%SpaceGroup 194", "%MaxAngle 2.0000", "%MinConfidence 0.5000",
+                      "%LatticeParameter 2.950000 2.950000 4.680000 90.000000 90.000000 "
+                      "120.000000"]

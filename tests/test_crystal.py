@@ -347,6 +347,14 @@ def test_read_hkls_malformed(tmp_path, row, msg):
     assert msg in str(err.value)
 
 
+def test_read_hkls_skips_a_byte_order_mark(tmp_path):
+    # Without a header line the first reflection must not be taken for one.
+    row = "1 1 1 2.35 1 0.2 0.2 0.2 2.1 4.2 757\n"
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (row + row.replace("757", "758")).encode())
+    assert read_hkls_csv(path).radius.tolist() == [757.0, 758.0]
+
+
 def test_read_hkls_missing_and_empty(tmp_path):
     with pytest.raises(InputFileError, match="hkls file not found"):
         read_hkls_csv(tmp_path / "nope.csv")

@@ -235,6 +235,20 @@ def test_grid_file_errors(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_grid_file_with_byte_order_mark(tmp_path):
+    grid = make_hex_grid(3.0, 1.5, 6)
+    write_grid(grid, tmp_path / "g.txt")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "g.txt").read_bytes())
+    assert np.array_equal(read_grid(tmp_path / "bom.txt"), grid)
+
+
+def test_grid_too_large_is_refused_before_it_is_built():
+    with pytest.raises(NfjaxError, match=r"^test-params: Rsample 50000 µm with GridSize 1 µm "
+                       r"would make 20000674176 grid rows \(at most 50 million are built\); "
+                       r"raise GridSize or lower Rsample$"):
+        grid_from_params(_params(grid_size=1.0, edge_length=0.0, rsample=50000.0))
+
+
 def test_grid_round_trip(tmp_path):
     grid = make_hex_grid(3.0, 1.5, 12)
     write_grid(grid, tmp_path / "g.txt")

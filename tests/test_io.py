@@ -152,3 +152,100 @@ def test_micdata_is_frozen():
         mic.kind = "text"
     with pytest.raises(ValueError):
         write_binary_mic("/nonexistent/never.mic", np.zeros((2, 10)))
+
+
+# --------------------------------------------------------------------------- audit fixes
+_ROW = "\t".join(["1.000000", "1.000000", "0.0", "1.5", "2.5", "2.0", "1.0", "0.1", "0.2",
+                  "0.3", "0.9"]) + "\t1\n"
+
+
+@pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b"\n", b"\xef\xbb\xbf\n"],
+                         ids=["bom", "blank-line", "bom-blank-line"])
+def test_text_mic_with_bom_or_leading_blank_line_is_text(tmp_path, prefix):
+    body = ("%TriEdgeSize 2.000000\n" + _ROW).encode()
+    # pad with rows until the size is a multiple of 88: it must still read as text
+    while (len(prefix) + len(body)) % 88:
+        body += b" "
+    path = tmp_path / "m.mic"
+    path.write_bytes(prefix + body)
+    mic = read_mic(path)
+    assert mic.kind == "text" and mic.records.shape == (1, 11)
+    assert mic.tri_edge_size == 2.0 and mic.records[0, 10] == 0.9
+
+
+def test_binary_tri_edge_skips_a_leading_hole(tmp_path):
+    rec = np.zeros((3, 11))
+    rec[1] = [5, 2, 0.0, 1.25, -2.5, 2.5, 1, 0.1, 0.2, 0.3, 0.75]
+    rec[2] = [6, 1, 0.0, 2.5, -2.5, 2.5, -1, 1.1, 1.2, 1.3, 0.5]
+    write_binary_mic(tmp_path / "b.mic", rec)
+    assert read_mic(tmp_path / "b.mic").tri_edge_size == 2.5
+    write_binary_mic(tmp_path / "holes.mic", np.zeros((2, 11)))
+    assert read_mic(tmp_path / "holes.mic").tri_edge_size == 0.0
+
+
+@pytest.mark.parametrize("column, name", [(3, "X"), (4, "Y"), (8, "Eul2"), (10, "Confidence")])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_mic_values_are_refused(tmp_path, column, name, value):
+    rec = np.zeros((3, 11))
+    rec[:, 5], rec[:, 10] = 1.0, 0.5
+    rec[2, column] = value
+    write_binary_mic(tmp_path / "b.mic", rec)
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/b.mic: record 2 \(byte 176\): "
+                       rf"{name} must be a finite number, found {value!r}$"):
+        read_mic(tmp_path / "b.mic")
+    write_text_mic(tmp_path / "t.mic", rec)
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/t.mic:7: {name} must be a finite "
+                       rf"number, found {value!r}$"):
+        read_mic(tmp_path / "t.mic")
+
+
+def test_atomic_write_names_the_target_and_leaves_nothing(tmp_path):
+    from nfjax.errors import NfjaxError
+    from nfjax.io.atomic import atomic_write
+
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(NfjaxError, match=rf"^{tmp_path}/ro: cannot write \(is a directory\)$"):
+        with atomic_write(tmp_path / "ro") as fh:
+            fh.write("x")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NfjaxError, match=rf"^{tmp_path}/f/x.txt: cannot write "
+                                         rf"\({tmp_path}/f is a file, not a folder\)$"):
+        with atomic_write(tmp_path / "f" / "x.txt") as fh:
+            fh.write("x")
+    with pytest.raises(NfjaxError, match="^output path is empty: give a file name$"):
+        with atomic_write("") as fh:
+            fh.write("x")
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_spot_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    from nfjax.errors import NfjaxError
+    from nfjax.io import atomic
+    from nfjax.io.spots import NAMES, read_spot_files, write_spot_files
+    from nfjax.spots import SpotTable
+
+    def table(n):
+        return SpotTable(key=np.array([[n, 0]], np.int32), spots=np.full((n, 3), float(n)),
+                         orient=np.eye(3).reshape(1, 9))
+
+    write_spot_files(tmp_path, table(2))
+    old = {name: (tmp_path / name).read_bytes() for name in NAMES}
+    real_fsync, calls = atomic.os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # the third file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", failing_fsync)
+    with pytest.raises(NfjaxError, match=rf"^{tmp_path}/OrientMat.bin: cannot write \(no space "
+                                         r"left on device\)$"):
+        write_spot_files(tmp_path, table(5))
+    assert {name: (tmp_path / name).read_bytes() for name in NAMES} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(NAMES)   # no temporaries
+    monkeypatch.undo()
+    write_spot_files(tmp_path, table(5))
+    assert len(read_spot_files(tmp_path).spots) == 5

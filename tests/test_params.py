@@ -7,6 +7,7 @@ tests/data/params/ each change one line of valid.txt and expect one exact messag
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,90 @@ def test_frames_mismatch_warns():
     p = parse_params(BASE + "NrFilesPerDistance 1000\n", source="t.txt")
     assert p.warnings == ("t.txt:18: NrFilesPerDistance is 1000 but EndNr - StartNr + 1 is "
                           "1440; MIDAS needs them equal (frames per distance)",)
+
+
+def test_missing_required_key_names_a_near_miss():
+    cases = [("Lsd 8289.154576\nLsd", "LSD 8289.154576\nLSD",
+              "missing required key 'Lsd' (found 'LSD' on line 3: keys are case-sensitive)"),
+             ("Wavelength", "wavelength", "missing required key 'Wavelength' (found "
+                                          "'wavelength' on line 8: keys are case-sensitive)"),
+             ("Wavelength", "Wavelenght", "missing required key 'Wavelength' (found "
+                                          "'Wavelenght' on line 8: is it misspelt?)")]
+    for old, new, message in cases:
+        with pytest.raises(ParamError, match=rf"^t.txt: {re.escape(message)}$"):
+            parse_params(BASE.replace(old, new), source="t.txt")
+
+
+def test_comment_glued_to_a_number():
+    p = parse_params(BASE.replace("px 1.48", "px 1.48# pixel size (um)")
+                     + "GridRefactor 5 2 3#loops\n", source="t.txt")
+    assert p.px == 1.48 and p.grid_refactor == (5.0, 2.0, 3) and p.warnings == ()
+    # in a file name a '#' stays part of the name, as MIDAS's %s reads it
+    assert parse_params(BASE + "MicFileText a#b.mic\n").mic_file_text == "a#b.mic"
+    with pytest.raises(ParamError, match=r"^t.txt:18: MicFileText: expected a name or path "
+                       r"\(one token\), found 2 values \('out.mic# text'\); a '#' inside a "
+                       r"name is part of it: put a space before a comment$"):
+        parse_params(BASE + "MicFileText out.mic# text\n", source="t.txt")
+    edited = update_param_text(BASE.replace("px 1.48", "px 1.48# pixel"), {"px": 2})
+    assert "px 2   # pixel\n" in edited and parse_params(edited).px == 2.0  # same column
+
+
+@pytest.mark.parametrize("newline", ["\r", "\r\n", "\n"], ids=["cr", "crlf", "lf"])
+def test_any_line_ending(newline):
+    text = BASE.replace("\n", newline)
+    p = parse_params(text, source="t.txt")
+    assert p == parse_params(BASE) and p.lines["px"] == (7,) and p.warnings == ()
+    edited = update_param_text(text, {"px": 2.5, "Rsample": 40})
+    assert edited == text.replace("px 1.48", "px 2.5") + f"Rsample 40{newline}"
+    assert parse_params(edited).px == 2.5
+
+
+def test_required_keys_optional_for_partial_readers(tmp_path):
+    path = tmp_path / "m2g.txt"
+    path.write_text("SpaceGroup 194\nMaxAngle 2\nLatticeParameter 2.95 2.95 4.68 90 90 120\n")
+    p = read_params(path, required=False)
+    assert p.space_group == 194 and p.max_angle == 2.0 and p.lattice_parameter[2] == 4.68
+    assert p.n_distances is None and p.lsd == () and p.px is None and p.warnings == ()
+    with pytest.raises(ParamError, match="missing required key 'nDistances'"):
+        read_params(path)
+    path.write_text("SpaceGroup 194\nMaxAngle -2\n")     # keys present are still checked
+    with pytest.raises(ParamError, match=r":2: MaxAngle: expected a number > 0, found -2$"):
+        read_params(path, required=False)
+
+
+def _warning_case(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text(BASE + "MaxRingRad 2800\nRsample 10\nOmegaStpe -0.25\n")
+    return path, (f"warning: {path}:20: OmegaStpe: unknown key, ignored (did you mean "
+                  "'OmegaStep'?)\n")
+
+
+@pytest.mark.parametrize("command, status", [
+    (["params", "check", "{p}"], 0), (["hkls", "{p}", "-o", "{d}/h.csv"], 0),
+    (["grid", "{p}", "-o", "{d}/g.txt"], 0), (["spots", "{p}", "{d}/none.csv"], 2),
+    (["simulate", "{p}", "{d}/none.mic"], 2), (["fit", "{p}"], 2), (["process", "{p}"], 2),
+    (["cluster", "{d}/none.mic", "--params", "{p}"], 2)],
+    ids=["params", "hkls", "grid", "spots", "simulate", "fit", "process", "cluster"])
+def test_every_command_prints_the_parameter_warnings(tmp_path, capsys, command, status):
+    path, warning = _warning_case(tmp_path)
+    argv = [a.format(p=path, d=tmp_path) for a in command]
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert err.startswith(warning) and err.count("warning:") == 1
+
+
+def test_broken_stdout_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
+    import os
+    import sys
+
+    path, _ = _warning_case(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert main(["hkls", str(path), "-o", str(tmp_path / "h.csv")]) == 141
+        monkeypatch.undo()
+    assert "error" not in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- Params methods

@@ -160,3 +160,47 @@ def test_confidence_mask_and_boundaries(midas_au, tmp_path):
     assert grey0 < 1000 and grey1 > 60_000
     assert black1 == pytest.approx(black0, abs=200)        # text and ticks only
     assert black2 > black1 + 300                           # the boundary lines
+
+
+def _small_mic(path):
+    """A text mic of a 4 x 3 block of voxels, the last row a duplicate of the first at a
+    different orientation (two voxels at one position)."""
+    from nfjax.io.mic import write_text_mic
+
+    rows = []
+    for j in range(3):
+        for i in range(4):
+            rows.append([len(rows), 1, 0, 2.0 * i + (j % 2), 1.7 * j, 2.0, 1, 0.1, 0.2, 0.3, 0.9])
+    rows.append(rows[0][:7] + [1.1, 0.9, 0.5, 0.8])
+    write_text_mic(path, np.array(rows))
+    return path
+
+
+def test_duplicate_positions_draw_no_boundary_and_no_warning(tmp_path):
+    import warnings
+
+    from nfjax.io.mic import read_mic
+    from nfjax.plot import grain_boundaries
+
+    rec = read_mic(_small_mic(tmp_path / "dup.mic")).records
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        segments = grain_boundaries(rec, 2.0, 225, 5.0)
+    assert np.isfinite(segments).all()
+
+
+def test_output_format_follows_the_suffix(tmp_path, capsys):
+    from nfjax.cli import main
+
+    mic = _small_mic(tmp_path / "m.mic")
+    assert main(["plot", str(mic), "-o", str(tmp_path / "m.jpg")]) == 0
+    assert (tmp_path / "m.jpg").read_bytes()[:3] == b"\xff\xd8\xff"       # JPEG
+    assert main(["plot", str(mic), "-o", str(tmp_path / "m.svg")]) == 0
+    assert b"<svg" in (tmp_path / "m.svg").read_bytes()[:1000]
+    capsys.readouterr()
+    assert main(["plot", str(mic), "-o", str(tmp_path / "m.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nfjax: error: {tmp_path / 'm.xyz'}: cannot write a '.xyz' image; "
+                          "expected a file name ending in one of ")
+    assert ".png" in err and err.count("\n") == 1
+    assert not (tmp_path / "m.xyz").exists()

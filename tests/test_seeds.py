@@ -180,3 +180,47 @@ def test_read_seeds_blank_lines_and_errors(tmp_path):
         read_seeds(p)
     with pytest.raises(InputFileError, match="not found"):
         read_seeds(tmp_path / "none.csv")
+
+
+# --------------------------------------------------------------------------- audit fixes
+def _grain_line(gid="7", matrix=None):
+    mat = np.eye(3) if matrix is None else np.asarray(matrix, dtype=float)
+    return " ".join([gid] + [repr(float(v)) for v in mat.ravel()]
+                    + ["0", "0", "0", "3.6", "3.6", "3.6", "90", "90", "90"]) + "\n"
+
+
+@pytest.mark.parametrize("line, message", [
+    (_grain_line("nan"), "expected finite numbers, found 'nan' in column 1"),
+    (_grain_line("inf"), "expected finite numbers, found 'inf' in column 1"),
+    (_grain_line("1e30"), "grain ID must be an integer of magnitude below 2^31 (a C int, as "
+                          "MIDAS reads it), found '1e30'"),
+    (_grain_line().replace("1.0", "nan", 1), "expected finite numbers, found 'nan' in column 2"),
+    (_grain_line(matrix=np.zeros((3, 3))), "columns 2-10 must be an orientation matrix (a "
+     "rotation: det 1, U·Uᵀ = I), found det 0 and U·Uᵀ off I by up to 1"),
+    (_grain_line(matrix=2 * np.eye(3)), "columns 2-10 must be an orientation matrix (a "
+     "rotation: det 1, U·Uᵀ = I), found det 8 and U·Uᵀ off I by up to 3"),
+    (_grain_line(matrix=-np.eye(3)), "columns 2-10 must be an orientation matrix (a "
+     "rotation: det 1, U·Uᵀ = I), found det -1 and U·Uᵀ off I by up to 0"),
+], ids=["id-nan", "id-inf", "id-huge", "matrix-nan", "matrix-zero", "matrix-scaled",
+        "matrix-improper"])
+def test_read_grains_refuses_non_finite_values_and_non_rotations(tmp_path, line, message):
+    p = tmp_path / "g.csv"
+    p.write_text("%hdr\n" + _grain_line("1") + line)
+    with pytest.raises(InputFileError) as info:
+        read_grains_csv(p)
+    assert str(info.value) == f"{p}:3: {message}"
+
+
+def test_text_readers_skip_a_byte_order_mark(tmp_path, capsys):
+    from nfjax.cli import main
+
+    grains = tmp_path / "g.csv"
+    grains.write_bytes(b"\xef\xbb\xbf" + _grain_line("1").encode())
+    assert read_grains_csv(grains).ids.tolist() == [1]
+    assert main(["seeds", "from-grains", str(grains), "-o", str(tmp_path / "s.csv")]) == 0
+    seeds = tmp_path / "bom.csv"
+    seeds.write_bytes(b"\xef\xbb\xbf1,0,0,0\n0.5,0.5,0.5,0.5\n")
+    assert read_seeds(seeds).tolist() == [[1, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]]
+    with gzip.open(tmp_path / "bom.csv.gz", "wb") as fh:
+        fh.write(seeds.read_bytes())
+    assert read_seeds(tmp_path / "bom.csv.gz").shape == (2, 4)

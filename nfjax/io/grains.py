@@ -10,16 +10,22 @@ lattice (reference §3, §9.3). This module only parses; it never converts orien
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from nfjax.errors import InputFileError
+from nfjax.io import TEXT_ENCODING
 
 __all__ = ["Grains", "read_grains_csv"]
 
 _MIN_COLUMNS = 19  # ID + 9 matrix + 3 position + 6 lattice
+_ID_LIMIT = 2 ** 31    # MIDAS reads grain IDs into a C int
+# An orientation matrix must be a rotation to this tolerance (det and U·Uᵀ); FF output holds
+# 6+ decimals, so anything further off is a wrong column or a placeholder (all zeros).
+_ROTATION_TOL = 0.01
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,17 +75,19 @@ def read_grains_csv(path: str | os.PathLike) -> Grains:
     """Parse a Grains.csv into a :class:`Grains`.
 
     Blank lines are skipped (GenSeedOrientationsFF2NFHEDM would repeat the previous grain).
-    A row needs at least 19 numbers; errors name the file and line.
+    A row needs at least 19 numbers, the first 19 finite, an integer grain ID and a
+    rotation matrix; errors name the file and line.
     """
     path = Path(path)
     try:
-        text = path.read_text(errors="strict")
+        text = path.read_text(encoding=TEXT_ENCODING)
     except FileNotFoundError:
         raise InputFileError(f"{path}: grains file not found") from None
     except UnicodeDecodeError:
         raise InputFileError(f"{path}: not a text Grains.csv (undecodable bytes)") from None
     headers: list[str] = []
     rows: list[list[float]] = []
+    linenos: list[int] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped:
@@ -97,14 +105,22 @@ def read_grains_csv(path: str | os.PathLike) -> Grains:
         except ValueError:
             bad = next(v for v in fields if not _is_number(v))
             raise InputFileError(f"{path}:{lineno}: expected numbers, found {bad!r}") from None
-        if values[0] != int(values[0]):
-            raise InputFileError(f"{path}:{lineno}: grain ID must be an integer, "
-                                 f"found {fields[0]!r}")
+        # Columns past the lattice (FF fit statistics) are kept raw and may hold nan.
+        bad = next((k for k, v in enumerate(values[:_MIN_COLUMNS]) if not math.isfinite(v)),
+                   None)
+        if bad is not None:
+            raise InputFileError(f"{path}:{lineno}: expected finite numbers, found "
+                                 f"{fields[bad]!r} in column {bad + 1}")
+        if values[0] != int(values[0]) or abs(values[0]) >= _ID_LIMIT:
+            raise InputFileError(f"{path}:{lineno}: grain ID must be an integer of magnitude "
+                                 f"below 2^31 (a C int, as MIDAS reads it), found {fields[0]!r}")
         rows.append(values)
+        linenos.append(lineno)
     if not rows:
         raise InputFileError(f"{path}: no grains found (only header or blank lines)")
     width = min(len(r) for r in rows)
     table = np.array([r[:width] for r in rows], dtype=np.float64)
+    _check_rotations(path, table[:, 1:10].reshape(-1, 3, 3), linenos)
     pos_cols = slice(19, 22) if _positions_after_lattice(headers) else slice(10, 13)
     if pos_cols.start == 19 and width < 22:
         pos_cols = slice(10, 13)
@@ -117,6 +133,18 @@ def read_grains_csv(path: str | os.PathLike) -> Grains:
         columns_10_12=table[:, 10:13].copy(),
         path=str(path),
     )
+
+
+def _check_rotations(path: Path, mats: np.ndarray, linenos: list[int]) -> None:
+    """InputFileError at the first matrix that is not a rotation (det 1, U·Uᵀ = I)."""
+    det = np.linalg.det(mats)
+    off = np.abs(mats @ mats.transpose(0, 2, 1) - np.eye(3)).max(axis=(1, 2))
+    bad = (np.abs(det - 1.0) > _ROTATION_TOL) | (off > _ROTATION_TOL)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise InputFileError(
+            f"{path}:{linenos[k]}: columns 2-10 must be an orientation matrix (a rotation: "
+            f"det 1, U·Uᵀ = I), found det {det[k]:.4g} and U·Uᵀ off I by up to {off[k]:.4g}")
 
 
 def _is_number(token: str) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nfjax.errors import InputFileError
+from nfjax.io import TEXT_ENCODING
 from nfjax.io.atomic import atomic_write
 
 __all__ = ["write_grid", "read_grid", "format_f_column"]
@@ -53,7 +54,7 @@ def read_grid(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding=TEXT_ENCODING)
     except FileNotFoundError:
         raise InputFileError(f"{path}: grid file not found") from None
     except UnicodeDecodeError:

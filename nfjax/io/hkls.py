@@ -16,6 +16,7 @@ import numpy as np
 
 from nfjax.crystal import HklTable
 from nfjax.errors import InputFileError
+from nfjax.io import TEXT_ENCODING
 from nfjax.io.atomic import atomic_write
 
 __all__ = ["HKLS_HEADER", "write_hkls_csv", "read_hkls_csv", "format_hkls_csv"]
@@ -66,7 +67,7 @@ def read_hkls_csv(path: str | os.PathLike) -> HklTable:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="ascii", errors="replace").splitlines()
+        lines = path.read_text(encoding=TEXT_ENCODING, errors="replace").splitlines()
     except FileNotFoundError:
         raise InputFileError(f"{path}: hkls file not found") from None
     except OSError as exc:

@@ -16,6 +16,7 @@ file can be shorter than N·88). A reader sees the same thing: holes read as zer
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nfjax.errors import InputFileError
+from nfjax.io import TEXT_ENCODING
 from nfjax.io.atomic import atomic_write
 from nfjax.io.gridfile import format_f_column
 
@@ -54,7 +56,8 @@ class MicData:
         From a binary file every grid row, holes included (all zeros); from a text file only
         the rows ParseMic kept (Confidence != 0).
       phase_nr: ``(N,)`` int PhaseNr per row (binary files carry none: 1).
-      tri_edge_size: the ``%TriEdgeSize`` header (binary: field 5 of record 0, as ParseMic).
+      tri_edge_size: the ``%TriEdgeSize`` header (binary: field 5 of the first record that is
+        not a hole; ParseMic takes record 0's, which is 0 when that voxel is a hole).
       num_phases: ``%NumPhases`` (binary: 1).
       global_position: ``%GlobalPosition`` in µm (binary: 0).
       kind: ``"text"`` or ``"binary"``.
@@ -120,9 +123,22 @@ def read_binary_mic(path: str | os.PathLike) -> MicData:
         raise InputFileError(f"{path}: binary mic size must be a multiple of {RECORD_BYTES} "
                              f"bytes (11 float64 per record), found {size} bytes")
     records = np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(-1, 11)
+    _reject_non_finite(path, records, lambda i: f": record {i} (byte {i * RECORD_BYTES})")
+    filled = np.flatnonzero(records.any(axis=1))
+    tri_edge = float(records[filled[0], 5]) if filled.size else 0.0
     return MicData(records=records, phase_nr=np.ones(records.shape[0], dtype=np.int64),
-                   tri_edge_size=float(records[0, 5]), num_phases=1, global_position=0.0,
+                   tri_edge_size=tri_edge, num_phases=1, global_position=0.0,
                    kind="binary", path=str(path))
+
+
+def _reject_non_finite(path: Path, table: np.ndarray, where) -> None:
+    """InputFileError at the first NaN or infinity of ``table``; ``where(row)`` places it."""
+    bad = ~np.isfinite(table)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        name = (MIC_COLUMNS + ("PhaseNr",))[col]
+        raise InputFileError(f"{path}{where(row)}: {name} must be a finite number, found "
+                             f"{float(table[row, col])!r}")
 
 
 def _as_records(records, width: int | None = 11) -> np.ndarray:
@@ -228,9 +244,9 @@ def read_text_mic(path: str | os.PathLike) -> MicData:
     path = Path(path)
     raw = _read_bytes(path, "text mic file")
     try:
-        text = raw.decode("ascii")
+        text = raw.decode(TEXT_ENCODING)
     except UnicodeDecodeError:
-        raise InputFileError(f"{path}: not a text mic file (non-ASCII bytes); "
+        raise InputFileError(f"{path}: not a text mic file (bytes that are not UTF-8); "
                              "for a binary mic use read_binary_mic") from None
     tri_edge = None
     num_phases = 1
@@ -277,6 +293,7 @@ def read_text_mic(path: str | os.PathLike) -> MicData:
             table = np.array(rows, dtype=np.float64)
     else:
         table = np.zeros((0, 12), dtype=np.float64)
+    _reject_non_finite(path, table, lambda i: f":{data_lines[i][0]}")
     phase = table[:, 11]
     if not np.all(phase == np.round(phase)):
         bad = int(np.argmax(phase != np.round(phase)))
@@ -291,26 +308,41 @@ def read_text_mic(path: str | os.PathLike) -> MicData:
 
 
 # --------------------------------------------------------------------------- auto
-_TEXT_BYTES = frozenset(b"0123456789.-+eE \t\r\n")
+_HEAD_BYTES = 512
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """True when ``head`` (after an optional byte-order mark) is UTF-8 made of printable
+    characters and whitespace. A binary record starts with float64s, whose bytes almost
+    always include control bytes (0.0, 1.0 and every small integer hold NULs)."""
+    head = head.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason != "unexpected end of data":
+            return False
+        text = head[:exc.start].decode("utf-8")  # the head cut a character in two
+    return all(c.isprintable() or c.isspace() for c in text)
 
 
 def read_mic(path: str | os.PathLike) -> MicData:
     """Read a mic file, text or binary, telling them apart by content.
 
-    Text if the file starts with ``%`` or its first 64 bytes are all digits, signs, points,
-    exponents or whitespace (a headerless text mic); binary otherwise (a binary record
-    starts with a float64, whose bytes are almost never all of those).
+    Text if the first 512 bytes (a byte-order mark skipped) are UTF-8 made only of
+    printable characters and whitespace, so a headerless text mic, one that opens with a
+    blank line or one saved with a byte-order mark is text whatever its size; binary
+    otherwise.
     """
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            head = fh.read(64)
+            head = fh.read(_HEAD_BYTES)
     except FileNotFoundError:
         raise InputFileError(f"{path}: mic file not found") from None
     except IsADirectoryError:
         raise InputFileError(f"{path}: is a directory, expected a mic file") from None
     if not head:
         raise InputFileError(f"{path}: mic file is empty (0 bytes)")
-    if head[:1] == b"%" or all(b in _TEXT_BYTES for b in head):
+    if _looks_like_text(head):
         return read_text_mic(path)
     return read_binary_mic(path)

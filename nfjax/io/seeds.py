@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nfjax.errors import InputFileError
+from nfjax.io import TEXT_ENCODING
 from nfjax.io.atomic import atomic_write
 from nfjax.io.gridfile import format_f_column
 
@@ -25,9 +26,9 @@ __all__ = ["read_seeds", "write_seeds", "write_seeds_from_grains"]
 def _read_text(path: Path) -> str:
     try:
         if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="ascii") as fh:
+            with gzip.open(path, "rt", encoding=TEXT_ENCODING) as fh:
                 return fh.read()
-        return path.read_text(encoding="ascii")
+        return path.read_text(encoding=TEXT_ENCODING)
     except FileNotFoundError:
         raise InputFileError(f"{path}: seed orientation file not found") from None
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):

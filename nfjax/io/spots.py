@@ -2,8 +2,8 @@
 
 Raw little-endian, header-less (reference §6.2): ``Key.bin`` int32 ``[N][2]`` = (spot count,
 offset), ``DiffractionSpots.bin`` float64 ``[T][3]`` = (yl µm, zl µm, ω deg),
-``OrientMat.bin`` float64 ``[N][9]``. Written atomically; read with consistency checks
-(MIDAS checks none of them).
+``OrientMat.bin`` float64 ``[N][9]``. Written atomically as a set (a failed write leaves the
+previous three files, never a mix); read with consistency checks (MIDAS checks none of them).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nfjax.errors import InputFileError
-from nfjax.io.atomic import atomic_write
+from nfjax.io.atomic import atomic_write_many
 from nfjax.spots import SpotTable
 
 NAMES = ("Key.bin", "DiffractionSpots.bin", "OrientMat.bin")
@@ -25,12 +25,10 @@ def write_spot_files(directory: str | os.PathLike, table: SpotTable) -> list[Pat
     arrays = (np.ascontiguousarray(table.key, "<i4"),
               np.ascontiguousarray(table.spots, "<f8"),
               np.ascontiguousarray(table.orient, "<f8"))
-    paths = []
-    for name, arr in zip(NAMES, arrays):
-        path = directory / name
-        with atomic_write(path, "wb") as fh:
+    paths = [directory / name for name in NAMES]
+    with atomic_write_many(paths, "wb") as handles:
+        for fh, arr in zip(handles, arrays):
             fh.write(arr.tobytes())
-        paths.append(path)
     return paths
 
 
