@@ -418,8 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from nfjax.parallel import abort_other_ranks
 
+    from nfjax import jaxcache
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    jaxcache.enable()  # compiled kernels are reused across commands and passes
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's exit handler

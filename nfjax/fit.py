@@ -1275,7 +1275,7 @@ def run_fit(args) -> int:
             raise NfjaxError(f"{out / (params.grid_file_name or 'grid.txt')}: the grid is "
                              "empty (0 points): nothing to fit")
         start, stop = block_range(grid.shape[0], int(getattr(args, "block", 0) or 0),
-                                  int(getattr(args, "nblocks", 1) or 1))
+                                  int(getattr(args, "nblocks", 1)))
         hk_path = out / "hkls.csv"
         hkls = read_hkls_csv(hk_path) if hk_path.exists() else hkls_from_params(params)
         geom = geometry_from_params(params)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
+from nfjax.errors import NfjaxError
 from nfjax.geometry import Geometry, tilt_matrix
 
 Array = Any
@@ -113,6 +115,9 @@ def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
     MakeDiffrSpots; pass ``bragg_v(g, theta)`` for the fitter's convention).
     Returns :class:`Spots` with ``2R`` slots in MIDAS order (reflection, then solution).
     """
+    if jnp.shape(orient) != (3, 3):
+        raise ValueError(f"predict_spots: orient must be one (3, 3) matrix, got shape "
+                         f"{jnp.shape(orient)}; use jax.vmap for a batch of orientations")
     dtype = jnp.result_type(orient, g)
     G = g @ orient.T
     if v is None:
@@ -237,13 +242,8 @@ def _offsets(ry, rz, box: int) -> tuple[Array, Array, Array]:
     return py.astype(jnp.int32), pz.astype(jnp.int32), in_box & take
 
 
-def correct_wedge(eta: Array, theta: Array, wavelength: float, wedge: Array) -> Array:
-    """ω shift δ (deg) of a spot at azimuth ``eta`` and Bragg angle ``theta`` (deg) for a
-    rotation axis tilted by ``wedge`` (deg) about y (MIDAS ``CorrectWedge``, §5.7).
-
-    nfjax passes the Bragg angle θ here; MIDAS's NF code passes 2θ (a bug, inert at
-    Wedge 0). Returns 0 where |wedge| < 1e-10.
-    """
+def _wedge_shift(eta: Array, theta: Array, wavelength, wedge: Array) -> Array:
+    """The CorrectWedge formula itself (see :func:`correct_wedge`), at any wedge."""
     th, et, wr = jnp.deg2rad(theta), jnp.deg2rad(eta), jnp.deg2rad(wedge)
     ds = 2 * jnp.sin(th) / wavelength
     pole = jnp.abs(jnp.abs(eta) - 90) == 0
@@ -274,16 +274,34 @@ def correct_wedge(eta: Array, theta: Array, wavelength: float, wedge: Array) -> 
     straight = jnp.abs(s1 * s1 + c1 * c1 - 1) < jnp.abs(s1 * s1 + c2 * c2 - 1)
     w1 = jnp.arctan2(s1, jnp.where(straight, c1, c2))
     w2 = jnp.arctan2(s2, jnp.where(straight, c2, c1))
-    delta = jnp.rad2deg(jnp.where(jnp.abs(w1) <= jnp.abs(w2), w1, w2))
-    return jnp.where(jnp.abs(wedge) < 1e-10, jnp.zeros_like(delta), delta)
+    return jnp.rad2deg(jnp.where(jnp.abs(w1) <= jnp.abs(w2), w1, w2))
 
 
-def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array, Array]:
-    """Frame bin of a spot and whether it is inside the scan (§5.6–5.7).
+def correct_wedge(eta: Array, theta: Array, wavelength: float, wedge: Array) -> Array:
+    """ω shift δ (deg) of a spot at azimuth ``eta`` and Bragg angle ``theta`` (deg) for a
+    rotation axis tilted by ``wedge`` (deg) about y (MIDAS ``CorrectWedge``, §5.7).
+
+    nfjax passes the Bragg angle θ here; MIDAS's NF code passes 2θ (a bug, inert at
+    Wedge 0). Returns 0 where |wedge| < 1e-10, as MIDAS skips the correction there; its
+    gradient is 0 there too (the formula's roots coincide at zero wedge, where its
+    derivatives are not finite), so calibrate a wedge by gradient from a small non-zero
+    start such as 1e-3°.
+    """
+    small = jnp.abs(wedge) < 1e-10
+    # The formula runs at a harmless wedge where the result is not used, so that the
+    # unselected branch of the where has finite gradients as well.
+    delta = _wedge_shift(eta, theta, wavelength, jnp.where(small, 1.0, wedge))
+    return jnp.where(small, jnp.zeros_like(delta), delta)
+
+
+def corrected_omega(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array, Array]:
+    """ω of a spot as the frames bin it (§5.6–5.7), and whether it is inside an ω range.
 
     With a non-zero wedge the ω is corrected first (θ from the spot radius, see
-    :func:`correct_wedge`), wrapped once into (−180, 180), and must lie strictly inside one
-    of the ω ranges. Returns ``frame`` (int32) and ``ok``.
+    :func:`correct_wedge`); it is then wrapped once into (−180, 180) and, with a wedge,
+    must lie strictly inside one of the ω ranges (at zero wedge every ω passes, as MIDAS).
+    Returns ``(omega (deg), in_range)``; differentiable in ω, the spot position and the
+    geometry (the wedge included).
     """
     eta = eta_deg(yl, zl)
     theta = 0.5 * jnp.rad2deg(jnp.arctan(jnp.sqrt(yl * yl + zl * zl) / geom.lsd[0]))
@@ -293,7 +311,14 @@ def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array,
     in_range = jnp.zeros(jnp.shape(w), bool)
     for olo, ohi in geom.omega_ranges:
         in_range = in_range | ((w > olo) & (w < ohi))
-    ok = jnp.where(jnp.abs(geom.wedge) < 1e-10, True, in_range)
+    return w, jnp.where(jnp.abs(geom.wedge) < 1e-10, True, in_range)
+
+
+def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array, Array]:
+    """Frame bin of a spot and whether it is inside the scan (§5.6–5.7): the
+    :func:`corrected_omega` binned by OmegaStart/OmegaStep. Returns ``frame`` (int32) and
+    ``ok`` (in an ω range and 0 ≤ frame < nFrames)."""
+    w, ok = corrected_omega(omega, yl, zl, geom)
     fbin = jnp.floor((w - geom.omega_start) / geom.omega_step)
     ok = ok & (fbin >= 0) & (fbin < geom.n_frames)
     return jnp.clip(fbin, -1, geom.n_frames).astype(jnp.int32), ok
@@ -362,6 +387,10 @@ def bit_indices(fp: Footprint, geom: Geometry) -> Array:
     """SpotsInfo.bit index ``((L·nFrames + frame)·NY + y)·NZ + z`` for each footprint pixel
     and distance, ``(P, D)`` int64 (invalid entries are garbage: mask them)."""
     n_dist = fp.py.shape[-1]
+    n_bits = n_dist * geom.n_frames * geom.nr_pixels_y * geom.nr_pixels_z
+    if not jax.config.jax_enable_x64 and n_bits >= 2**31:
+        raise NfjaxError(f"the observation volume has {n_bits} bits, too many for 32-bit "
+                         "indices: run with JAX's 64-bit mode (unset NFJAX_NO_X64)")
     dist = jnp.arange(n_dist, dtype=jnp.int64)[None, :]
     k = (dist * geom.n_frames + fp.frame.astype(jnp.int64)) * geom.nr_pixels_y
     k = (k + fp.py.astype(jnp.int64)) * geom.nr_pixels_z + fp.pz.astype(jnp.int64)

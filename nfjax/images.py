@@ -66,14 +66,22 @@ __all__ = [
     "frame_paths",
     "median_image_path",
     "read_frame",
+    "check_frames",
     "process_distance",
     "process_all",
     "run_process",
+    "lit_fraction_warning",
+    "lit_per_distance",
+    "lit_warnings",
 ]
 
 LOG_SCALE = 79720  # MIDAS's integer scale of the LoG kernel (§8.4)
 SECOND_LOG_PASS = (4, 1.0)  # the always-on second FindPeakPositions(R, sigma) pass (§8.3)
 _DEFAULT_MAX_MEMORY = 3 << 30  # host budget when --max-memory is not given (< 4 GB target)
+# NF spots are small and sparse: the Au example lights 0.0007% of its pixels over all
+# frames. Several percent lit means background noise passes the filters, and noise lights
+# some pixel of every candidate orientation, so the fit's scores lose their meaning.
+LIT_FRACTION_WARNING = 0.02
 
 
 # =========================================================================== filters
@@ -519,6 +527,7 @@ class _FrameFile:
             raise InputFileError(f"{self.path}: raw frame file not found")
         try:
             with tifffile.TiffFile(self.path) as tif:
+                n_pages = len(tif.pages)
                 page = tif.pages[0]
                 shape, dtype = tuple(page.shape), np.dtype(page.dtype)
                 contiguous = page.is_contiguous and page.compression == 1
@@ -528,6 +537,9 @@ class _FrameFile:
             raise
         except Exception as exc:  # noqa: BLE001 - any tifffile failure is a bad file
             raise InputFileError(f"{self.path}: not a readable TIFF ({_one_line(exc)})") from None
+        if n_pages != 1:
+            raise InputFileError(f"{self.path}: expected one page (one frame per file), "
+                                 f"found {n_pages} pages")
         if shape != self.shape:
             raise InputFileError(
                 f"{self.path}: expected a frame of {self.shape[0]} rows x {self.shape[1]} columns "
@@ -579,18 +591,20 @@ def read_frame(path, shape: tuple[int, int]) -> np.ndarray:
     return _FrameFile(Path(path), tuple(int(s) for s in shape)).read()
 
 
-def check_frames(params) -> int:
-    """Check every raw frame of every distance before any is processed: the file exists
-    and its TIFF header says one uint16 page of NrPixelsZ x NrPixelsY (not truncated when
-    uncompressed). Reads headers only (about 0.1 ms a frame). Returns the number of frames;
-    raises InputFileError (one line, naming the first bad file) otherwise."""
+def check_frames(params, distances: Sequence[int] | None = None, *,
+                 hint: str | None = None) -> int:
+    """Check every raw frame of the distances (0-based; default all) before any is
+    processed: the file exists and its TIFF header says one uint16 page of NrPixelsZ x
+    NrPixelsY (not truncated when uncompressed). Reads headers only (about 0.1 ms a frame).
+    Returns the number of frames; raises InputFileError (one line, naming the first bad
+    file) otherwise. ``hint`` is added to the message when frames are missing."""
     shape = (int(params.nr_pixels_z), int(params.nr_pixels_y))
-    frames = [f for L in range(int(params.n_distances)) for f in frame_paths(params, L)]
+    distances = range(int(params.n_distances)) if distances is None else distances
+    frames = [f for L in distances for f in frame_paths(params, L)]
     missing = [f for f in frames if not f.is_file()]
     if missing:
         raise InputFileError(f"{missing[0]}: raw frame not found ({len(missing)} of "
-                             f"{len(frames)} frames missing; use --no-image-processing to "
-                             "reuse SpotsInfo.bin)")
+                             f"{len(frames)} frames missing" + (f"; {hint})" if hint else ")"))
     for f in frames:
         _FrameFile(f, shape)._check()
     return len(frames)
@@ -681,10 +695,9 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
     nf = _frames_per_distance(params)
     ny, nz = int(params.nr_pixels_y), int(params.nr_pixels_z)
     budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
+    # run_process and workflow.preflight check every frame before any work (check_frames);
+    # here a bad file fails, with the same one-line error, when it is read.
     files = [_FrameFile(p, (nz, ny)) for p in frame_paths(params, L)]
-    for f in files:  # fail fast on a missing file, before any long pass
-        if not f.path.is_file():
-            raise InputFileError(f"{f.path}: raw frame file not found")
 
     # Pass 1: the background. If the stack fits in half the budget, keep it for pass 2 so
     # every frame is read once; otherwise read row bands now and whole frames again later.
@@ -833,6 +846,7 @@ def write_median_image(path, median: np.ndarray) -> None:
 def run_process(args) -> int:
     """``nfjax process PARAMS [--distance L ...] [--max-memory SIZE] [-o SpotsInfo.bin]``."""
     from nfjax.chunking import parse_memory
+    from nfjax.io.atomic import check_target
     from nfjax.params import read_params
 
     params = read_params(args.params)
@@ -851,31 +865,72 @@ def run_process(args) -> int:
     out = Path(args.output) if getattr(args, "output", None) \
         else params.output_dir / "SpotsInfo.bin"
     shape = observe.spots_info_shape(params)
+    # Every check before any work, so that a failure writes nothing.
+    medians = {L: median_image_path(params, L) for L in distances}
+    for target in (out, *medians.values()):
+        check_target(target)
+    check_frames(params, distances)
     base = None
     if len(distances) < nd and out.exists():
         # Like MIDAS, processing some distances keeps the others of an existing file.
         base = observe.read_spots_info(out, shape)
-    written = []
-
-    def save_median(L, median):
-        path = median_image_path(params, L)
-        write_median_image(path, median)
-        written.append(path)
+    kept = {}   # median images are written with SpotsInfo.bin, after every distance is done
 
     t0 = time.perf_counter()
     vol = process_all(params, distances, max_memory, base=base, progress=sys.stderr.isatty(),
-                      median_dir_writer=save_median)
+                      median_dir_writer=kept.__setitem__)
     observe.write_spots_info(out, vol)
+    for L, median in kept.items():
+        write_median_image(medians[L], median)
     dt = time.perf_counter() - t0
     nf = shape[1]
-    per = nf * shape[2] * shape[3]
-    for L, median_path in zip(distances, written):
-        lit = _count_bits(vol.words, L * per, (L + 1) * per)
-        print(f"distance {L + 1}: {lit} lit pixels in {nf} frames; median image {median_path}")
+    lit_counts = lit_per_distance(vol)
+    for L in distances:
+        print(f"distance {L + 1}: {lit_counts[L]} lit pixels in {nf} frames; median image "
+              f"{medians[L]}")
+    for warning in lit_warnings(params, vol, distances):
+        print(f"warning: {warning}", file=sys.stderr)
     nframes = nf * len(distances)
     print(f"wrote {out} ({os.path.getsize(out)} bytes) in {dt:.1f} s "
           f"({nframes / dt:.1f} frames/s)")
+    if base is None and len(distances) < nd:
+        empty = [L + 1 for L in range(nd) if L not in distances]
+        print(f"warning: {out} is new: distance(s) {', '.join(map(str, empty))} were not "
+              "processed and are empty (no lit pixel); a fit needs every distance: run nfjax "
+              f"process {' '.join(f'--distance {L}' for L in empty)} too", file=sys.stderr)
     return 0
+
+
+def lit_fraction_warning(params, distance_index: int, lit: int, n_pixels: int) -> str | None:
+    """A one-line warning when ``lit`` of the ``n_pixels`` pixels (all frames) of distance
+    ``distance_index`` (0-based) exceeds :data:`LIT_FRACTION_WARNING`; None otherwise. It
+    names the filter settings that decide what is lit, with their values."""
+    if n_pixels <= 0 or lit <= LIT_FRACTION_WARNING * n_pixels:
+        return None
+    cfg = _config(params)
+    keys = [f"BlanketSubtraction ({int(getattr(params, 'blanket_subtraction', 0) or 0)})",
+            f"MedFiltRadius ({cfg['med_radius']})", f"DoLoGFilter ({cfg['do_log_filter']})"]
+    if cfg["do_log_filter"]:
+        radius, sigma = cfg["log_passes"][0]
+        keys += [f"LoGMaskRadius ({radius})", f"GaussFiltRadius ({sigma:g})"]
+    return (f"distance {distance_index + 1}: {100.0 * lit / n_pixels:.1f}% of all pixels are "
+            f"lit (more than {LIT_FRACTION_WARNING:.0%} suggests background lit as spots); "
+            f"check {', '.join(keys)} in {getattr(params, 'source', 'the parameter file')}")
+
+
+def lit_warnings(params, vol, distances=None) -> list[str]:
+    """:func:`lit_fraction_warning` of each processed distance (0-based; default all) of an
+    observation volume."""
+    per = int(np.prod(vol.shape[1:]))
+    counts = lit_per_distance(vol)
+    distances = range(vol.shape[0]) if distances is None else distances
+    return [w for L in distances if (w := lit_fraction_warning(params, L, counts[L], per))]
+
+
+def lit_per_distance(vol) -> list[int]:
+    """Lit pixels of each distance of an observation volume, over all its frames."""
+    per = int(np.prod(vol.shape[1:]))
+    return [_count_bits(vol.words, L * per, (L + 1) * per) for L in range(vol.shape[0])]
 
 
 def _count_bits(words: np.ndarray, k0: int, k1: int) -> int:

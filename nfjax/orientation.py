@@ -118,7 +118,9 @@ def matrix_to_euler(m) -> jnp.ndarray:
     _check_mat(m, "matrix_to_euler")
     m22 = m[..., 2, 2]
     at_zero = jnp.abs(m22 - 1.0) < _EULER_EPS
-    phi = jnp.where(at_zero, jnp.zeros_like(m22), jnp.arccos(jnp.clip(m22, -1.0, 1.0)))
+    # arccos only away from m22 = 1, so the unselected branch has a finite gradient too.
+    phi = jnp.where(at_zero, jnp.zeros_like(m22),
+                    jnp.arccos(jnp.clip(jnp.where(at_zero, 0.0, m22), -1.0, 1.0)))
     sph = jnp.sin(phi)
     locked = jnp.abs(sph) < _EULER_EPS
     # Divide by 1 in the locked branch so the unselected values stay finite (and so do
@@ -134,13 +136,18 @@ def matrix_to_euler(m) -> jnp.ndarray:
 
 
 def rotvec_matrix(x) -> jnp.ndarray:
-    """Rotation matrix of the rotation vector ``x (3,)`` rad (Rodrigues), smooth at 0."""
-    t2 = jnp.sum(x * x)
+    """Rotation matrix of the rotation vector ``x (..., 3)`` rad (Rodrigues), smooth at 0.
+    Returns (..., 3, 3)."""
+    x = jnp.asarray(x)
+    t2 = jnp.sum(x * x, axis=-1)[..., None, None]
     small = t2 < 1e-12
     t = jnp.sqrt(jnp.where(small, 1.0, t2))
     a = jnp.where(small, 1.0 - t2 / 6.0, jnp.sin(t) / t)
     b = jnp.where(small, 0.5 - t2 / 24.0, (1.0 - jnp.cos(t)) / jnp.where(small, 1.0, t2))
-    k = jnp.array([[0.0, -x[2], x[1]], [x[2], 0.0, -x[0]], [-x[1], x[0], 0.0]], dtype=x.dtype)
+    x0, x1, x2 = x[..., 0], x[..., 1], x[..., 2]
+    z = jnp.zeros_like(x0)
+    k = jnp.stack([jnp.stack([z, -x2, x1], -1), jnp.stack([x2, z, -x0], -1),
+                   jnp.stack([-x1, x0, z], -1)], -2)
     return jnp.eye(3, dtype=x.dtype) + a * k + b * (k @ k)
 
 
@@ -301,7 +308,12 @@ def misorientation(q1, q2, sym) -> jnp.ndarray:
     (-w1, v1) (x) q2``, reduce ``P``, angle = 2 acos(min(P.w, 1)). Returns (...,).
     """
     p = _misorientation_quat(q1, q2, sym)
-    return 2.0 * jnp.arccos(jnp.clip(p[..., 0], -1.0, 1.0))
+    w = jnp.clip(p[..., 0], -1.0, 1.0)
+    # arccos has an infinite slope at ±1: evaluate it only inside, so that the gradient at
+    # a zero misorientation is 0 (not NaN) and that of angle² stays finite near it.
+    inner = jnp.abs(w) < 1.0
+    edge = jnp.where(w > 0, 0.0, 2.0 * jnp.pi).astype(w.dtype)
+    return jnp.where(inner, 2.0 * jnp.arccos(jnp.where(inner, w, 0.0)), edge)
 
 
 @jax.jit
@@ -342,6 +354,8 @@ def mean_orientation(q, sym, reference) -> jnp.ndarray:
     _check_last(q, 4, "mean_orientation")
     if q.ndim != 2:
         raise ValueError(f"mean_orientation: q must have shape (N, 4), got {q.shape}")
+    if q.shape[0] == 0:
+        raise ValueError("mean_orientation: no orientations to average (q has 0 rows)")
     cands = quat_multiply(q[:, None, :], jnp.asarray(sym, dtype=q.dtype))   # (N, S, 4)
     dots = cands @ ref                                                       # (N, S)
     best = jnp.argmax(jnp.abs(dots), axis=-1)

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfjax.forward import bragg_v, displace, distance_centres, predict_spots, project, spot_footprint
+from nfjax.forward import (bragg_v, corrected_omega, displace, distance_centres, frame_of,
+                           predict_spots, project, spot_footprint)
 from nfjax.geometry import Geometry, tilt_matrix
 from nfjax.observe import lookup, lookup_all_distances
 
@@ -36,7 +37,9 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
     (frames) the width of the ω weighting; ``window``/``frame_window`` (static, odd) the
     pixel and frame neighbourhoods read.
     Returns ``(score (2R,), valid (2R,))``: per spot the product over distances of the
-    splat-weighted mean of the observed bits (the soft "lit at every distance").
+    splat-weighted mean of the observed bits (the soft "lit at every distance"), and
+    whether the spot counts: predicted and inside the scan (:func:`nfjax.forward.frame_of`,
+    the rule of the hard score, wedge correction included).
     """
     v = bragg_v(g, theta)
     sp = predict_spots(orient, g, theta, geom, v=v)
@@ -53,7 +56,8 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
         base_y, base_z = distance_centres(cy, cz, geom)       # (D,)
         vy = base_y[:, None] + (ty - cy)[None, :]             # (D, 3) vertex positions
         vz = base_z[:, None] + (tz - cz)[None, :]
-        fpos = (omega - geom.omega_start) / geom.omega_step   # continuous frame coordinate
+        w, _ = corrected_omega(omega, yl, zl, geom)          # as frame_of: wedge, wrap
+        fpos = (w - geom.omega_start) / geom.omega_step       # continuous frame coordinate
         f0 = jnp.floor(fpos)
         frames = f0 + foffs                                   # (F,)
         fw = jnp.exp(-0.5 * ((frames + 0.5 - fpos) / sigma_frame) ** 2)
@@ -79,7 +83,8 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
         return jnp.prod(per_dist)
 
     scores = jax.vmap(one_spot)(sp.yl, sp.zl, sp.omega)
-    return scores, sp.valid
+    _, in_scan = frame_of(sp.omega, sp.yl, sp.zl, geom)
+    return scores, sp.valid & in_scan
 
 
 def soft_overlap(verts: Array, orient: Array, g: Array, theta: Array, geom: Geometry,

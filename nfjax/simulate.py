@@ -113,6 +113,9 @@ def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
     from nfjax.io.mic import read_mic
 
     mic = read_mic(mic_path)
+    if len(mic.records) == 0:
+        raise NfjaxError(f"{mic_path}: expected voxel rows, found none (the mic file has no "
+                         "voxels) — nothing to render")
     records = select_rendered(mic.records, params.min_confidence)
     if len(records) == 0:
         raise NfjaxError(f"{mic_path}: no voxel has confidence >= MinConfidence "

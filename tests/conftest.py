@@ -15,6 +15,14 @@ MIDAS_AU = SHARED / "midas-au"
 REF_RUN = MIDAS_AU / "reference-run"
 FFBIDX = SHARED / "ffbidx-simple"
 
+# JAX's persistent compilation cache (nfjax.jaxcache), in the checkout rather than the
+# user's home: the CLI commands the tests run turn it on, so the library tests share it too.
+# Cached programs are the ones a fresh compile makes; NFJAX_CACHE_DIR=off runs without.
+os.environ.setdefault("NFJAX_CACHE_DIR", str(ROOT / ".pytest_cache" / "nfjax-jax"))
+from nfjax import jaxcache  # noqa: E402
+
+jaxcache.enable()
+
 
 def need(path: Path) -> Path:
     """Return ``path`` or skip the test with a clear reason if the shared data is absent."""

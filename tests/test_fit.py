@@ -519,6 +519,17 @@ def test_run_fit_writes_midas_files_and_blocks_agree(tmp_path):
                                   .records, one)
 
 
+@pytest.mark.parametrize("nblocks", [0, -3])
+def test_run_fit_rejects_nblocks_below_one(tmp_path, nblocks):
+    from nfjax.fit import run_fit
+
+    params = _job(tmp_path, n_rows=4)
+    with pytest.raises(NfjaxError, match=rf"^--nblocks: expected a positive integer, "
+                                         rf"found {nblocks}$"):
+        run_fit(_args(params, nblocks=nblocks))
+    assert not list(tmp_path.glob("Au_*"))
+
+
 def test_run_fit_midas_refinement_flag(tmp_path):
     """``nfjax fit --midas-refinement`` writes what MIDAS's procedure in memory gives."""
     from nfjax.cli import build_parser

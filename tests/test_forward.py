@@ -257,3 +257,37 @@ def test_single_pixel_rule():
     rel = jnp.array([[0.4, -0.2], [0.6, 0.1], [0.55, 0.5]])     # mean (0.5167, 0.1333)
     oy, oz, ok = footprint_offsets(rel, 1)
     assert (int(oy[0]), int(oz[0]), bool(ok[0])) == (1, 0, True)
+
+
+def test_predict_spots_names_a_batched_orientation():
+    """One (3, 3) orientation per call (vmap for more): a batch is a clear error, not an
+    XLA dot_general shape error."""
+    from conftest import MIDAS_AU
+
+    need(MIDAS_AU)
+    geom = geometry_from_params(read_params(MIDAS_AU / "ps_au.txt"))
+    g = jnp.ones((4, 3))
+    th = jnp.full((4,), 3.0)
+    with pytest.raises(ValueError, match=r"orient must be one \(3, 3\) matrix, got shape "
+                                         r"\(2, 3, 3\); use jax.vmap"):
+        predict_spots(jnp.stack([jnp.eye(3)] * 2), g, th, geom)
+
+
+def test_bit_indices_refuse_32_bit_mode_for_a_large_volume():
+    """With NFJAX_NO_X64 the int64 bit indices became int32 and overflowed for a real-size
+    volume (silently wrong bits when they landed in range): now a one-line error."""
+    import subprocess
+    import sys
+    from conftest import MIDAS_AU, ROOT
+
+    need(MIDAS_AU)
+    code = ("import os, sys; import nfjax, jax; assert not jax.config.jax_enable_x64\n"
+            "from nfjax.cli import main; sys.exit(main(['simulate', sys.argv[1], sys.argv[2],"
+            " '-o', os.devnull]))")
+    out = subprocess.run([sys.executable, "-c", code, str(MIDAS_AU / "ps_au.txt"),
+                          str(MIDAS_AU / "Au_txt.mic")], capture_output=True, text=True,
+                         cwd=ROOT, env={**__import__("os").environ, "NFJAX_NO_X64": "1"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]       # (JAX warns about float64 before it)
+    assert last.startswith("nfjax: error: the observation volume has 12079595520 bits, too "
+                           "many for 32-bit indices: run with JAX's 64-bit mode"), last

@@ -317,7 +317,8 @@ def test_cli_process_writes_spotsinfo_and_medians(tmp_path, capsys):
         med = np.fromfile(out / f"red_Median_Background_Distance_{L}.bin", dtype="<u2")
         np.testing.assert_array_equal(med.reshape(NZ, NY),
                                       np.sort(stacks[L], axis=0)[(NF - 1) // 2])
-    assert "frames/s" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "frames/s" in printed.out and "warning" not in printed.err
     # a tight --max-memory takes the banded-median path and writes the same bytes
     banded = tmp_path / "banded.bin"
     assert cli_main(["process", str(pfile), "--max-memory", "300KB", "-o", str(banded)]) == 0
@@ -327,41 +328,80 @@ def test_cli_process_writes_spotsinfo_and_medians(tmp_path, capsys):
     per = NF * NY * NZ
     frame = images.frame_path(params, 1, 0)
     tifffile.imwrite(frame, np.zeros((NZ, NY), np.uint16))  # now nothing is lit there
+    capsys.readouterr()
     assert cli_main(["process", str(pfile), "--distance", "2", "-o", str(spots)]) == 0
+    assert "warning" not in capsys.readouterr().err   # distance 1 kept from the file
     lit = observe.lit_indices(observe.read_spots_info(spots, (2, NF, NY, NZ)))
     np.testing.assert_array_equal(lit[lit < per], truth[truth < per])
     keep = (truth >= per) & (truth >= per + NY * NZ)  # frame 0 of distance 2 cleared
     np.testing.assert_array_equal(lit[lit >= per], truth[keep])
 
 
-def _expect_error(tmp_path, capsys, fragment):
-    spots = tmp_path / "out" / "SpotsInfo.bin"
-    before = spots.read_bytes() if spots.exists() else None
-    assert cli_main(["process", str(tmp_path / "params.txt")]) == 2
+def test_some_distances_into_a_new_file_warns(tmp_path, capsys):
+    make_dataset(tmp_path)
+    pfile = _write_params(tmp_path)
+    assert cli_main(["process", str(pfile), "--distance", "2"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "distance(s) 1 were not processed and are empty" in err \
+        and "a fit needs every distance" in err, err
+    vol = observe.read_spots_info(tmp_path / "out" / "SpotsInfo.bin", (2, NF, NY, NZ))
+    assert observe.lit_indices(vol).min() >= NF * NY * NZ   # distance 1 is all zero
+
+
+def test_implausible_lit_fraction_warns(tmp_path, capsys):
+    # No blanket and no median filter: about half of the Poisson background is above the
+    # temporal median, so far more than 2% of the pixels come out lit.
+    make_dataset(tmp_path, n_distances=2)
+    pfile = _write_params(tmp_path)
+    pfile.write_text(pfile.read_text().replace("BlanketSubtraction 80", "BlanketSubtraction 0")
+                     .replace("MedFiltRadius 1", "MedFiltRadius 0"))
+    assert cli_main(["process", str(pfile)]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    for L, line in enumerate(lines, start=1):
+        assert line.startswith(f"warning: distance {L}: ") and "% of all pixels are lit" in line
+        assert f"BlanketSubtraction (0), MedFiltRadius (0), DoLoGFilter (0) in {pfile}" in line
+        assert float(line.split(": ")[2].split("%")[0]) > 20
+    # the threshold, and the LoG keys when the LoG decides what is lit
+    p = types.SimpleNamespace(blanket_subtraction=30, med_filt_radius=2, do_log_filter=1,
+                              log_mask_radius=6, gauss_filt_radius=1.5, source="p.txt")
+    assert images.lit_fraction_warning(p, 0, 20, 1000) is None
+    assert images.lit_fraction_warning(p, 1, 21, 1000) == (
+        "distance 2: 2.1% of all pixels are lit (more than 2% suggests background lit as "
+        "spots); check BlanketSubtraction (30), MedFiltRadius (2), DoLoGFilter (1), "
+        "LoGMaskRadius (6), GaussFiltRadius (1.5) in p.txt")
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} \
+        if folder.is_dir() else None
+
+
+def _expect_error(tmp_path, capsys, fragment, *options):
+    out = tmp_path / "out"
+    before = _files(out)
+    assert cli_main(["process", str(tmp_path / "params.txt"), *options]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and fragment in err, err
-    # no partial output: the old file (or nothing) is still there, no temp files remain
-    assert (spots.read_bytes() if spots.exists() else None) == before
-    out = tmp_path / "out"
-    leftovers = [p.name for p in out.glob(".*part")] if out.exists() else []
-    assert leftovers == []
+    # nothing written: SpotsInfo.bin and the median images as they were, no temporaries
+    assert _files(out) == before
     return err
 
 
 def test_missing_frame_file(tmp_path, capsys):
     params, _, _ = make_dataset(tmp_path)
     _write_params(tmp_path)
-    victim = images.frame_path(params, 1, 4)
+    victim = images.frame_path(params, 1, 4)  # distance 2: distance 1 must not be written
     victim.unlink()
     err = _expect_error(tmp_path, capsys, str(victim))
-    assert "not found" in err
+    assert "not found (1 of 30 frames missing)" in err
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage"])
+@pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage", "pages"])
 def test_bad_frame_files(tmp_path, capsys, bad):
     params, _, _ = make_dataset(tmp_path, n_distances=2)
     _write_params(tmp_path)
-    victim = images.frame_path(params, 0, 3)
+    victim = images.frame_path(params, 1, 3)  # distance 2: distance 1 must not be written
     if bad == "shape":
         tifffile.imwrite(victim, np.zeros((NZ, NY + 1), np.uint16))
         frag = f"expected a frame of {NZ} rows x {NY} columns"
@@ -372,6 +412,9 @@ def test_bad_frame_files(tmp_path, capsys, bad):
         data = victim.read_bytes()
         victim.write_bytes(data[: len(data) - 5000])
         frag = str(victim)
+    elif bad == "pages":
+        tifffile.imwrite(victim, np.zeros((3, NZ, NY), np.uint16), photometric="minisblack")
+        frag = "expected one page (one frame per file), found 3 pages"
     else:
         victim.write_bytes(b"this is not a tiff file at all")
         frag = "not a readable TIFF"
@@ -379,6 +422,36 @@ def test_bad_frame_files(tmp_path, capsys, bad):
     assert str(victim) in err
     with pytest.raises(InputFileError):
         images.read_frame(victim, (NZ, NY))
+
+
+def test_bad_output_paths_fail_before_processing(tmp_path, capsys):
+    make_dataset(tmp_path, n_distances=2)
+    _write_params(tmp_path)
+    (tmp_path / "taken").mkdir()
+    _expect_error(tmp_path, capsys, f"{tmp_path / 'taken'}: cannot write (is a directory)",
+                  "-o", str(tmp_path / "taken"))
+    # OutputDirectory is a plain file: the median images cannot go there, even with -o
+    (tmp_path / "out").write_text("not a folder")
+    err = _expect_error(tmp_path, capsys, f"({tmp_path / 'out'} is a file, not a folder)",
+                        "-o", str(tmp_path / "spots.bin"))
+    assert "Median_Background_Distance_0.bin" in err
+    assert not (tmp_path / "spots.bin").exists()
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_failure_while_processing_writes_no_median(tmp_path, capsys):
+    # A compressed frame whose header is fine but whose data is corrupt fails only when it
+    # is decoded, in distance 2: distance 1's median must not be written on its own.
+    params, _, _ = make_dataset(tmp_path, n_distances=2)
+    _write_params(tmp_path)
+    victim = images.frame_path(params, 1, 6)
+    tifffile.imwrite(victim, tifffile.imread(victim), compression="zlib")
+    with tifffile.TiffFile(victim) as tif:
+        start = tif.pages[0].dataoffsets[0] + tif.pages[0].databytecounts[0] // 2
+    data = bytearray(victim.read_bytes())
+    data[start:start + 64] = b"\xff" * 64
+    victim.write_bytes(bytes(data))
+    _expect_error(tmp_path, capsys, f"{victim}: not a readable TIFF")
 
 
 def test_end_before_start_and_file_count(tmp_path, capsys):

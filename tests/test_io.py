@@ -201,7 +201,7 @@ def test_non_finite_mic_values_are_refused(tmp_path, column, name, value):
 
 def test_atomic_write_names_the_target_and_leaves_nothing(tmp_path):
     from nfjax.errors import NfjaxError
-    from nfjax.io.atomic import atomic_write
+    from nfjax.io.atomic import atomic_write, check_target
 
     (tmp_path / "ro").mkdir()
     with pytest.raises(NfjaxError, match=rf"^{tmp_path}/ro: cannot write \(is a directory\)$"):
@@ -216,6 +216,14 @@ def test_atomic_write_names_the_target_and_leaves_nothing(tmp_path):
         with atomic_write("") as fh:
             fh.write("x")
     assert not list(tmp_path.rglob("*.part"))
+    # the same checks, without writing anything, for commands that check outputs first
+    assert check_target(tmp_path / "new" / "x.bin") == tmp_path / "new" / "x.bin"
+    with pytest.raises(NfjaxError, match=rf"^{tmp_path}/f/x.txt: cannot write "
+                                         rf"\({tmp_path}/f is a file, not a folder\)$"):
+        check_target(tmp_path / "f" / "x.txt")
+    with pytest.raises(NfjaxError, match=r"ro: cannot write \(is a directory\)$"):
+        check_target(tmp_path / "ro")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "ro"]
 
 
 def test_spot_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from scipy.spatial.transform import Rotation
 
 import nfjax  # noqa: F401  (x64)
 from nfjax import orientation as ori
+from nfjax.crystal import symmetry_quaternions
 
 TWO_PI = 2.0 * math.pi
 
@@ -395,3 +396,47 @@ def test_shape_errors():
         ori.euler_to_matrix(np.zeros((5, 4)))
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\)"):
         ori.matrix_to_quat(np.zeros((5, 3)))
+
+
+def test_gradients_are_finite_at_zero_misorientation_and_gimbal_lock():
+    """arccos has an infinite slope at 1: the misorientation's gradient at zero angle is 0
+    (it was NaN even for angle²), angle² matches central differences just off zero, and
+    matrix_to_euler's gradient at Φ = 0 is finite (the unselected arccos branch made it
+    NaN)."""
+    sym = jnp.asarray(symmetry_quaternions(225))
+    e0 = jnp.array([0.3, 0.5, 0.2])
+    q0 = ori.euler_to_quat(e0)
+
+    def angle2(e):
+        return ori.misorientation(ori.euler_to_quat(e), q0, sym) ** 2
+
+    g0 = np.asarray(jax.grad(angle2)(e0))
+    assert np.all(g0 == 0.0)
+    g1 = np.asarray(jax.grad(lambda e: ori.misorientation(ori.euler_to_quat(e), q0, sym))(e0))
+    assert np.all(np.isfinite(g1))
+    x = e0 + jnp.array([1e-3, -2e-3, 1.5e-3])
+    ad = np.asarray(jax.grad(angle2)(x))
+    h = 1e-6
+    fd = np.array([(float(angle2(x.at[i].add(h))) - float(angle2(x.at[i].add(-h)))) / (2 * h)
+                   for i in range(3)])
+    np.testing.assert_allclose(ad, fd, rtol=1e-5, atol=1e-12)
+    gl = jax.grad(lambda e: ori.matrix_to_euler(ori.euler_to_matrix(e))[1])(
+        jnp.array([0.3, 0.0, 0.2]))
+    assert np.all(np.isfinite(np.asarray(gl)))
+
+
+def test_rotvec_matrix_batches_and_mean_orientation_refuses_nothing():
+    """``rotvec_matrix`` takes any leading batch shape (it failed on (5, 3)) and equals the
+    single-vector result and scipy's rotation; ``mean_orientation`` of no rows is an
+    error (it returned the identity)."""
+    x = np.random.default_rng(3).normal(size=(5, 3)) * 0.4
+    x[0] = 0.0
+    batch = np.asarray(ori.rotvec_matrix(jnp.asarray(x)))
+    assert batch.shape == (5, 3, 3)
+    for i in range(5):
+        np.testing.assert_array_equal(batch[i], np.asarray(ori.rotvec_matrix(jnp.asarray(x[i]))))
+        np.testing.assert_allclose(batch[i], Rotation.from_rotvec(x[i]).as_matrix(), atol=1e-14)
+    assert ori.rotvec_matrix(jnp.zeros((2, 4, 3))).shape == (2, 4, 3, 3)
+    sym = jnp.asarray(symmetry_quaternions(225))
+    with pytest.raises(ValueError, match="no orientations to average"):
+        ori.mean_orientation(jnp.zeros((0, 4)), sym, jnp.array([1.0, 0, 0, 0]))

@@ -109,3 +109,74 @@ def test_recover_lsd_example_script():
     last = out.strip().splitlines()[-1]
     err = float(last.split("error")[1].split("um")[0])
     assert abs(err) < 2.0, out
+
+
+@pytest.fixture(scope="module")
+def small_scan():
+    """The Au example shrunk to 256² pixels of 11.84 µm, 1° frames, and the 12 confident
+    voxels nearest the centre of its ground truth."""
+    from conftest import MIDAS_AU
+
+    need(MIDAS_AU)
+    base = read_params(MIDAS_AU / "ps_au.txt")
+    base = base.replace(nr_pixels_y=256, nr_pixels_z=256, px=11.84, omega_step=-1.0,
+                        bc=tuple((y / 8, z / 8) for y, z in base.bc))
+    recs = read_mic(MIDAS_AU / "Au_txt.mic").records
+    recs = recs[recs[:, 10] >= 0.7]
+    recs = recs[np.argsort(np.hypot(recs[:, 3], recs[:, 4]), kind="stable")[:12]]
+    return base, recs
+
+
+def _truth_scores(params, recs, wedge_scored=None):
+    """Mean soft score of the voxels at their true orientations against their own simulated
+    scan, the geometry's wedge optionally replaced; and the gradient in the wedge."""
+    from nfjax.simulate import simulate_records
+
+    hk = hkls_from_params(params)
+    refl = select_rings(hk, params.rings_to_use)
+    g, th = jnp.asarray(refl.g), jnp.asarray(refl.theta)
+    vol = simulate_records(params, recs, hk, progress=False)
+    geom = geometry_from_params(params)
+    if wedge_scored is not None:
+        geom = dataclasses.replace(geom, wedge=jnp.asarray(wedge_scored, jnp.float64))
+    verts = jnp.asarray(triangle_vertices(mic_grid_rows(recs)))
+
+    @jax.jit
+    def score(eul, vv, gm, words):
+        return soft_overlap(vv, euler_to_matrix(eul), g, th, gm, words, vol.shape)
+
+    words = jnp.asarray(vol.words)
+    eul = jnp.asarray(recs[:, 7:10])
+    mean = float(np.mean([score(eul[i], verts[i], geom, words) for i in range(len(recs))]))
+    return mean, (score, eul[0], verts[0], geom, words)
+
+
+def test_soft_score_applies_the_wedge(small_scan):
+    """The surrogate bins ω as the hard score does, wedge correction included: at Wedge 3°
+    the true orientations score as at Wedge 0, scoring them with the wedge left out loses
+    most of it (it used to be left out always), and the wedge gradient matches central
+    differences."""
+    base, recs = small_scan
+    params = base.replace(end_nr=359, nr_files_per_distance=360)
+    flat, _ = _truth_scores(params, recs)
+    tilted, (score, e0, v0, geom, words) = _truth_scores(params.replace(wedge=3.0), recs)
+    ignored, _ = _truth_scores(params.replace(wedge=3.0), recs, wedge_scored=0.0)
+    assert flat > 0
+    assert tilted > 0.7 * flat, (tilted, flat)
+    assert ignored < 0.25 * tilted, (ignored, tilted)
+    ad = float(jax.grad(score, argnums=2)(e0, v0, geom, words).wedge)
+    h = 1e-5                  # the frame window moves in steps: a larger h straddles one
+    fd = (float(score(e0, v0, dataclasses.replace(geom, wedge=geom.wedge + h), words))
+          - float(score(e0, v0, dataclasses.replace(geom, wedge=geom.wedge - h), words))) / (2 * h)
+    assert ad != 0 and abs(ad - fd) <= 1e-4 * abs(fd), (ad, fd)
+
+
+def test_soft_score_counts_only_spots_in_the_scan(small_scan):
+    """Spots whose frame is outside the scan do not dilute the surrogate (the hard score
+    skips them too): a 40° partial scan scores the truth like the full 360° one; counting
+    them, it scored about a tenth of that."""
+    base, recs = small_scan
+    full, _ = _truth_scores(base.replace(end_nr=359, nr_files_per_distance=360), recs)
+    part, _ = _truth_scores(base.replace(end_nr=39, nr_files_per_distance=40), recs)
+    assert full > 0
+    assert 0.5 * full < part < 2.0 * full, (part, full)

@@ -71,3 +71,15 @@ def test_empty_inputs_are_errors(au_sample):
     rec, grains = au_sample
     with pytest.raises(NfjaxError, match="the mic has no voxel"):
         voronoi_microstructure(rec[:0], grains)
+
+
+def test_simulate_mic_without_voxels_says_so(tmp_path):
+    import types
+
+    from nfjax.errors import NfjaxError
+    from nfjax.simulate import simulate_mic
+
+    empty = tmp_path / "empty.mic"
+    empty.write_text("%TriEdgeSize 1.000000\n%NumPhases 1\n%GlobalPosition 0.000000\n")
+    with pytest.raises(NfjaxError, match=rf"^{empty}: expected voxel rows, found none"):
+        simulate_mic(types.SimpleNamespace(min_confidence=0.7), empty)

@@ -28,12 +28,18 @@ def _cannot_write(path: Path, exc: OSError) -> NfjaxError:
     return NfjaxError(f"{path}: cannot write ({reason})")
 
 
-def _target(path: str | os.PathLike) -> Path:
+def check_target(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if a file could be written there; NfjaxError (one line, naming
+    it) if it is empty, a directory, or below a file. Creates nothing: commands call it on
+    their outputs before long work so that a bad output path fails first."""
     if not os.fspath(path):
         raise NfjaxError("output path is empty: give a file name")
     path = Path(path)
     if path.is_dir():
         raise NfjaxError(f"{path}: cannot write (is a directory)")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NfjaxError(f"{path}: cannot write ({blocker} is a file, not a folder)")
     return path
 
 
@@ -43,10 +49,7 @@ def _temporary(path: Path) -> tuple[int, str]:
         directory.mkdir(parents=True, exist_ok=True)
         return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
     except OSError as exc:
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            raise NfjaxError(f"{path}: cannot write ({blocker} is a file, not a folder)") \
-                from None
+        check_target(path)   # names a folder that became a file since the first check
         raise _cannot_write(path, exc) from None
 
 
@@ -61,7 +64,7 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
-    targets = [_target(p) for p in paths]
+    targets = [check_target(p) for p in paths]
     temps: list[str] = []
     handles: list[IO] = []
     try:
