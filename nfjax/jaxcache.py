@@ -14,6 +14,7 @@ Library users opt in with :func:`enable`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -34,8 +35,10 @@ def default_dir() -> Path | None:
 
 def _prune(directory: Path, limit: int) -> None:
     """Keep the cache under ``limit`` bytes: over it, delete the least recently modified
-    entries down to three quarters of it. (JAX's own size limit needs the ``filelock``
-    package, which nfjax does not depend on.)"""
+    entries down to three quarters of it. Used when the ``filelock`` package (not an nfjax
+    dependency) is missing: JAX's own size limit and its locking need it. Without the lock,
+    a process may read an entry another one is still writing; JAX then warns and compiles
+    instead, with the same result."""
     try:
         entries = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(directory)
                    if e.is_file()]
@@ -76,7 +79,11 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
         return None
     from jax.experimental.compilation_cache import compilation_cache
 
-    _prune(directory, MAX_BYTES)
+    if importlib.util.find_spec("filelock") is not None:
+        # JAX then locks the cache and evicts the least recently used entries itself.
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    else:
+        _prune(directory, MAX_BYTES)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     # JAX decides once, at its first compile, whether a cache is in use: make it decide

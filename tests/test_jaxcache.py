@@ -66,3 +66,27 @@ def test_prune_removes_the_oldest_entries_over_the_cap(tmp_path):
     assert len(list(tmp_path.iterdir())) == 10
     jaxcache._prune(tmp_path, 800)                  # 1000 bytes: down to <= 600, oldest first
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"e{i}" for i in range(4, 10)]
+
+
+def test_with_filelock_jax_limits_the_size_itself(tmp_path):
+    """Where the ``filelock`` package is installed, JAX's own locked, size-limited cache is
+    used (a stand-in module here: nfjax does not depend on filelock)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "filelock.py").write_text(
+        "class FileLock:\n"
+        "    def __init__(self, path): self.path = path\n"
+        "    def acquire(self, timeout=None): pass\n"
+        "    def release(self): pass\n"
+        "SoftFileLock = FileLock\n")
+    code = ("import jax, jax.numpy as jnp\n"
+            "from nfjax import jaxcache\n"
+            "jaxcache.MIN_COMPILE_SECONDS = 0.0\n"
+            "print(jaxcache.enable())\n"
+            "print(jax.config.jax_compilation_cache_max_size)\n"
+            "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()\n")
+    cache = tmp_path / "cache"
+    out = _run(code, {"NFJAX_CACHE_DIR": str(cache), "JAX_COMPILATION_CACHE_DIR": "",
+                      "PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert out.splitlines() == [str(cache), str(jaxcache.MAX_BYTES)]
+    assert any(p.name.endswith("-cache") for p in cache.iterdir())
