@@ -130,6 +130,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_spots(args: argparse.Namespace) -> int:
     from nfjax.crystal import hkls_from_params, select_rings
     from nfjax.geometry import geometry_from_params
+    from nfjax.io.atomic import check_target
     from nfjax.io.seeds import read_seeds
     from nfjax.io.spots import write_spot_files
     from nfjax.spots import make_diffraction_spots
@@ -140,10 +141,11 @@ def _cmd_spots(args: argparse.Namespace) -> int:
         params.require("SeedOrientations")
         seeds_path = params.resolve(params.seed_orientations)
     quats = read_seeds(seeds_path)
+    out_dir = Path(args.output) if args.output else params.output_dir
+    check_target(out_dir / "Key.bin")               # before the work, not after it
     table = select_rings(hkls_from_params(params), params.rings_to_use)
     spots = make_diffraction_spots(quats, table.g, table.theta, geometry_from_params(params),
                                    max_memory=args.max_memory)
-    out_dir = Path(args.output) if args.output else params.output_dir
     write_spot_files(out_dir, spots)
     counts = spots.key[:, 0]
     print(f"{len(spots)} orientations, {int(counts.sum())} spots "
@@ -155,11 +157,13 @@ def _cmd_spots(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- simulate
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from nfjax import observe
+    from nfjax.io.atomic import check_target
     from nfjax.simulate import simulate_mic, write_tiff_frames
 
     params = _read_params(args.params)
+    out = check_target(Path(args.output) if args.output
+                       else params.output_dir / "SpotsInfo.bin")   # before the work
     vol, n_rendered, n_total = simulate_mic(params, args.mic, max_memory=args.max_memory)
-    out = Path(args.output) if args.output else params.output_dir / "SpotsInfo.bin"
     observe.write_spots_info(out, vol)
     shape = "x".join(str(s) for s in vol.shape)
     print(f"rendered {n_rendered} of {n_total} voxels: {observe.count(vol)} lit pixels in a "

@@ -263,6 +263,7 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
     from nfjax.chunking import parse_memory
     from nfjax.crystal import hkls_from_params, select_rings
     from nfjax.grid import grid_from_params
+    from nfjax.io.atomic import refuse_package_folder
     from nfjax.io.grains import read_grains_csv
     from nfjax.io.seeds import read_seeds
 
@@ -271,6 +272,7 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
     if params.output_dir.exists() and not params.output_dir.is_dir():
         raise ParamError(f"{src}: OutputDirectory: expected a directory, found a file: "
                          f"{params.output_dir}")
+    refuse_package_folder(params.output_dir, "results")
     parse_memory(max_memory)
     try:
         select_rings(hkls_from_params(params), params.rings_to_use)

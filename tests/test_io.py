@@ -257,3 +257,32 @@ def test_spot_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_spot_files(tmp_path, table(5))
     assert len(read_spot_files(tmp_path).spots) == 5
+
+
+def test_nothing_is_written_inside_the_package(tmp_path, capsys):
+    """The bundled example's parameter file names no output folder, so a stage run on it
+    used to write beside it, into the installed package (the repository, for an editable
+    install). Refused before any work, by simulate, spots and reconstruct alike."""
+    from nfjax.cli import main
+    from nfjax.data import au_example
+    from nfjax.io.atomic import PACKAGE_DIR, refuse_package_folder
+    from nfjax.errors import NfjaxError
+
+    files = au_example()
+    before = sorted(p.name for p in files["params"].parent.iterdir())
+    assert main(["simulate", str(files["params"]), str(files["mic"])]) == 2
+    seeds = tmp_path / "seeds.csv"
+    seeds.write_text("1,0,0,0\n")
+    assert main(["spots", str(files["params"]), str(seeds)]) == 2
+    params = tmp_path / "p.txt"
+    params.write_text(files["params"].read_text() + f"\nOutputDirectory {PACKAGE_DIR}\n"
+                      f"GrainsFile {files['grains']}\nSeedOrientations seeds.csv\n")
+    assert main(["reconstruct", str(params), "--ff-seeds", "--no-image-processing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3
+    assert all("refusing to write" in line and "inside the nfjax package" in line
+               for line in err), err
+    assert sorted(p.name for p in files["params"].parent.iterdir()) == before
+    refuse_package_folder(tmp_path / "x.bin")                  # elsewhere: fine
+    with pytest.raises(NfjaxError, match="inside the nfjax package"):
+        refuse_package_folder(PACKAGE_DIR / "sub" / "x.bin")

@@ -40,7 +40,22 @@ def check_target(path: str | os.PathLike) -> Path:
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise NfjaxError(f"{path}: cannot write ({blocker} is a file, not a folder)")
+    refuse_package_folder(path)
     return path
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def refuse_package_folder(path: str | os.PathLike, what: str = "output") -> None:
+    """NfjaxError when ``path`` lies inside the installed nfjax package: a parameter file
+    that names no output folder writes beside itself, and the bundled example's lives
+    there."""
+    resolved = Path(path).resolve()
+    if resolved == PACKAGE_DIR or PACKAGE_DIR in resolved.parents:
+        raise NfjaxError(f"{path}: refusing to write {what} inside the nfjax package "
+                         f"({PACKAGE_DIR}); copy the parameter file to a folder of your own "
+                         "or set OutputDirectory")
 
 
 def _temporary(path: Path) -> tuple[int, str]:
