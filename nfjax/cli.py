@@ -211,8 +211,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from nfjax.fit import run_fit
 
-    _read_params(args.params)  # for its warnings; run_fit reads the (small) file again
-    return run_fit(args)
+    return run_fit(args, _read_params(args.params))
 
 
 # --------------------------------------------------------------------------- index
@@ -226,8 +225,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_process(args: argparse.Namespace) -> int:
     from nfjax.images import run_process
 
-    _read_params(args.params)  # for its warnings; run_process reads the file again
-    return run_process(args)
+    return run_process(args, _read_params(args.params))
 
 
 # --------------------------------------------------------------------------- demo

@@ -1235,7 +1235,7 @@ def _merge_block(path: Path, rows: np.ndarray, start: int, n_total: int) -> np.n
     return full
 
 
-def run_fit(args) -> int:
+def run_fit(args, params=None) -> int:
     """``nfjax fit PARAMS [--block N --nblocks M] [--device cpu|gpu] [--max-memory SIZE]
     [--polish] [--record-time] [--spots-info PATH]``.
 
@@ -1256,7 +1256,8 @@ def run_fit(args) -> int:
     from nfjax.parallel import block_range
     from nfjax.params import read_params
 
-    params = read_params(args.params)
+    if params is None:           # the CLI passes the file it read (and warned about)
+        params = read_params(args.params)
     params.require("MicFileBinary", "MinFracAccept", "OrientTol", why="nfjax fit writes and "
                    "fits with them")
     device = getattr(args, "device", None)

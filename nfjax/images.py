@@ -843,13 +843,14 @@ def write_median_image(path, median: np.ndarray) -> None:
         fh.write(np.ascontiguousarray(median, dtype="<u2").tobytes())
 
 
-def run_process(args) -> int:
+def run_process(args, params=None) -> int:
     """``nfjax process PARAMS [--distance L ...] [--max-memory SIZE] [-o SpotsInfo.bin]``."""
     from nfjax.chunking import parse_memory
     from nfjax.io.atomic import check_target
     from nfjax.params import read_params
 
-    params = read_params(args.params)
+    if params is None:           # the CLI passes the file it read (and warned about)
+        params = read_params(args.params)
     params.require("nDistances", "StartNr", "EndNr", "OrigFileName", "extOrig")
     max_memory = parse_memory(getattr(args, "max_memory", None))
     nd = int(params.n_distances)
