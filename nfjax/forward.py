@@ -318,9 +318,14 @@ def frame_of(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple[Array,
     """Frame bin of a spot and whether it is inside the scan (§5.6–5.7): the
     :func:`corrected_omega` binned by OmegaStart/OmegaStep. Returns ``frame`` (int32) and
     ``ok`` (in an ω range and 0 ≤ frame < nFrames)."""
-    w, ok = corrected_omega(omega, yl, zl, geom)
+    return frame_bin(*corrected_omega(omega, yl, zl, geom), geom)
+
+
+def frame_bin(w: Array, in_range: Array, geom: Geometry) -> tuple[Array, Array]:
+    """``frame`` (int32) and ``ok`` of a :func:`corrected_omega` ``(w, in_range)``: the
+    frame bin by OmegaStart/OmegaStep, ok when in an ω range and 0 ≤ frame < nFrames."""
     fbin = jnp.floor((w - geom.omega_start) / geom.omega_step)
-    ok = ok & (fbin >= 0) & (fbin < geom.n_frames)
+    ok = in_range & (fbin >= 0) & (fbin < geom.n_frames)
     return jnp.clip(fbin, -1, geom.n_frames).astype(jnp.int32), ok
 
 

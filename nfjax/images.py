@@ -889,7 +889,7 @@ def run_process(args, params=None) -> int:
     for L in distances:
         print(f"distance {L + 1}: {lit_counts[L]} lit pixels in {nf} frames; median image "
               f"{medians[L]}")
-    for warning in lit_warnings(params, vol, distances):
+    for warning in lit_warnings(params, vol.shape, lit_counts, distances):
         print(f"warning: {warning}", file=sys.stderr)
     nframes = nf * len(distances)
     print(f"wrote {out} ({os.path.getsize(out)} bytes) in {dt:.1f} s "
@@ -919,12 +919,11 @@ def lit_fraction_warning(params, distance_index: int, lit: int, n_pixels: int) -
             f"check {', '.join(keys)} in {getattr(params, 'source', 'the parameter file')}")
 
 
-def lit_warnings(params, vol, distances=None) -> list[str]:
+def lit_warnings(params, shape, counts, distances=None) -> list[str]:
     """:func:`lit_fraction_warning` of each processed distance (0-based; default all) of an
-    observation volume."""
-    per = int(np.prod(vol.shape[1:]))
-    counts = lit_per_distance(vol)
-    distances = range(vol.shape[0]) if distances is None else distances
+    observation volume of ``shape`` with :func:`lit_per_distance` ``counts``."""
+    per = int(np.prod(shape[1:]))
+    distances = range(shape[0]) if distances is None else distances
     return [w for L in distances if (w := lit_fraction_warning(params, L, counts[L], per))]
 
 

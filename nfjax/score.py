@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfjax.forward import (bragg_v, corrected_omega, displace, distance_centres, frame_of,
+from nfjax.forward import (bragg_v, corrected_omega, displace, distance_centres, frame_bin,
                            predict_spots, project, spot_footprint)
 from nfjax.geometry import Geometry, tilt_matrix
 from nfjax.observe import lookup, lookup_all_distances
@@ -56,7 +56,8 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
         base_y, base_z = distance_centres(cy, cz, geom)       # (D,)
         vy = base_y[:, None] + (ty - cy)[None, :]             # (D, 3) vertex positions
         vz = base_z[:, None] + (tz - cz)[None, :]
-        w, _ = corrected_omega(omega, yl, zl, geom)          # as frame_of: wedge, wrap
+        w, in_range = corrected_omega(omega, yl, zl, geom)   # as frame_of: wedge, wrap
+        _, in_scan = frame_bin(w, in_range, geom)
         fpos = (w - geom.omega_start) / geom.omega_step       # continuous frame coordinate
         f0 = jnp.floor(fpos)
         frames = f0 + foffs                                   # (F,)
@@ -80,10 +81,9 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
         num = jnp.einsum("f,dab,dfab->d", fw, w, lit)
         den = jnp.sum(fw) * jnp.sum(w, axis=(1, 2))
         per_dist = num / jnp.where(den > 0, den, 1.0)
-        return jnp.prod(per_dist)
+        return jnp.prod(per_dist), in_scan
 
-    scores = jax.vmap(one_spot)(sp.yl, sp.zl, sp.omega)
-    _, in_scan = frame_of(sp.omega, sp.yl, sp.zl, geom)
+    scores, in_scan = jax.vmap(one_spot)(sp.yl, sp.zl, sp.omega)
     return scores, sp.valid & in_scan
 
 

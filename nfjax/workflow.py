@@ -394,8 +394,8 @@ def _observations(run: Run):
     shape = observe.spots_info_shape(p)
     if not run.image_processing:      # preflight checked that it is there
         return observe.read_spots_info(path, shape)
-    from nfjax.images import (frame_paths, lit_warnings, median_image_path, process_all,
-                              write_median_image)
+    from nfjax.images import (frame_paths, lit_per_distance, lit_warnings, median_image_path,
+                              process_all, write_median_image)
 
     frames = [f for L in range(p.n_distances) for f in frame_paths(p, L)]
     inputs = value_hash(p.blanket_subtraction, p.med_filt_radius, p.gauss_filt_radius,
@@ -410,7 +410,8 @@ def _observations(run: Run):
                               median_dir_writer=lambda L, m: write_median_image(
                                   median_image_path(p, L), m))
             observe.write_spots_info(path, vol)
-            for warning in lit_warnings(p, vol):   # as nfjax process prints them
+            # The same warnings nfjax process prints.
+            for warning in lit_warnings(p, vol.shape, lit_per_distance(vol)):
                 run.log.info("warning: %s", warning)
         run.comm.barrier()
         return vol if vol is not None else observe.read_spots_info(path, shape)

@@ -124,11 +124,12 @@ def _check_input_cells(vecs: np.ndarray, n_cells: int) -> None:
     for m in range(min(n_cells, len(vecs) // 3)):
         cell = vecs[3 * m:3 * m + 3].astype(np.float64)
         lengths = np.linalg.norm(cell, axis=1)
-        if not np.all(lengths > 0) or abs(np.linalg.det(cell)) <= 1e-6 * np.prod(lengths):
+        volume = abs(np.linalg.det(cell))
+        if not np.all(lengths > 0) or volume <= 1e-6 * np.prod(lengths):
             raise IndexerValueError(
                 f"input cell {m} is degenerate (vector lengths "
                 f"{', '.join(f'{v:.4g}' for v in lengths)} Å, volume "
-                f"{abs(np.linalg.det(cell)):.4g} Å³): give three independent vectors")
+                f"{volume:.4g} Å³): give three independent vectors")
 
 
 class RunConfig:

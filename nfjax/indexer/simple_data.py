@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from nfjax.errors import InputFileError
+from nfjax.io import TEXT_ENCODING
 
 
 class SimpleData(NamedTuple):
@@ -35,11 +36,13 @@ def read_simple_data(path) -> SimpleData:
     """Read one simple-data file into ffbidx layouts (see :class:`SimpleData`)."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        raw = path.read_bytes()
     except OSError as exc:
         raise InputFileError(f"{path}: cannot read simple-data file ({exc.strerror})") from None
+    try:
+        text = raw.decode(TEXT_ENCODING)
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        line = raw[:exc.start].count(b"\n") + 1
         raise InputFileError(f"{path}:{line}: not a simple-data text file (bytes that are "
                              f"not UTF-8)") from None
     cell = None

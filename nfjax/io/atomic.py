@@ -28,6 +28,20 @@ def _cannot_write(path: Path, exc: OSError) -> NfjaxError:
     return NfjaxError(f"{path}: cannot write ({reason})")
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def refuse_package_folder(path: str | os.PathLike, what: str = "output") -> None:
+    """NfjaxError when ``path`` lies inside the installed nfjax package: a parameter file
+    that names no output folder writes beside itself, and the bundled example's lives
+    there."""
+    resolved = Path(path).resolve()
+    if resolved == PACKAGE_DIR or PACKAGE_DIR in resolved.parents:
+        raise NfjaxError(f"{path}: refusing to write {what} inside the nfjax package "
+                         f"({PACKAGE_DIR}); copy the parameter file to a folder of your own "
+                         "or set OutputDirectory")
+
+
 def check_target(path: str | os.PathLike) -> Path:
     """``path`` as a Path if a file could be written there; NfjaxError (one line, naming
     it) if it is empty, a directory, or below a file. Creates nothing: commands call it on
@@ -42,20 +56,6 @@ def check_target(path: str | os.PathLike) -> Path:
         raise NfjaxError(f"{path}: cannot write ({blocker} is a file, not a folder)")
     refuse_package_folder(path)
     return path
-
-
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-
-
-def refuse_package_folder(path: str | os.PathLike, what: str = "output") -> None:
-    """NfjaxError when ``path`` lies inside the installed nfjax package: a parameter file
-    that names no output folder writes beside itself, and the bundled example's lives
-    there."""
-    resolved = Path(path).resolve()
-    if resolved == PACKAGE_DIR or PACKAGE_DIR in resolved.parents:
-        raise NfjaxError(f"{path}: refusing to write {what} inside the nfjax package "
-                         f"({PACKAGE_DIR}); copy the parameter file to a folder of your own "
-                         "or set OutputDirectory")
 
 
 def _temporary(path: Path) -> tuple[int, str]:
