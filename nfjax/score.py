@@ -20,7 +20,7 @@ import numpy as np
 from nfjax.forward import (bragg_v, corrected_omega, displace, distance_centres, frame_bin,
                            predict_spots, project, spot_footprint)
 from nfjax.geometry import Geometry, tilt_matrix
-from nfjax.observe import lookup, lookup_all_distances
+from nfjax.observe import lookup
 
 Array = Any
 
@@ -124,13 +124,33 @@ def _flags(fp, valid, words, shape, sticky):
     """``(keep, found)`` bool ``(..., P)`` of footprints ``fp`` with any leading batch
     axes; ``valid`` broadcasts against ``fp.frame_ok``."""
     spot_ok = valid & fp.frame_ok & fp.verts_in                        # (...)
-    on_det = jnp.all(fp.in_range, axis=-1)                             # (..., P)
+    n_pix, n_dist = fp.py.shape[-2:]
+    if n_pix == 1:
+        # One pixel per spot (MIDAS's rule for probes smaller than a pixel): computed per
+        # spot and given its pixel axis last. Broadcasting the spot's values onto a pixel
+        # axis of 1 splits the chain into many loops that each recompute the spot's
+        # sines and cosines (the refinement objective 2x slower).
+        keep = spot_ok & fp.pix_ok[..., 0]
+        found = keep
+        for L in range(n_dist):
+            keep = keep & fp.in_range[..., 0, L]
+            found = found & fp.in_range[..., 0, L] & lookup(
+                words, shape, L, fp.frame, fp.py[..., 0, L], fp.pz[..., 0, L])
+        return keep[..., None], found[..., None]
+    # Distance by distance, not reductions over the last axis: see
+    # forward.distance_centre_list (the same fusion reason).
+    on_det = fp.in_range[..., 0]                                       # (..., P)
+    for L in range(1, n_dist):
+        on_det = on_det & fp.in_range[..., L]
     if sticky:
         bad = fp.pix_ok & ~on_det
         on_det = jnp.cumsum(bad.astype(jnp.int32), axis=-1) == 0
     keep = spot_ok[..., None] & fp.pix_ok & on_det                     # (..., P)
-    lit = lookup_all_distances(words, shape, fp.frame[..., None], fp.py, fp.pz)  # (..., P, D)
-    return keep, keep & jnp.all(lit, axis=-1)
+    found = keep
+    frame = fp.frame[..., None]
+    for L in range(n_dist):
+        found = found & lookup(words, shape, L, frame, fp.py[..., L], fp.pz[..., L])
+    return keep, found
 
 
 def _pixel_flags(verts, yl, zl, omega, valid, geom, box, words, shape, rt, sticky):
