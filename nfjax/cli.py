@@ -20,12 +20,15 @@ from nfjax.errors import NfjaxError
 
 def _read_params(path, **options):
     """Read a parameter file and print its warnings on stderr: every command that reads one
-    goes through here, so no command drops them."""
+    goes through here, so no command drops them. Under MPI only rank 0 prints them (every
+    rank reads the same file)."""
+    from nfjax.parallel import launcher_rank
     from nfjax.params import read_params
 
     params = read_params(path, **options)
-    for warning in params.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    if launcher_rank() == 0:
+        for warning in params.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return params
 
 
@@ -418,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nfjax.parallel import abort_other_ranks
+    from nfjax.parallel import abort_other_ranks, print_error
 
     from nfjax import jaxcache
 
@@ -441,14 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     except NfjaxError as exc:
         if os.environ.get("NFJAX_DEBUG"):
             raise
-        print(f"nfjax: error: {exc}", file=sys.stderr)
+        print_error(f"nfjax: error: {exc}")
         abort_other_ranks(2)
         return 2
     except OSError as exc:
         if os.environ.get("NFJAX_DEBUG"):
             raise
         name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"nfjax: error: {name}{exc.strerror or exc}", file=sys.stderr)
+        print_error(f"nfjax: error: {name}{exc.strerror or exc}")
         abort_other_ranks(2)
         return 2
     except KeyboardInterrupt:

@@ -107,6 +107,39 @@ def abort_other_ranks(code: int, traceback: bool = False) -> None:
     world.Abort(code)
 
 
+#: Seconds a rank other than 0 waits before printing its error (see :func:`print_error`).
+ERROR_DELAY_S = 3.0
+
+
+def print_error(message: str) -> None:
+    """Print a one-line error to stderr once per MPI job, not once per rank.
+
+    An error every rank meets (a bad parameter file, a missing input, found by each rank's
+    preflight) is printed by rank 0, whose :func:`abort_other_ranks` then ends the others
+    while they wait :data:`ERROR_DELAY_S` before printing. An error only one rank meets is
+    still printed after that wait, prefixed with the rank. Without MPI it prints at once.
+    """
+    import sys
+    import time
+
+    world = _live_world()
+    if world is not None and world.Get_rank() != 0:
+        sys.stdout.flush()
+        time.sleep(ERROR_DELAY_S)
+        message = f"(rank {world.Get_rank()}) {message}"
+    print(message, file=sys.stderr)
+
+
+def launcher_rank() -> int:
+    """This process's rank as the MPI launcher's environment gives it (0 without one): for
+    messages printed before MPI is initialised, such as the parameter file's warnings."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def launched_by_mpi() -> bool:
     """True when an MPI launcher started this process (so mpi4py can initialise)."""
     return any(v in os.environ for v in _LAUNCHER_VARS)

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -625,10 +626,18 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     a script that calls this under ``mpiexec`` should end the job on error as the CLI does
     (:func:`nfjax.parallel.abort_other_ranks`), or run under ``python -m mpi4py``."""
     from nfjax.params import read_params
-    from nfjax.parallel import local_device, world
+    from nfjax.parallel import launcher_rank, local_device, world
 
     params = read_params(params_path)
-    inputs = preflight(params, ff_seeds, image_processing, max_memory)
+    try:
+        inputs = preflight(params, ff_seeds, image_processing, max_memory)
+    except NfjaxError:
+        # The parameter file's warnings (a misspelt key) may explain the error: show them
+        # before it, as the log would have after a good preflight.
+        if launcher_rank() == 0:
+            for warning in params.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+        raise
     comm = comm or world()
     if device:
         import jax

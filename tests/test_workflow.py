@@ -259,6 +259,19 @@ def test_bad_inputs_read_later_fail_before_any_work(tmp_path, spotsinfo, capsys,
     assert sorted(p.name for p in out.iterdir()) == before      # nothing written
 
 
+
+def test_warnings_shown_when_preflight_fails(tmp_path, capsys):
+    """A misspelt key's warning is printed before the preflight error it may explain
+    (before, the warnings were only logged once preflight had passed)."""
+    params = _setup(tmp_path / "run", tmp_path / "absent.bin", raw="SeedOrientatons s.csv\n",
+                    SeedOrientations="no_such_seeds.csv")
+    assert main(["reconstruct", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert "did you mean 'SeedOrientations'" in err[0] and err[0].startswith("warning:"), err
+    assert err[1].startswith("nfjax: error:") and "no_such_seeds.csv" in err[1], err
+
+
 def test_midas_driver_flags_are_accepted(tmp_path, spotsinfo, capsys):
     # A misspelt key is not silently dropped: the parser's warning is shown and logged.
     params = _setup(tmp_path / "run", spotsinfo, raw="Gridrefactor 5 2 1\n", **_small())
@@ -345,6 +358,25 @@ def test_error_on_one_rank_ends_the_mpi_job(tmp_path):
     assert proc.returncode != 0
     assert "nfjax: error:" in proc.stderr and "missing.txt" in proc.stderr, proc.stderr[-2000:]
     assert "passed the barrier" not in proc.stdout
+
+
+
+def test_error_every_rank_meets_is_printed_once(tmp_path):
+    """A preflight error that both ranks meet (a seed file that does not exist) is printed
+    once, by rank 0, not once per rank; so is the parameter file's warning."""
+    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    params = _setup(tmp_path / "run", tmp_path / "absent.bin", raw="EdgeLenght 1\n",
+                    SeedOrientations="no_such_seeds.csv")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
+                           str(params)], capture_output=True, text=True, timeout=300,
+                          env=_mpi_env())
+    assert proc.returncode != 0
+    assert proc.stderr.count("nfjax: error:") == 1, proc.stderr[-2000:]
+    assert "no_such_seeds.csv" in proc.stderr and "(rank 1)" not in proc.stderr
+    assert proc.stderr.count("EdgeLenght") == 1, proc.stderr[-2000:]
 
 
 def _tiff_setup(directory: Path, n_frames: int) -> Path:
