@@ -84,13 +84,10 @@ def seed_matrices(quats: np.ndarray) -> np.ndarray:
     return m
 
 
-def predict_many(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom: Geometry, *,
-                 v: np.ndarray | None = None, max_memory=None, progress=None,
-                 dtype=jnp.float64):
-    """Spots of many orientations, ``(N, 2R)`` arrays ``yl, zl, omega, valid`` (numpy).
-
-    ``v`` as in :func:`predict_spots` (``None`` → MakeDiffrSpots' |U·g| convention).
-    """
+def _predict_chunks(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom: Geometry, *,
+                    v=None, max_memory=None, progress=None, dtype=jnp.float64, collect=None):
+    """:func:`predict_many` chunk by chunk: the list of ``collect((yl, zl, omega, valid),
+    n_valid)`` of each chunk (default: the chunk's arrays, trimmed)."""
     g_j = jnp.asarray(g, dtype)
     th_j = jnp.asarray(theta, dtype)
     v_j = None if v is None else jnp.asarray(v, dtype)
@@ -104,8 +101,19 @@ def predict_many(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom: Ge
     n_slots = 2 * int(np.shape(g)[0])
     chunk = chunk_size(len(orients), bytes_per_item=n_slots * 8 * 40, max_memory=max_memory,
                        maximum=8192)
-    parts = map_chunked(run, [np.asarray(orients, np.float64).astype(dtype)], chunk,
-                        desc="predict spots", unit="orient", progress=progress)
+    return map_chunked(run, [np.asarray(orients, np.float64).astype(dtype)], chunk,
+                       desc="predict spots", unit="orient", progress=progress, collect=collect)
+
+
+def predict_many(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom: Geometry, *,
+                 v: np.ndarray | None = None, max_memory=None, progress=None,
+                 dtype=jnp.float64):
+    """Spots of many orientations, ``(N, 2R)`` arrays ``yl, zl, omega, valid`` (numpy).
+
+    ``v`` as in :func:`predict_spots` (``None`` → MakeDiffrSpots' |U·g| convention).
+    """
+    parts = _predict_chunks(orients, g, theta, geom, v=v, max_memory=max_memory,
+                            progress=progress, dtype=dtype)
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
@@ -116,11 +124,21 @@ def make_diffraction_spots(quats: np.ndarray, g: np.ndarray, theta: np.ndarray,
     ``g (R,3)``, ``theta (R,)`` are the ring-selected reflections in file order.
     """
     orients = seed_matrices(quats)
-    yl, zl, om, valid = predict_many(orients, g, theta, geom, max_memory=max_memory,
-                                     progress=progress)
-    counts, (y, z, w) = _compact(valid, yl, zl, om)
+
+    def compact(out, k):
+        # Each chunk keeps only its valid slots (about a fifth of the 2R): the full
+        # (N, 2R) arrays of a 1° cubic library would take 7 GB.
+        yl, zl, om, valid = (np.asarray(a)[:k] for a in jax.device_get(out))
+        counts, (y, z, w) = _compact(valid, yl, zl, om)
+        return counts, np.stack([y, z, w], axis=1)
+
+    parts = _predict_chunks(orients, g, theta, geom, max_memory=max_memory,
+                            progress=progress, collect=compact)
+    counts = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    spots = (np.concatenate([p[1] for p in parts]) if parts
+             else np.zeros((0, 3), np.float64))
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)[:-1]])
     if offsets.size and offsets[-1] + counts[-1] > np.iinfo(np.int32).max:
         raise ValueError("more than 2^31 predicted spots: Key.bin offsets would overflow")
     key = np.stack([counts, offsets.astype(np.int32)], axis=1).astype(np.int32)
-    return SpotTable(key=key, spots=np.stack([y, z, w], axis=1), orient=orients.reshape(-1, 9))
+    return SpotTable(key=key, spots=spots, orient=orients.reshape(-1, 9))
