@@ -9,7 +9,7 @@
     solid sample (TriEdgeSize 2.5), a uniform cubic library of ``--resolution`` degrees
     for loop 0 (default 1.0: 591k) and of ``--retry-resolution`` degrees for the retries
     of loops 1–2 (default 2.0: 74k), the grid limited by a tomography outline of the
-    sample. Loop 0 screens 238M pairs: about 20 min on 2 CPU cores. ``--smooth``: the same
+    sample. Loop 0 screens 238M pairs: about 3 min on 2 CPU cores. ``--smooth``: the same
     on the physically smooth sample of (c) (each grain its mean orientation), where a 1°
     library's seeds near the Φ ≈ 6° grain all screen below MinFracAccept (what the near
     misses of library passes are for).
