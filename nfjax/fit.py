@@ -46,7 +46,7 @@ import numpy as np
 from nfjax import observe
 from nfjax.chunking import _pad_to, chunk_size, map_chunked, progress_bar
 from nfjax.errors import InputFileError, NfjaxError
-from nfjax.forward import bragg_v, footprint_box, predict_spots
+from nfjax.forward import bragg_v, box_pixels, fit_box, predict_spots
 from nfjax.geometry import Geometry, geometry_from_params, tilt_matrix
 from nfjax.grid import triangle_vertices, up_down
 from nfjax.orientation import (euler_to_matrix_midas, euler_to_quat, matrix_to_euler,
@@ -281,7 +281,7 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
     itemsize = np.dtype(dtype).itemsize
     # Live temporaries per (voxel, spot, footprint pixel): ~12 floats for the vertex shift
     # and projection, and per distance two pixel indices, a word and the flags.
-    per_pair = width * (box * box * (n_dist * 24 + 16) + 12 * itemsize)
+    per_pair = width * (box_pixels(box) * (n_dist * 24 + 16) + 12 * itemsize)
     vox_chunk = min(n_vox, 4096)
     or_chunk = chunk_size(n_or, per_pair * vox_chunk, max_memory, maximum=1 << 16)
     fn = _screen_fn(geom.astype(dtype), box, obs.shape, sticky)
@@ -642,7 +642,7 @@ def refine(euler0: np.ndarray, voxel: np.ndarray, cand: np.ndarray, verts: np.nd
         # One evaluation holds ~2K spots × a few dozen floats per problem.
         # On a CPU a finished slot costs as much as a busy one until the pool drains, so
         # the pool holds at most an eighth of the problems (a short tail).
-        pool = chunk_size(m, 2 * k * box * box * 400, max_memory, maximum=1024, multiple=8,
+        pool = chunk_size(m, 2 * k * box_pixels(box) * 400, max_memory, maximum=1024, multiple=8,
                           cpu_waves=8, minimum=64)
     geom_d = geom.astype(dtype)
     fn = _refine_fn(geom_d, box, obs.shape, sticky, pool, max_evals, param)
@@ -726,7 +726,7 @@ def exact_fracs(euler: np.ndarray, voxel: np.ndarray, verts: np.ndarray, g: np.n
         return 1.0 - jax.vmap(lambda a, b: f(a, eye, verts_d[b], g_d, th_d, v_d, ones,
                                              words))(e, vi)
 
-    chunk = chunk_size(m, 2 * len(theta) * box * box * 400, max_memory, maximum=1024)
+    chunk = chunk_size(m, 2 * len(theta) * box_pixels(box) * 400, max_memory, maximum=1024)
     words = jnp.asarray(obs.words)
     parts = map_chunked(lambda e, vi: run(e, vi, words),
                         [np.asarray(euler).astype(dtype), np.asarray(voxel, np.int32)],
@@ -967,7 +967,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     obs = observe.ObsVolume(jnp.asarray(obs.words), obs.shape)
     verts = triangle_vertices(grid)
     edge = float(np.max(2 * grid[:, 4]))
-    box = footprint_box(edge, float(params.px))
+    box = fit_box(edge, verts, table.theta, geom, spot_table.spots)
     winners = screen(verts, spot_table, obs, geom, min_frac=float(params.min_frac_accept),
                      box=box, max_memory=max_memory, sticky=sticky, dtype=dtype,
                      near_misses=int(near_misses), progress=progress)
@@ -1126,7 +1126,7 @@ def tie_scores(voxel: np.ndarray, euler: np.ndarray, frac: np.ndarray, verts: np
     cen = verts.mean(axis=1, keepdims=True)
     big = cen + factor * (verts - cen)
     key[tied] = exact_fracs(euler[tied], voxel[tied], big, g, theta, obs, geom,
-                            box=footprint_box(big_edge, float(geom.px)), sticky=sticky,
+                            box=fit_box(big_edge, big, theta, geom), sticky=sticky,
                             max_memory=max_memory, dtype=dtype)
     return key
 

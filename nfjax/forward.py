@@ -190,13 +190,89 @@ def footprint_box(edge_length: float, px: float) -> int:
     return int(math.ceil(edge_length / px)) + 3
 
 
+def box_pixels(box) -> int:
+    """Pixels of a static footprint box: ``box²`` for a square side, ``by·bz`` for a
+    ``(by, bz)`` box (:func:`footprint_box_yz`)."""
+    return box * box if isinstance(box, int) else int(box[0]) * int(box[1])
+
+
+def footprint_box_yz(edge_length: float, geom: Geometry, rho_max: float, r_max: float):
+    """A static raster box ``(by, bz)`` (pixels along detector y and z) that holds every
+    footprint of a probe triangle of edge ``edge_length`` µm, for spots at most
+    ``rho_max = tan 2θ_max`` off the beam and triangle vertices within ``r_max`` µm of the
+    rotation axis; ``1`` for MIDAS's single-pixel rule (E ≤ px).
+
+    The footprint is taken from the bounding box of the rounded projected vertices, so a
+    box one pixel wider than the largest continuous vertex spread, plus one for rounding
+    (``floor(spread) + 2``), holds all of it. Two vertices differ on the ideal detector by
+    at most ``E·√(1+ρ²)`` in y and ``E·ρ`` in z (the ray shift of §5.2 moves a vertex in z
+    only through its distance along the beam), and the tilted projection stretches these by
+    at most its Jacobian, bounded here over every point the vertices can reach. The
+    projected triangle is one or two pixel rows tall, so this is much smaller than the
+    square :func:`footprint_box` (E = 5 µm, 1.48 µm pixels: 5 × 3 instead of 7 × 7) with
+    exactly the same pixels taken. Falls back to the square box if the bound does not
+    apply (a detector tilted so far that the projection is singular) or is larger.
+    """
+    import math
+
+    import numpy as np
+
+    px = float(np.asarray(geom.px))
+    square = footprint_box(edge_length, px)
+    if square == 1:
+        return 1
+    lsd0 = float(np.asarray(geom.lsd)[0])
+    rt = np.asarray(tilt_matrix(np.asarray(geom.tilts, np.float64)), np.float64)
+    rho, r = float(rho_max), float(r_max)
+    # Every displaced vertex (Y, Z) on the ideal detector lies in |Y| <= ym, |Z| <= zm.
+    t_max = 1.0 + r / lsd0
+    ym = r + lsd0 * rho * t_max
+    zm = lsd0 * rho * t_max
+    a = np.abs(rt)
+    # d = R_t·(0, Y, Z) − p0 with p0 = −Lsd0·R_t[:, 0]: ranges of its components.
+    dx_lo = lsd0 * rt[0, 0] - a[0, 1] * ym - a[0, 2] * zm
+    if not (math.isfinite(dx_lo) and dx_lo > 0):
+        return square
+    dmax = [abs(lsd0 * rt[i, 0]) + a[i, 1] * ym + a[i, 2] * zm for i in range(3)]
+    p0x = abs(lsd0 * rt[0, 0])
+    # |∂(yp, zp)/∂(Y, Z)|: yp = p0y − dy·p0x/dx, so ∂yp/∂Y = −p0x(R11·dx − dy·R01)/dx², ...
+    def jac(row, col):
+        return p0x * (a[row, col] * dmax[0] + dmax[row] * a[0, col]) / dx_lo ** 2
+
+    dy_ideal = edge_length * math.sqrt(1.0 + rho * rho)
+    dz_ideal = edge_length * rho
+    spread_y = (jac(1, 1) * dy_ideal + jac(1, 2) * dz_ideal) / px
+    spread_z = (jac(2, 1) * dy_ideal + jac(2, 2) * dz_ideal) / px
+    slack = 0.01                     # float rounding of the projections (float32 too)
+    by = int(math.floor(spread_y + slack)) + 2
+    bz = int(math.floor(spread_z + slack)) + 2
+    return (min(by, square), min(bz, square))
+
+
+def fit_box(edge_length: float, verts, theta, geom: Geometry, spots=None):
+    """:func:`footprint_box_yz` for a fit: probe triangles ``verts (N,3,2)`` µm of edge
+    ``edge_length``, reflections of Bragg angles ``theta`` (deg) and, if given, a table of
+    predicted ``spots (T, ≥2)`` (yl, zl µm) that may reach farther out."""
+    import numpy as np
+
+    lsd0 = float(np.asarray(geom.lsd)[0])
+    theta = np.asarray(theta, np.float64)
+    rho = float(np.tan(np.radians(2 * theta)).max(initial=0.0))
+    if spots is not None and len(spots):
+        yz = np.asarray(spots, np.float64)[:, :2]
+        rho = max(rho, float(np.sqrt((yz * yz).sum(axis=1)).max()) / lsd0)
+    r_max = float(np.sqrt((np.asarray(verts, np.float64) ** 2).sum(axis=-1)).max(initial=0.0))
+    return footprint_box_yz(edge_length, geom, rho, r_max)
+
+
 def footprint_offsets(rel: Array, box: int) -> tuple[Array, Array, Array]:
     """Pixel offsets of a projected triangle footprint (MIDAS ``CalcPixels2``, §5.4).
 
     ``rel (3,2)`` vertex positions relative to the projected spot centre, px. ``box`` is
     static: 1 selects the single-pixel rule (offset = rounded mean vertex), otherwise the
-    rasteriser runs over a ``box × box`` window from the rounded bounding-box corner.
-    Returns ``oy (P,), oz (P,)`` int32 and ``ok (P,)`` with ``P = box²`` (z-major order).
+    rasteriser runs over a ``box × box`` window (or ``by × bz`` for a ``(by, bz)`` box,
+    :func:`footprint_box_yz`) from the rounded bounding-box corner. Returns ``oy (P,),
+    oz (P,)`` int32 and ``ok (P,)`` with ``P`` = :func:`box_pixels` (z-major order).
     """
     return _offsets([rel[k, 0] for k in range(3)], [rel[k, 1] for k in range(3)], box)
 
@@ -216,13 +292,15 @@ def _offsets(ry, rz, box: int) -> tuple[Array, Array, Array]:
         oy = round_half_away((ry[0] + ry[1] + ry[2]) / 3).astype(jnp.int32)
         oz = round_half_away((rz[0] + rz[1] + rz[2]) / 3).astype(jnp.int32)
         return oy[None], oz[None], jnp.ones((1,), bool)
+    by, bz = (box, box) if isinstance(box, int) else box
     vy, vz = [round_half_away(r) for r in ry], [round_half_away(r) for r in rz]
     ymin = jnp.minimum(jnp.minimum(vy[0], vy[1]), vy[2])
     zmin = jnp.minimum(jnp.minimum(vz[0], vz[1]), vz[2])
     ymax = jnp.maximum(jnp.maximum(vy[0], vy[1]), vy[2])
     zmax = jnp.maximum(jnp.maximum(vz[0], vz[1]), vz[2])
-    steps = jnp.arange(box, dtype=jnp.result_type(ry[0]))
-    pz, py = jnp.meshgrid(zmin + steps, ymin + steps, indexing="ij")   # outer z, inner y
+    dtype = jnp.result_type(ry[0])
+    pz, py = jnp.meshgrid(zmin + jnp.arange(bz, dtype=dtype), ymin + jnp.arange(by, dtype=dtype),
+                          indexing="ij")                               # outer z, inner y
     py, pz = py.reshape(-1), pz.reshape(-1)
     in_box = (py <= ymax) & (pz <= zmax)
     v0, v1, v2 = (vy[0], vz[0]), (vy[1], vz[1]), (vy[2], vz[2])
