@@ -49,7 +49,7 @@ def main() -> int:
     from nfjax import observe
     from nfjax.crystal import hkls_from_params, select_rings, symmetry_quaternions
     from nfjax.fit import fit_grid, screen
-    from nfjax.forward import footprint_box
+    from nfjax.forward import fit_box
     from nfjax.geometry import geometry_from_params
     from nfjax.grid import triangle_vertices
     from nfjax.io.gridfile import read_grid
@@ -106,7 +106,7 @@ def main() -> int:
     spots = make_diffraction_spots(quats, hk.g, hk.theta, geom, progress=False)
     t_spots = time.perf_counter() - t0
     verts = triangle_vertices(ugrid)
-    box = footprint_box(float(np.max(2 * ugrid[:, 4])), float(up.px))
+    box = fit_box(float(np.max(2 * ugrid[:, 4])), verts, hk.theta, geom, spots.spots)
     from nfjax.spots import SpotTable
 
     warm = SpotTable(spots.key[:64], spots.spots[:int(spots.key[63].sum())],
