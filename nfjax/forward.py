@@ -209,7 +209,7 @@ def footprint_box_yz(edge_length: float, geom: Geometry, rho_max: float, r_max: 
     only through its distance along the beam), and the tilted projection stretches these by
     at most its Jacobian, bounded here over every point the vertices can reach. The
     projected triangle is one or two pixel rows tall, so this is much smaller than the
-    square :func:`footprint_box` (E = 5 µm, 1.48 µm pixels: 5 × 3 instead of 7 × 7) with
+    square :func:`footprint_box` (E = 5 µm, 1.48 µm pixels: 5 × 2 instead of 7 × 7) with
     exactly the same pixels taken. Falls back to the square box if the bound does not
     apply (a detector tilted so far that the projection is singular) or is larger.
     """
@@ -253,14 +253,23 @@ def fit_box(edge_length: float, verts, theta, geom: Geometry, spots=None):
     """:func:`footprint_box_yz` for a fit: probe triangles ``verts (N,3,2)`` µm of edge
     ``edge_length``, reflections of Bragg angles ``theta`` (deg) and, if given, a table of
     predicted ``spots (T, ≥2)`` (yl, zl µm) that may reach farther out."""
+    import math
+
     import numpy as np
 
+    if footprint_box(edge_length, float(np.asarray(geom.px))) == 1:
+        return 1                         # single-pixel rule: no box to bound
     lsd0 = float(np.asarray(geom.lsd)[0])
     theta = np.asarray(theta, np.float64)
     rho = float(np.tan(np.radians(2 * theta)).max(initial=0.0))
     if spots is not None and len(spots):
-        yz = np.asarray(spots, np.float64)[:, :2]
-        rho = max(rho, float(np.sqrt((yz * yz).sum(axis=1)).max()) / lsd0)
+        # In slices: a library's table holds tens of millions of spots, and one (T,)
+        # temporary of their radii would take gigabytes.
+        spots = np.asarray(spots, np.float64)
+        step = 1 << 20
+        r2 = max(float(np.einsum("ij,ij->i", spots[i:i + step, :2], spots[i:i + step, :2]).max())
+                 for i in range(0, len(spots), step))
+        rho = max(rho, math.sqrt(r2) / lsd0)
     r_max = float(np.sqrt((np.asarray(verts, np.float64) ** 2).sum(axis=-1)).max(initial=0.0))
     return footprint_box_yz(edge_length, geom, rho, r_max)
 

@@ -131,11 +131,11 @@ def _flags(fp, valid, words, shape, sticky):
         # axis of 1 splits the chain into many loops that each recompute the spot's
         # sines and cosines (the refinement objective 2x slower).
         keep = spot_ok & fp.pix_ok[..., 0]
-        found = keep
         for L in range(n_dist):
             keep = keep & fp.in_range[..., 0, L]
-            found = found & fp.in_range[..., 0, L] & lookup(
-                words, shape, L, fp.frame, fp.py[..., 0, L], fp.pz[..., 0, L])
+        found = keep
+        for L in range(n_dist):
+            found = found & lookup(words, shape, L, fp.frame, fp.py[..., 0, L], fp.pz[..., 0, L])
         return keep[..., None], found[..., None]
     # Distance by distance, not reductions over the last axis: see
     # forward.distance_centre_list (the same fusion reason).
