@@ -22,13 +22,11 @@ def _read_params(path, **options):
     """Read a parameter file and print its warnings on stderr: every command that reads one
     goes through here, so no command drops them. Under MPI only rank 0 prints them (every
     rank reads the same file)."""
-    from nfjax.parallel import launcher_rank
+    from nfjax.parallel import print_warnings
     from nfjax.params import read_params
 
     params = read_params(path, **options)
-    if launcher_rank() == 0:
-        for warning in params.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+    print_warnings(params.warnings)
     return params
 
 

@@ -130,6 +130,16 @@ def print_error(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def print_warnings(warnings) -> None:
+    """Print a parameter file's warnings (``warning: …`` lines) on stderr, by rank 0 only
+    under MPI: every rank reads the same file."""
+    import sys
+
+    if launcher_rank() == 0:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+
+
 def launcher_rank() -> int:
     """This process's rank as the MPI launcher's environment gives it (0 without one): for
     messages printed before MPI is initialised, such as the parameter file's warnings."""

@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -626,7 +625,7 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     a script that calls this under ``mpiexec`` should end the job on error as the CLI does
     (:func:`nfjax.parallel.abort_other_ranks`), or run under ``python -m mpi4py``."""
     from nfjax.params import read_params
-    from nfjax.parallel import launcher_rank, local_device, world
+    from nfjax.parallel import local_device, print_warnings, world
 
     params = read_params(params_path)
     try:
@@ -634,9 +633,7 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     except NfjaxError:
         # The parameter file's warnings (a misspelt key) may explain the error: show them
         # before it, as the log would have after a good preflight.
-        if launcher_rank() == 0:
-            for warning in params.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
+        print_warnings(params.warnings)
         raise
     comm = comm or world()
     if device:
