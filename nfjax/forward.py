@@ -12,8 +12,11 @@ users' own code all call these functions; there is no second copy):
   projection (§5.2–5.3), in pixels at distance 0.
 * :func:`footprint_offsets` — MIDAS's triangle rasteriser ``CalcPixels2`` on a static box,
   or the single-pixel rule when the probe triangle is smaller than a pixel (§5.4).
-* :func:`spot_footprint` — everything per (voxel, spot): frame bin (with the wedge
-  correction), vertex-in-detector test, footprint pixels at every distance.
+* :func:`spot_terms` — what a spot's footprint needs whatever the voxel: frame bin (with
+  the wedge correction), cos/sin ω, the spot centre at every distance.
+* :func:`footprint_pixels` — per (voxel, spot): vertex-in-detector test and the footprint
+  pixels at every distance, one pixel at a time (what the hard score consumes);
+  :func:`spot_footprint` — both, with the pixels stacked into arrays.
 
 Units: µm for lengths, degrees for ω, η, θ and tilts, radians only for Euler angles,
 pixels for detector coordinates, Å⁻¹ for reciprocal vectors (no 2π). Everything is pure
@@ -153,7 +156,11 @@ def displace(verts: Array, yl: Array, zl: Array, omega: Array, lsd0: Array):
     the ray from the origin to (lsd0, yl, zl)).
     """
     w = jnp.deg2rad(omega)
-    c, s = jnp.cos(w), jnp.sin(w)
+    return _displace_cs(verts, yl, zl, jnp.cos(w), jnp.sin(w), lsd0)
+
+
+def _displace_cs(verts: Array, yl: Array, zl: Array, c: Array, s: Array, lsd0: Array):
+    """:func:`displace` from the spot's ``cos ω``, ``sin ω``."""
     a, b = verts[..., 0], verts[..., 1]
     xa = a * c - b * s
     ya = a * s + b * c
@@ -283,50 +290,52 @@ def footprint_offsets(rel: Array, box: int) -> tuple[Array, Array, Array]:
     :func:`footprint_box_yz`) from the rounded bounding-box corner. Returns ``oy (P,),
     oz (P,)`` int32 and ``ok (P,)`` with ``P`` = :func:`box_pixels` (z-major order).
     """
-    return _offsets([rel[k, 0] for k in range(3)], [rel[k, 1] for k in range(3)], box)
+    n, pixel = _raster([rel[k, 0] for k in range(3)], [rel[k, 1] for k in range(3)], box)
+    return jax.vmap(pixel)(jnp.arange(n, dtype=jnp.int32))
 
 
-def _offsets(ry, rz, box: int) -> tuple[Array, Array, Array]:
-    """:func:`footprint_offsets` of the vertex coordinates ``ry, rz``: sequences of the
-    three vertices' scalars (px).
+def _raster(ry, rz, box) -> tuple[int, Any]:
+    """MIDAS's rasteriser set up for the vertex coordinates ``ry, rz`` (px, relative to the
+    spot centre; sequences of the three vertices' scalars). Returns ``(P, pixel)``:
+    ``pixel(k)`` gives footprint pixel ``k``'s ``(oy, oz, ok)`` (int32 offsets, z-major over
+    the static box, and the rasteriser's mask); ``k`` is a Python int or a traced int32.
 
-    Written vertex by vertex with elementwise operations only, no (3,) vectors, reductions
-    or stacks over the vertices: XLA:CPU lowers a small reduce to a library call and keeps
-    a sliced vector of divisions as a shared intermediate, and either splits the screen's
-    per-(voxel, spot) chain into several loops that stream their float intermediates
-    through memory (about 2x slower). The mean is summed in jnp.mean's order,
-    ((r0 + r1) + r2) / 3, so the result is bit-identical.
+    Pixel by pixel and vertex by vertex, elementwise only: no (3,) vectors, reductions or
+    stacks over the vertices or the pixels. XLA:CPU lowers a small reduce to a library
+    call, and a value broadcast onto a pixel axis is computed in a loop of its own whose
+    float intermediates stream through memory (the screen 2x slower). The mean is summed in
+    jnp.mean's order, ((r0 + r1) + r2) / 3, so the result is bit-identical to it.
     """
     if box == 1:
         oy = round_half_away((ry[0] + ry[1] + ry[2]) / 3).astype(jnp.int32)
         oz = round_half_away((rz[0] + rz[1] + rz[2]) / 3).astype(jnp.int32)
-        return oy[None], oz[None], jnp.ones((1,), bool)
+        return 1, lambda k: (oy, oz, jnp.ones(jnp.shape(oy), bool))
     by, bz = (box, box) if isinstance(box, int) else box
+    dtype = jnp.result_type(ry[0])
     vy, vz = [round_half_away(r) for r in ry], [round_half_away(r) for r in rz]
     ymin = jnp.minimum(jnp.minimum(vy[0], vy[1]), vy[2])
     zmin = jnp.minimum(jnp.minimum(vz[0], vz[1]), vz[2])
     ymax = jnp.maximum(jnp.maximum(vy[0], vy[1]), vy[2])
     zmax = jnp.maximum(jnp.maximum(vz[0], vz[1]), vz[2])
-    dtype = jnp.result_type(ry[0])
-    pz, py = jnp.meshgrid(zmin + jnp.arange(bz, dtype=dtype), ymin + jnp.arange(by, dtype=dtype),
-                          indexing="ij")                               # outer z, inner y
-    py, pz = py.reshape(-1), pz.reshape(-1)
-    in_box = (py <= ymax) & (pz <= zmax)
-    v0, v1, v2 = (vy[0], vz[0]), (vy[1], vz[1]), (vy[2], vz[2])
+    v = list(zip(vy, vz))
+    edges = [(v[1], v[2]), (v[2], v[0]), (v[0], v[1])]
+    e2 = [(b[0] - a[0]) ** 2 + (b[1] - a[1]) ** 2 for a, b in edges]
 
-    def orient(a, b):
-        return (b[0] - a[0]) * (pz - a[1]) - (b[1] - a[1]) * (py - a[0])
+    def pixel(k):
+        if isinstance(k, int):
+            iy, iz = jnp.asarray(k % by, dtype), jnp.asarray(k // by, dtype)
+        else:
+            iy, iz = (k % by).astype(dtype), (k // by).astype(dtype)
+        py, pz = ymin + iy, zmin + iz
+        in_box = (py <= ymax) & (pz <= zmax)
+        orient = [(b[0] - a[0]) * (pz - a[1]) - (b[1] - a[1]) * (py - a[0]) for a, b in edges]
+        take = (orient[0] >= 0) & (orient[1] >= 0) & (orient[2] >= 0)
+        for o, d2 in zip(orient, e2):
+            # A zero-length edge gives 0/0 or x/0 in MIDAS: the comparison is false.
+            take = take | ((d2 > 0) & (o * o < _EDGE_D2 * _safe(d2, d2 == 0)))
+        return py.astype(jnp.int32), pz.astype(jnp.int32), in_box & take
 
-    o12, o20, o01 = orient(v1, v2), orient(v2, v0), orient(v0, v1)
-    inside = (o12 >= 0) & (o20 >= 0) & (o01 >= 0)
-
-    def near(o, a, b):
-        e2 = (b[0] - a[0]) ** 2 + (b[1] - a[1]) ** 2
-        # A zero-length edge gives 0/0 or x/0 in MIDAS: the comparison is false.
-        return (e2 > 0) & (o * o < _EDGE_D2 * _safe(e2, e2 == 0))
-
-    take = inside | near(o12, v1, v2) | near(o20, v2, v0) | near(o01, v0, v1)
-    return py.astype(jnp.int32), pz.astype(jnp.int32), in_box & take
+    return by * bz, pixel
 
 
 def _wedge_shift(eta: Array, theta: Array, wavelength, wedge: Array) -> Array:
@@ -442,6 +451,76 @@ def distance_centre_list(cy: Array, cz: Array, geom: Geometry) -> tuple[list, li
     return ys, zs
 
 
+class SpotTerms(NamedTuple):
+    """What a spot's footprint needs that does not depend on the voxel.
+
+    ``frame ()`` int32 and ``frame_ok`` (:func:`frame_of`); ``cos_w``, ``sin_w`` of ω;
+    ``cy, cz`` the spot centre's tilted projection at distance 0 (continuous px); ``fy, fz``
+    tuples of its floored pixel at each distance (:func:`distance_centre_list`).
+    """
+
+    frame: Array
+    frame_ok: Array
+    cos_w: Array
+    sin_w: Array
+    cy: Array
+    cz: Array
+    fy: tuple
+    fz: tuple
+
+
+def spot_terms(yl: Array, zl: Array, omega: Array, geom: Geometry,
+               rt: Array | None = None) -> SpotTerms:
+    """:class:`SpotTerms` of a spot at ``yl, zl`` µm, ``omega`` deg (§5.4 steps 1–2, 5)."""
+    if rt is None:
+        rt = tilt_matrix(geom.tilts)
+    frame, frame_ok = frame_of(omega, yl, zl, geom)
+    w = jnp.deg2rad(omega)
+    cy, cz = project(yl, zl, geom, rt)
+    ys, zs = distance_centre_list(cy, cz, geom)
+    return SpotTerms(frame, frame_ok, jnp.cos(w), jnp.sin(w), cy, cz,
+                     tuple(jnp.floor(a).astype(jnp.int32) for a in ys),
+                     tuple(jnp.floor(a).astype(jnp.int32) for a in zs))
+
+
+def on_detector(y: Array, z: Array, geom: Geometry) -> Array:
+    """Whether integer pixel ``(y, z)`` is on the detector."""
+    return (y >= 0) & (y < geom.nr_pixels_y) & (z >= 0) & (z < geom.nr_pixels_z)
+
+
+def footprint_pixels(verts: Array, yl: Array, zl: Array, terms: SpotTerms, geom: Geometry,
+                     box, rt: Array) -> tuple[Array, int, Any]:
+    """Footprint of the probe triangle ``verts (3,2)`` µm for one spot, pixel by pixel
+    (§5.4 steps 3–4): ``(verts_in, P, pixel)``. ``verts_in`` is whether all three projected
+    vertices are on the detector (the fitter's spot test); ``pixel(k)`` gives pixel
+    ``k < P``'s ``(ys, zs, ok)``: its integer pixel at each distance (tuples of D) and the
+    rasteriser's mask.
+
+    The footprint offsets are computed once at distance 0 (tilted) and reused at every
+    distance around the spot centre scaled by the Lsd ratio (MIDAS's multi-distance
+    approximation, kept because calibrated geometries are defined through it). The hard
+    score consumes the pixels one at a time (:func:`nfjax.score.pair_counts`), so that the
+    whole (voxel, spot) chain stays one loop.
+    """
+    cy, cz = terms.cy, terms.cz
+    # Vertex by vertex, not as a (3,) vector: see _raster.
+    ry, rz, verts_in = [], [], True
+    for k in range(3):
+        ty, tz = project(*_displace_cs(verts[k], yl, zl, terms.cos_w, terms.sin_w,
+                                       geom.lsd[0]), geom, rt)
+        verts_in = verts_in & ((ty <= geom.nr_pixels_y) & (ty >= 0)
+                               & (tz <= geom.nr_pixels_z) & (tz >= 0))
+        ry.append(ty - cy)
+        rz.append(tz - cz)
+    n, offsets = _raster(ry, rz, box)
+
+    def pixel(k):
+        oy, oz, ok = offsets(k)
+        return tuple(f + oy for f in terms.fy), tuple(f + oz for f in terms.fz), ok
+
+    return verts_in, n, pixel
+
+
 class Footprint(NamedTuple):
     """Detector pixels of one (voxel, spot) pair.
 
@@ -462,39 +541,16 @@ class Footprint(NamedTuple):
 
 def spot_footprint(verts: Array, yl: Array, zl: Array, omega: Array, geom: Geometry,
                    box: int, rt: Array | None = None) -> Footprint:
-    """Footprint of the probe triangle ``verts (3,2)`` µm for one spot (§5.4 steps 1–5).
-
-    The footprint offsets are computed once at distance 0 (tilted) and reused at every
-    distance around the spot centre scaled by the Lsd ratio (MIDAS's multi-distance
-    approximation, kept because calibrated geometries are defined through it).
-    """
+    """Footprint of the probe triangle ``verts (3,2)`` µm for one spot (§5.4 steps 1–5),
+    as arrays: :func:`spot_terms` and :func:`footprint_pixels` with the pixels stacked."""
     if rt is None:
         rt = tilt_matrix(geom.tilts)
-    frame, frame_ok = frame_of(omega, yl, zl, geom)
-    cy, cz = project(yl, zl, geom, rt)
-    # Vertex by vertex, not as a (3,) vector: see _offsets.
-    ry, rz, verts_in = [], [], True
-    for k in range(3):
-        ty, tz = project(*displace(verts[k], yl, zl, omega, geom.lsd[0]), geom, rt)
-        verts_in = verts_in & ((ty <= geom.nr_pixels_y) & (ty >= 0)
-                               & (tz <= geom.nr_pixels_z) & (tz >= 0))
-        ry.append(ty - cy)
-        rz.append(tz - cz)
-    oy, oz, pix_ok = _offsets(ry, rz, box)
-    # Distance by distance (see distance_centre_list), stacked last.
-    py, pz, in_range = [], [], []
-    if box == 1:                       # per spot, then the pixel axis (see score._flags)
-        oy, oz = oy[0], oz[0]
-    for cy_l, cz_l in zip(*distance_centre_list(cy, cz, geom)):
-        y = jnp.floor(cy_l).astype(jnp.int32) + oy
-        z = jnp.floor(cz_l).astype(jnp.int32) + oz
-        if box == 1:
-            y, z = y[None], z[None]
-        py.append(y)
-        pz.append(z)
-        in_range.append((y >= 0) & (y < geom.nr_pixels_y) & (z >= 0) & (z < geom.nr_pixels_z))
-    return Footprint(frame, frame_ok, verts_in, jnp.stack(py, axis=-1), jnp.stack(pz, axis=-1),
-                     pix_ok, jnp.stack(in_range, axis=-1))
+    terms = spot_terms(yl, zl, omega, geom, rt)
+    verts_in, n, pixel = footprint_pixels(verts, yl, zl, terms, geom, box, rt)
+    ys, zs, ok = jax.vmap(pixel)(jnp.arange(n, dtype=jnp.int32))       # (P,) each
+    py, pz = jnp.stack(ys, axis=-1), jnp.stack(zs, axis=-1)          # (P, D)
+    return Footprint(terms.frame, terms.frame_ok, verts_in, py, pz, ok,
+                     on_detector(py, pz, geom))
 
 
 def bit_indices(fp: Footprint, geom: Geometry) -> Array:

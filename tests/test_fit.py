@@ -70,9 +70,13 @@ def test_screening_reproduces_midas_screen_cpu(au):
     assert n_diff == 0
 
 
-def test_sticky_flag_against_midas_pixel_loop():
+def test_sticky_flag_against_midas_pixel_loop(monkeypatch):
     """A footprint that crosses the detector edge: per-pixel (nfjax) and sticky (MIDAS)
-    counts equal a literal transcription of CalcFracOverlap's loop over the pixels."""
+    counts equal a literal transcription of CalcFracOverlap's loop over the pixels, in
+    each of the three orders the score counts pixels in: a loop over the pixels (this
+    144-pixel box in the screen), straight-line code (smaller boxes in the screen) and a
+    pixel axis (the refinement objective, ``hard_counts``)."""
+    import nfjax.score as score
     geom = Geometry(lsd=jnp.array([5000.0, 7000.0]), ybc=jnp.array([10.0, 3.0]),
                     zbc=jnp.array([500.0, 500.5]), tilts=jnp.array([0.2, -0.1, 0.3]),
                     px=jnp.asarray(1.5), wedge=jnp.asarray(0.0), omega_start=180.0,
@@ -134,6 +138,17 @@ def test_sticky_flag_against_midas_pixel_loop():
             assert int(got[sticky][1][j]) == overlap
         n_differ += int(got[True][0][j] != got[False][0][j])
     assert n_differ >= 2          # the case is really on the edge for several spots
+    assert box * box > score._UNROLL_PIXELS
+    args = (verts, jnp.asarray(yl), jnp.asarray(zl), jnp.asarray(om), valid, geom, box,
+            jnp.asarray(obs.words), geom.shape)
+    for s in (False, True):
+        summed = score.hard_counts(*args, sticky=s)
+        assert [int(a) for a in summed] == [int(np.sum(a)) for a in got[s]]
+    monkeypatch.setattr(score, "_UNROLL_PIXELS", box * box)
+    for s in (False, True):
+        straight = hard_spot_counts(*args, sticky=s)
+        for a, b in zip(straight, got[s]):
+            np.testing.assert_array_equal(a, b)
 
 
 # --------------------------------------------------------------------------- refinement
