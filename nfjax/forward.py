@@ -122,6 +122,24 @@ def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
         raise ValueError(f"predict_spots: orient must be one (3, 3) matrix, got shape "
                          f"{jnp.shape(orient)}; use jax.vmap for a batch of orientations")
     dtype = jnp.result_type(orient, g)
+    omega, eta, ok = spot_angles(orient, g, theta, v)
+    yl, zl, valid = spot_positions(omega, eta, ok, theta, geom)
+    n = g.shape[0]
+    refl = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, 2))
+    th = jnp.broadcast_to(theta[:, None], (n, 2)).astype(dtype)
+    flat = lambda x: x.reshape(-1)  # noqa: E731
+    return Spots(flat(yl), flat(zl), flat(omega), flat(eta), flat(th), flat(refl),
+                 flat(valid))
+
+
+def spot_angles(orient: Array, g: Array, theta: Array, v: Array | None = None):
+    """First half of :func:`predict_spots`: ``omega``, ``eta`` (deg) and whether a Bragg
+    solution exists, ``(R, 2)`` each.
+
+    The two halves are separate functions so that a batch can run them as two compiled
+    steps (:mod:`nfjax.spots`): in one, XLA:CPU recomputes the whole ω/η chain of sines,
+    cosines and arctangents in each output's loop (MakeDiffrSpots 1.35x slower).
+    """
     G = g @ orient.T
     if v is None:
         v = bragg_v(g, theta, orient)
@@ -129,7 +147,12 @@ def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
     w = jnp.deg2rad(omega)
     gwy = jnp.sin(w) * G[:, 0:1] + jnp.cos(w) * G[:, 1:2]
     gwz = jnp.broadcast_to(G[:, 2:3], gwy.shape)
-    eta = eta_deg(gwy, gwz)
+    return omega, eta_deg(gwy, gwz), ok
+
+
+def spot_positions(omega: Array, eta: Array, ok: Array, theta: Array, geom: Geometry):
+    """Second half of :func:`predict_spots`: ``yl, zl`` (µm) and the keep mask ``(R, 2)`` of
+    :func:`spot_angles`' output (pole exclusion, ω ranges and detector boxes)."""
     epa = geom.exclude_pole_angle
     ok = ok & ~((jnp.abs(eta) < epa) | (180 - jnp.abs(eta) < epa))
     radius = geom.lsd[0] * jnp.tan(jnp.deg2rad(2 * theta))[:, None]
@@ -140,12 +163,7 @@ def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
     for (olo, ohi), (ymin, ymax, zmin, zmax) in zip(geom.omega_ranges, geom.box_sizes):
         in_any = in_any | ((omega > olo) & (omega < ohi) & (yl > ymin) & (yl < ymax)
                            & (zl > zmin) & (zl < zmax))
-    ok = ok & in_any
-    n = g.shape[0]
-    refl = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, 2))
-    th = jnp.broadcast_to(theta[:, None], (n, 2)).astype(dtype)
-    flat = lambda x: x.reshape(-1)  # noqa: E731
-    return Spots(flat(yl), flat(zl), flat(omega), flat(eta), flat(th), flat(refl), flat(ok))
+    return yl, zl, ok & in_any
 
 
 def displace(verts: Array, yl: Array, zl: Array, omega: Array, lsd0: Array):

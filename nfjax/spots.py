@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfjax.chunking import chunk_size, map_chunked
-from nfjax.forward import predict_spots
+from nfjax.forward import spot_angles, spot_positions
 from nfjax.geometry import Geometry
 
 
@@ -93,10 +93,18 @@ def _predict_chunks(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom:
     v_j = None if v is None else jnp.asarray(v, dtype)
     geom_d = geom.astype(dtype)
 
+    # predict_spots in its two halves, compiled separately: one executable would recompute
+    # the ω/η chain in each output's loop (see forward.spot_angles).
+    angles = jax.jit(jax.vmap(lambda m: spot_angles(m, g_j, th_j, v_j)))
+
     @jax.jit
+    @jax.vmap
+    def positions(omega, eta, ok):
+        yl, zl, valid = spot_positions(omega, eta, ok, th_j, geom_d)
+        return yl.reshape(-1), zl.reshape(-1), omega.reshape(-1), valid.reshape(-1)
+
     def run(u):
-        sp = jax.vmap(lambda m: predict_spots(m, g_j, th_j, geom_d, v_j))(u)
-        return sp.yl, sp.zl, sp.omega, sp.valid
+        return positions(*angles(u))
 
     n_slots = 2 * int(np.shape(g)[0])
     chunk = chunk_size(len(orients), bytes_per_item=n_slots * 8 * 40, max_memory=max_memory,
