@@ -107,18 +107,29 @@ def hard_spot_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Ar
     ``(S,)``: the spots of one orientation (a compacted table row or the ``2R`` slots of
     :func:`nfjax.forward.predict_spots`); ``box`` the static footprint box
     (:func:`nfjax.forward.footprint_box`); ``words``/``shape`` the bit-packed observations.
-    Returns ``(total (S,), overlap (S,))`` int32, each spot's :func:`pair_counts`.
+    Returns ``(total (S,), overlap (S,))`` int32, each spot's :func:`pair_counts` (for a
+    footprint of more than ``_STRAIGHT_PIXELS`` pixels, the sums of its
+    :func:`pixel_flags`).
     """
     if rt is None:
         rt = tilt_matrix(geom.tilts)
-    return jax.vmap(lambda y, z, w, ok: pair_counts(
+    if box_pixels(box) <= _STRAIGHT_PIXELS:
+        return jax.vmap(lambda y, z, w, ok: pair_counts(
+            verts, y, z, spot_terms(y, z, w, geom, rt), ok, geom, box, words, shape, rt,
+            sticky=sticky))(yl, zl, omega, valid)
+    keep, found = jax.vmap(lambda y, z, w, ok: pixel_flags(
         verts, y, z, spot_terms(y, z, w, geom, rt), ok, geom, box, words, shape, rt,
         sticky=sticky))(yl, zl, omega, valid)
+    return (jnp.sum(keep, axis=-1, dtype=jnp.int32),
+            jnp.sum(found, axis=-1, dtype=jnp.int32))
 
 
-# Footprints of at most this many pixels are counted in straight-line code; larger ones
-# in a loop over the pixels (the same arithmetic, so the same counts).
-_UNROLL_PIXELS = 64
+# The screen counts footprints of at most this many pixels in straight-line code
+# (:func:`pair_counts`), larger ones along a pixel axis (:func:`pixel_flags`). Screen of 400
+# voxels x 1,200 orientations: 21 pixels (E = 7.5 um) straight-line 3.70 s, pixel axis
+# 5.38 s; 48 pixels (15 um) straight-line (in a loop over the box's rows) 10.8 s, pixel
+# axis 6.0 s.
+_STRAIGHT_PIXELS = 32
 
 
 def pair_counts(verts: Array, yl: Array, zl: Array, terms: SpotTerms, valid: Array,
@@ -134,10 +145,12 @@ def pair_counts(verts: Array, yl: Array, zl: Array, terms: SpotTerms, valid: Arr
     pixel off the detector also drops every later pixel of the same spot, §12 item 6); the
     default drops only that pixel.
 
-    The pixels are counted one by one as the rasteriser gives them, with no pixel axis:
-    the whole (voxel, spot) chain — ray shift, projection, raster, look-ups — is then one
-    loop on XLA:CPU (with a pixel axis every projected vertex coordinate became a loop of
-    its own writing to memory; the screen with 2.5–5 µm probes 1.7–2x slower).
+    The pixels are counted one by one in straight-line code as the rasteriser gives them,
+    with no pixel axis: the whole (voxel, spot) chain — ray shift, projection, raster,
+    look-ups — is then one loop on XLA:CPU (with a pixel axis every projected vertex
+    coordinate became a loop of its own writing to memory; the screen with 2.5–5 µm probes
+    1.7–2x slower). For large footprints the code grows with the pixels and the pixel axis
+    (:func:`pixel_flags`) is faster again: see ``_STRAIGHT_PIXELS``.
     """
     verts_in, n, pixel = footprint_pixels(verts, yl, zl, terms, geom, box, rt)
     spot_ok = valid & terms.frame_ok & verts_in
@@ -156,11 +169,8 @@ def pair_counts(verts: Array, yl: Array, zl: Array, terms: SpotTerms, valid: Arr
 
     zero = jnp.zeros(jnp.shape(spot_ok), jnp.int32)
     carry = (zero, zero, jnp.zeros(jnp.shape(spot_ok), bool))
-    if n <= _UNROLL_PIXELS:
-        for k in range(n):
-            carry = count(k, carry)
-    else:
-        carry = jax.lax.fori_loop(0, n, count, carry)
+    for k in range(n):
+        carry = count(k, carry)
     return carry[0], carry[1]
 
 
@@ -199,14 +209,16 @@ def hard_counts_voxels(verts: Array, yl: Array, zl: Array, omega: Array, valid: 
     """
     if rt is None:
         rt = tilt_matrix(geom.tilts)
+    bound = int(jnp.shape(yl)[0]) * box_pixels(box)
+    counter = pair_counts if box_pixels(box) <= _STRAIGHT_PIXELS else pixel_flags
 
     def one_spot(y, z, w, ok):
         terms = spot_terms(y, z, w, geom, rt)
-        return jax.vmap(lambda v: pair_counts(v, y, z, terms, ok, geom, box, words, shape,
-                                              rt, sticky=sticky))(verts)
+        return jax.vmap(lambda v: counter(v, y, z, terms, ok, geom, box, words, shape, rt,
+                                          sticky=sticky))(verts)
 
-    total, overlap = jax.vmap(one_spot)(yl, zl, omega, valid)           # (S, V)
-    return _packed_sum(total, overlap, 0, int(jnp.shape(yl)[0]) * box_pixels(box))
+    a, b = jax.vmap(one_spot)(yl, zl, omega, valid)      # (S, V) counts or (S, V, P) flags
+    return _packed_sum(a, b, (0,) + tuple(range(2, a.ndim)), bound)
 
 
 def hard_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Array,

@@ -11,6 +11,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,9 +74,9 @@ def test_screening_reproduces_midas_screen_cpu(au):
 def test_sticky_flag_against_midas_pixel_loop(monkeypatch):
     """A footprint that crosses the detector edge: per-pixel (nfjax) and sticky (MIDAS)
     counts equal a literal transcription of CalcFracOverlap's loop over the pixels, in
-    each of the three orders the score counts pixels in: a loop over the pixels (this
-    144-pixel box in the screen), straight-line code (smaller boxes in the screen) and a
-    pixel axis (the refinement objective, ``hard_counts``)."""
+    each of the orders the score counts pixels in: along a pixel axis (this 144-pixel box
+    in the screen and the refinement objective, ``hard_counts``) and in straight-line code
+    (boxes of up to 32 pixels in the screen)."""
     import nfjax.score as score
     geom = Geometry(lsd=jnp.array([5000.0, 7000.0]), ybc=jnp.array([10.0, 3.0]),
                     zbc=jnp.array([500.0, 500.5]), tilts=jnp.array([0.2, -0.1, 0.3]),
@@ -138,17 +139,58 @@ def test_sticky_flag_against_midas_pixel_loop(monkeypatch):
             assert int(got[sticky][1][j]) == overlap
         n_differ += int(got[True][0][j] != got[False][0][j])
     assert n_differ >= 2          # the case is really on the edge for several spots
-    assert box * box > score._UNROLL_PIXELS
+    assert box * box > score._STRAIGHT_PIXELS
     args = (verts, jnp.asarray(yl), jnp.asarray(zl), jnp.asarray(om), valid, geom, box,
             jnp.asarray(obs.words), geom.shape)
     for s in (False, True):
         summed = score.hard_counts(*args, sticky=s)
         assert [int(a) for a in summed] == [int(np.sum(a)) for a in got[s]]
-    monkeypatch.setattr(score, "_UNROLL_PIXELS", box * box)
+    monkeypatch.setattr(score, "_STRAIGHT_PIXELS", box * box)
     for s in (False, True):
         straight = hard_spot_counts(*args, sticky=s)
         for a, b in zip(straight, got[s]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_screen_kernel_counts_as_the_objective_does():
+    """The screen's kernel (straight-line pixels for boxes of up to 32 pixels, a pixel axis
+    above) gives every (orientation, voxel) pair the counts of the refinement objective's
+    ``hard_counts`` (a pixel axis, checked against MIDAS's loop above), for a one-pixel,
+    a 3 x 2 and a 7 x 7 box, per-pixel and sticky, with footprints reaching off the
+    detector."""
+    from nfjax.fit import screen_counts
+    from nfjax.score import hard_counts
+
+    geom = Geometry(lsd=jnp.array([5000.0, 7000.0]), ybc=jnp.array([40.0, 35.0]),
+                    zbc=jnp.array([60.0, 61.5]), tilts=jnp.array([0.2, -0.1, 0.3]),
+                    px=jnp.asarray(1.5), wedge=jnp.asarray(0.0), omega_start=180.0,
+                    omega_step=-1.0, n_frames=360, nr_pixels_y=96, nr_pixels_z=128)
+    rng = np.random.default_rng(11)
+    n_or, n_sp, n_vox = 6, 40, 24
+    spots = np.stack([rng.uniform(-60, 90, (n_or, n_sp)), rng.uniform(-100, 110, (n_or, n_sp)),
+                      rng.uniform(-179, 179, (n_or, n_sp))], axis=-1)
+    mask = rng.random((n_or, n_sp)) < 0.9
+    obs = observe.from_bit_indices(geom.shape, rng.choice(observe.n_bits(geom.shape),
+                                                          300_000, replace=False))
+    words = jnp.asarray(obs.words)
+    for edge, box in ((1.0, 1), (3.0, (3, 2)), (6.0, 7)):
+        centre = rng.uniform(-20, 20, (n_vox, 1, 2))
+        tri = np.array([[0.0, 0.0], [edge, 0.0], [edge / 2, edge * 0.866]])
+        verts = centre + tri[None]
+        got = {}
+        for sticky in (False, True):
+            one = lambda v, sp, m: hard_counts(v, sp[:, 0], sp[:, 1], sp[:, 2], m,  # noqa
+                                               geom, box, words, geom.shape, sticky=sticky)
+            ref = jax.jit(jax.vmap(jax.vmap(one, in_axes=(0, None, None)),
+                                   in_axes=(None, 0, 0)))(jnp.asarray(verts),
+                                                          jnp.asarray(spots),
+                                                          jnp.asarray(mask))
+            got[sticky] = screen_counts(verts, spots, mask, obs, geom, box=box, sticky=sticky)
+            np.testing.assert_array_equal(got[sticky][0], ref[0])
+            np.testing.assert_array_equal(got[sticky][1], ref[1])
+            assert 0 < got[sticky][1].sum() < got[sticky][0].sum()
+        if box != 1:                       # some footprints cross the detector's edge
+            assert np.any(got[True][0] != got[False][0])
 
 
 # --------------------------------------------------------------------------- refinement
