@@ -126,9 +126,8 @@ def hard_spot_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Ar
 
 # The screen counts footprints of at most this many pixels in straight-line code
 # (:func:`pair_counts`), larger ones along a pixel axis (:func:`pixel_flags`). Screen of 400
-# voxels x 1,200 orientations: 21 pixels (E = 7.5 um) straight-line 3.70 s, pixel axis
-# 5.38 s; 48 pixels (15 um) straight-line (in a loop over the box's rows) 10.8 s, pixel
-# axis 6.0 s.
+# voxels x 1,200 orientations: 21 pixels (E = 7.5 um) straight-line 3.4 s, pixel axis
+# 5.4 s; 48 pixels (15 um) straight-line 10.8 s, pixel axis 5.8-6.0 s.
 _STRAIGHT_PIXELS = 32
 
 
