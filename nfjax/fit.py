@@ -279,8 +279,10 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
         spots, mask = np.zeros((n_or, 1, 3)), np.zeros((n_or, 1), bool)
     n_dist = obs.shape[0]
     itemsize = np.dtype(dtype).itemsize
-    # Live temporaries per (voxel, spot, footprint pixel): ~12 floats for the vertex shift
-    # and projection, and per distance two pixel indices, a word and the flags.
+    # Live temporaries per (voxel, spot, footprint pixel) when the kernel counts along a
+    # pixel axis (footprints of more than 32 pixels): ~12 floats for the vertex shift and
+    # projection, and per distance two pixel indices, a word and the flags. Smaller
+    # footprints are counted in one loop that keeps far less; the bound is kept for both.
     per_pair = width * (box_pixels(box) * (n_dist * 24 + 16) + 12 * itemsize)
     vox_chunk = min(n_vox, 4096)
     or_chunk = chunk_size(n_or, per_pair * vox_chunk, max_memory, maximum=1 << 16)

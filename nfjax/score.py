@@ -114,14 +114,20 @@ def hard_spot_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Ar
     if rt is None:
         rt = tilt_matrix(geom.tilts)
     if box_pixels(box) <= _STRAIGHT_PIXELS:
-        return jax.vmap(lambda y, z, w, ok: pair_counts(
-            verts, y, z, spot_terms(y, z, w, geom, rt), ok, geom, box, words, shape, rt,
-            sticky=sticky))(yl, zl, omega, valid)
-    keep, found = jax.vmap(lambda y, z, w, ok: pixel_flags(
-        verts, y, z, spot_terms(y, z, w, geom, rt), ok, geom, box, words, shape, rt,
-        sticky=sticky))(yl, zl, omega, valid)
+        return _per_spot(pair_counts, verts, yl, zl, omega, valid, geom, box, words, shape,
+                         rt, sticky)
+    keep, found = _per_spot(pixel_flags, verts, yl, zl, omega, valid, geom, box, words,
+                            shape, rt, sticky)
     return (jnp.sum(keep, axis=-1, dtype=jnp.int32),
             jnp.sum(found, axis=-1, dtype=jnp.int32))
+
+
+def _per_spot(counter, verts, yl, zl, omega, valid, geom, box, words, shape, rt, sticky):
+    """``counter`` (:func:`pair_counts` or :func:`pixel_flags`) of one voxel for each of the
+    spots ``yl, zl, omega, valid (S,)``, stacked on a leading spot axis."""
+    return jax.vmap(lambda y, z, w, ok: counter(
+        verts, y, z, spot_terms(y, z, w, geom, rt), ok, geom, box, words, shape, rt,
+        sticky=sticky))(yl, zl, omega, valid)
 
 
 # The screen counts footprints of at most this many pixels in straight-line code
@@ -153,9 +159,9 @@ def pair_counts(verts: Array, yl: Array, zl: Array, terms: SpotTerms, valid: Arr
     """
     verts_in, n, pixel = footprint_pixels(verts, yl, zl, terms, geom, box, rt)
     spot_ok = valid & terms.frame_ok & verts_in
-
-    def count(k, carry):
-        total, overlap, dropped = carry
+    total = overlap = jnp.zeros(jnp.shape(spot_ok), jnp.int32)
+    dropped = False
+    for k in range(n):
         ys, zs, ok = pixel(k)
         on_det = _on_detector_all(ys, zs, geom)
         if sticky:
@@ -164,13 +170,9 @@ def pair_counts(verts: Array, yl: Array, zl: Array, terms: SpotTerms, valid: Arr
         else:
             keep = spot_ok & ok & on_det
         found = _lit_all(keep, ys, zs, terms.frame, words, shape)
-        return (total + keep.astype(jnp.int32), overlap + found.astype(jnp.int32), dropped)
-
-    zero = jnp.zeros(jnp.shape(spot_ok), jnp.int32)
-    carry = (zero, zero, jnp.zeros(jnp.shape(spot_ok), bool))
-    for k in range(n):
-        carry = count(k, carry)
-    return carry[0], carry[1]
+        total = total + keep.astype(jnp.int32)
+        overlap = overlap + found.astype(jnp.int32)
+    return total, overlap
 
 
 def _packed_sum(total: Array, overlap: Array, axis, bound: int) -> tuple[Array, Array]:
@@ -238,9 +240,8 @@ def hard_counts(verts: Array, yl: Array, zl: Array, omega: Array, valid: Array,
         total, overlap = hard_spot_counts(verts, yl, zl, omega, valid, geom, box, words,
                                           shape, rt, sticky=sticky)
         return _packed_sum(total, overlap, None, bound)
-    keep, found = jax.vmap(lambda y, z, w, ok: pixel_flags(
-        verts, y, z, spot_terms(y, z, w, geom, rt), ok, geom, box, words, shape, rt,
-        sticky=sticky))(yl, zl, omega, valid)                             # (S, P)
+    keep, found = _per_spot(pixel_flags, verts, yl, zl, omega, valid, geom, box, words,
+                            shape, rt, sticky)                            # (S, P)
     return _packed_sum(keep, found, None, bound)
 
 
