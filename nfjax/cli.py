@@ -4,14 +4,18 @@ Each subcommand is a thin handler: parse arguments, call the library, print a sh
 report. User errors (:class:`nfjax.errors.NfjaxError`, unreadable files) are printed as one
 line on stderr with exit status 2; no traceback. ``NFJAX_DEBUG=1`` shows tracebacks. Every
 command that reads a parameter file prints its warnings on stderr. A closed stdout pipe
-ends the command quietly with status 141, as it would a C tool.
+ends the command quietly with status 141, as it would a C tool. SIGTERM (``kill``,
+``timeout``, a batch scheduler's time limit) is handled as Ctrl-C is: temporary files are
+removed and the command exits with status 143.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from nfjax import __version__
@@ -159,11 +163,17 @@ def _cmd_spots(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from nfjax import observe
     from nfjax.io.atomic import check_target
-    from nfjax.simulate import simulate_mic, write_tiff_frames
+    from nfjax.simulate import (TIFF_BACKGROUND, TIFF_NOISE_FLOOR, simulate_mic,
+                                write_tiff_frames)
 
     params = _read_params(args.params)
     out = check_target(Path(args.output) if args.output
                        else params.output_dir / "SpotsInfo.bin")   # before the work
+    if args.tiff_dir:
+        from nfjax.images import frame_path
+
+        # The frames are named as `nfjax process` will look for them (OrigFileName, extOrig).
+        check_target(Path(args.tiff_dir) / frame_path(params, 0, 0).name)
     vol, n_rendered, n_total = simulate_mic(params, args.mic, max_memory=args.max_memory)
     observe.write_spots_info(out, vol)
     shape = "x".join(str(s) for s in vol.shape)
@@ -172,6 +182,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.tiff_dir:
         paths = write_tiff_frames(params, vol, args.tiff_dir, seed=args.seed)
         print(f"wrote {len(paths)} TIFF frames -> {args.tiff_dir}")
+        if (params.blanket_subtraction or 0) < TIFF_NOISE_FLOOR:
+            print(f"note: the frames' background is Poisson noise of mean "
+                  f"{TIFF_BACKGROUND:g} (sigma {TIFF_BACKGROUND ** 0.5:g} counts); "
+                  f"BlanketSubtraction {params.blanket_subtraction or 0} in {params.source} "
+                  f"will light much of it: process them with BlanketSubtraction "
+                  f"{TIFF_NOISE_FLOOR} or more", file=sys.stderr)
     return 0
 
 
@@ -212,6 +228,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from nfjax.fit import run_fit
 
+    if args.block is not None and args.nblocks is None:
+        raise NfjaxError(f"--block {args.block}: give --nblocks too (the number of blocks "
+                         "the grid is split into)")
+    if args.block is None and args.nblocks is not None and args.nblocks > 1:
+        raise NfjaxError(f"--nblocks {args.nblocks}: give --block too (which block, "
+                         f"0..{args.nblocks - 1}, this process fits)")
     return run_fit(args, _read_params(args.params))
 
 
@@ -370,8 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_fit = sub.add_parser(
         "fit", help="screen and refine orientations on a grid (MIDAS FitOrientationOMP)")
     p_fit.add_argument("params", help="MIDAS parameter file")
-    p_fit.add_argument("--block", type=int, default=0, help="block number (0-based)")
-    p_fit.add_argument("--nblocks", type=int, default=1, help="number of blocks")
+    p_fit.add_argument("--block", type=int, default=None,
+                       help="block number (0-based); needs --nblocks")
+    p_fit.add_argument("--nblocks", type=int, default=None,
+                       help="number of blocks the grid is split into (default 1)")
     p_fit.add_argument("--device", choices=["cpu", "gpu"], default=None,
                        help="JAX device (default: the first available)")
     p_fit.add_argument("--max-memory", default=None, help="device memory budget, e.g. 8GB")
@@ -418,7 +442,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: unwinds like Ctrl-C, so every writer removes its temporary."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Turn SIGTERM into :class:`Terminated` for the duration of a command (main thread
+    only; Python's default would kill the process without cleaning up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _sigterm_unwinds():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from nfjax.parallel import abort_other_ranks, print_error
 
     from nfjax import jaxcache
@@ -452,6 +503,23 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"nfjax: error: {name}{exc.strerror or exc}")
         abort_other_ranks(2)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        # Host (NumPy) or device (XLA RESOURCE_EXHAUSTED) memory: a size problem the user
+        # can act on, not a bug. Anything else re-raises with its traceback.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if not isinstance(exc, MemoryError) and "RESOURCE_EXHAUSTED" not in first:
+            abort_other_ranks(1, traceback=True)
+            raise
+        if os.environ.get("NFJAX_DEBUG"):
+            raise
+        print_error(f"nfjax: error: out of memory: {first} (lower --max-memory, or fit a "
+                    "smaller grid or seed set)")
+        abort_other_ranks(2)
+        return 2
+    except Terminated:
+        print("nfjax: terminated (SIGTERM)", file=sys.stderr)
+        abort_other_ranks(143)
+        return 143
     except KeyboardInterrupt:
         print("nfjax: interrupted", file=sys.stderr)
         abort_other_ranks(130)

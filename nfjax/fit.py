@@ -1237,6 +1237,10 @@ def _merge_block(path: Path, rows: np.ndarray, start: int, n_total: int) -> np.n
     return full
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
 def run_fit(args, params=None) -> int:
     """``nfjax fit PARAMS [--block N --nblocks M] [--device cpu|gpu] [--max-memory SIZE]
     [--polish] [--record-time] [--spots-info PATH]``.
@@ -1252,6 +1256,7 @@ def run_fit(args, params=None) -> int:
     import sys
 
     from nfjax.crystal import hkls_from_params
+    from nfjax.io.atomic import check_target
     from nfjax.io.gridfile import read_grid
     from nfjax.io.hkls import read_hkls_csv
     from nfjax.io.mic import allmatches_path, write_allmatches, write_binary_mic, write_text_mic
@@ -1271,6 +1276,17 @@ def run_fit(args, params=None) -> int:
     out = params.output_dir
     max_memory = getattr(args, "max_memory", None)
     progress = None
+    # The outputs are checked before the fit, so an unwritable one fails first.
+    bin_path = Path(params.mic_file_binary)
+    bin_path = bin_path if bin_path.is_absolute() else out / bin_path
+    am_path = allmatches_path(bin_path)
+    text_path = None
+    if params.mic_file_text:
+        text_path = Path(params.mic_file_text)
+        text_path = text_path if text_path.is_absolute() else out / text_path
+    for path in (bin_path, am_path, text_path):
+        if path is not None:
+            check_target(path)
     with ctx:
         t0 = time.perf_counter()
         grid = read_grid(out / (params.grid_file_name or "grid.txt"))
@@ -1278,7 +1294,7 @@ def run_fit(args, params=None) -> int:
             raise NfjaxError(f"{out / (params.grid_file_name or 'grid.txt')}: the grid is "
                              "empty (0 points): nothing to fit")
         start, stop = block_range(grid.shape[0], int(getattr(args, "block", 0) or 0),
-                                  int(getattr(args, "nblocks", 1)))
+                                  int(_default(getattr(args, "nblocks", None), 1)))
         hk_path = out / "hkls.csv"
         hkls = read_hkls_csv(hk_path) if hk_path.exists() else hkls_from_params(params)
         geom = geometry_from_params(params)
@@ -1295,9 +1311,6 @@ def run_fit(args, params=None) -> int:
                           record_time=bool(getattr(args, "record_time", False)),
                           **refinement_options(bool(getattr(args, "midas_refinement", False)),
                                                seeded=bool(getattr(args, "seeded", False))))
-        bin_path = Path(params.mic_file_binary)
-        bin_path = bin_path if bin_path.is_absolute() else out / bin_path
-        am_path = allmatches_path(bin_path)
         lock_path = Path(str(bin_path) + ".lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "w") as lock:
@@ -1306,9 +1319,7 @@ def run_fit(args, params=None) -> int:
             allm = _merge_block(am_path, result.allmatches, start, grid.shape[0])
             write_binary_mic(bin_path, records)
             write_allmatches(am_path, allm)
-            if params.mic_file_text:
-                text_path = Path(params.mic_file_text)
-                text_path = text_path if text_path.is_absolute() else out / text_path
+            if text_path is not None:
                 write_text_mic(text_path, records, phase_nr=params.phase_nr or 1,
                                num_phases=params.num_phases or 1,
                                global_position=params.global_position or 0.0)

@@ -473,6 +473,7 @@ def frame_path(params, distance_index: int, j: int) -> Path:
     ``FileNr = L*NrFilesPerDistance + RawStartNr + L*WFImages + j``;
     ``<DataDirectory>/<OrigFileName>_<FileNr %06d>.<extOrig>``.
     """
+    _require_names(params)
     nfiles = getattr(params, "nr_files_per_distance", None) or _frames_per_distance(params)
     L = int(distance_index)
     file_nr = (L * nfiles + int(getattr(params, "raw_start_nr", 0) or 0)

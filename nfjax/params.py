@@ -47,6 +47,10 @@ _GE1 = _rule(lambda v: v >= 1, ">= 1")
 _NONZERO = _rule(lambda v: v != 0, "!= 0")
 _LE1 = _rule(lambda v: v <= 1, "<= 1")
 _FRACTION = _rule(lambda v: 0 <= v <= 1, "between 0 and 1")
+# 65536 per side: beyond any detector, and a 2-distance, 1440-frame volume of it would need
+# 1.5 PB; the bound turns an extra digit into a parameter error instead of a failed
+# allocation deep inside a command.
+_DETECTOR = _rule(lambda v: 0 < v <= 65536, "between 1 and 65536 pixels")
 _SPACE_GROUP = _rule(lambda v: 1 <= v <= 230, "between 1 and 230")
 _LATTICE = _rule(lambda v: min(v[:3]) > 0 and all(0 < a < 180 for a in v[3:]),
                  "lengths a b c > 0 and angles strictly between 0 and 180 degrees")
@@ -126,8 +130,8 @@ class Params:
     tz: float | None = _k("tz", "f", group=_GEOMETRY)
     wedge: float = _k("Wedge", "f", 0.0, group=_GEOMETRY)
     px: float = _k("px", "f", _REQUIRED, rule=_POS, group=_GEOMETRY)
-    nr_pixels_y: int = _k("NrPixelsY", "i", 2048, rule=_POS, group=_GEOMETRY)
-    nr_pixels_z: int = _k("NrPixelsZ", "i", 2048, rule=_POS, group=_GEOMETRY)
+    nr_pixels_y: int = _k("NrPixelsY", "i", 2048, rule=_DETECTOR, group=_GEOMETRY)
+    nr_pixels_z: int = _k("NrPixelsZ", "i", 2048, rule=_DETECTOR, group=_GEOMETRY)
     wavelength: float = _k("Wavelength", "f", _REQUIRED, rule=_POS, group=_GEOMETRY)
     max_ring_rad: float | None = _k("MaxRingRad", "f", rule=_POS, group=_GEOMETRY)
     exclude_pole_angle: float | None = _k("ExcludePoleAngle", "f", rule=_NONNEG, group=_GEOMETRY)

@@ -263,8 +263,9 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
     from nfjax.chunking import parse_memory
     from nfjax.crystal import hkls_from_params, select_rings
     from nfjax.grid import grid_from_params
-    from nfjax.io.atomic import refuse_package_folder
+    from nfjax.io.atomic import check_target, refuse_package_folder
     from nfjax.io.grains import read_grains_csv
+    from nfjax.io.mic import allmatches_path
     from nfjax.io.seeds import read_seeds
 
     validate(params, ff_seeds)
@@ -273,6 +274,11 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
         raise ParamError(f"{src}: OutputDirectory: expected a directory, found a file: "
                          f"{params.output_dir}")
     refuse_package_folder(params.output_dir, "results")
+    # The outputs the run writes last (after the fit) must be writable now.
+    out = params.output_dir
+    for path in (out / MANIFEST, out / params.mic_file_binary,
+                 allmatches_path(out / params.mic_file_binary), out / params.mic_file_text):
+        check_target(path)
     parse_memory(max_memory)
     try:
         select_rings(hkls_from_params(params), params.rings_to_use)

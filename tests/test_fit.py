@@ -587,6 +587,33 @@ def test_run_fit_rejects_nblocks_below_one(tmp_path, nblocks):
     assert not list(tmp_path.glob("Au_*"))
 
 
+def test_run_fit_checks_every_output_before_fitting(tmp_path, monkeypatch):
+    """An unwritable MicFileText fails before the fit, and MicFileBinary is not touched."""
+    from nfjax import fit as fitmod
+
+    (tmp_path / "blocked").write_text("a file where a folder is expected")
+    params = _job(tmp_path, n_rows=4, MicFileText=str(tmp_path / "blocked" / "t.mic"))
+    monkeypatch.setattr(fitmod, "fit_grid", lambda *a, **k: pytest.fail("fitted"))
+    with pytest.raises(NfjaxError, match=rf"^{tmp_path}/blocked/t.mic: cannot write "
+                                         rf"\({tmp_path}/blocked is a file, not a folder\)$"):
+        fitmod.run_fit(_args(params))
+    assert not list(tmp_path.glob("Au_*"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--block", "1"], "--block 1: give --nblocks too (the number of blocks the grid is "
+                       "split into)"),
+    (["--nblocks", "2"], "--nblocks 2: give --block too (which block, 0..1, this process "
+                         "fits)")])
+def test_fit_block_flags_come_in_pairs(tmp_path, capsys, flags, message):
+    from nfjax.cli import main
+
+    params = _job(tmp_path, n_rows=4)
+    assert main(["fit", str(params)] + flags) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"nfjax: error: {message}"
+    assert not list(tmp_path.glob("Au_*"))
+
+
 def test_run_fit_midas_refinement_flag(tmp_path):
     """``nfjax fit --midas-refinement`` writes what MIDAS's procedure in memory gives."""
     from nfjax.cli import build_parser

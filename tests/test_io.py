@@ -226,6 +226,135 @@ def test_atomic_write_names_the_target_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "ro"]
 
 
+def test_atomic_write_goes_through_links_and_into_devices(tmp_path):
+    """A symbolic link is written through (the link stays, its file is replaced); a device
+    or FIFO is written in place, never replaced by a regular file."""
+    import os
+    import stat
+    import threading
+
+    from nfjax.io.atomic import atomic_write
+
+    (tmp_path / "target.csv").write_text("old")
+    (tmp_path / "link.csv").symlink_to("target.csv")
+    with atomic_write(tmp_path / "link.csv") as fh:
+        fh.write("new")
+    assert (tmp_path / "link.csv").is_symlink()
+    assert (tmp_path / "target.csv").read_text() == "new"
+    (tmp_path / "dangling").symlink_to("sub/made.txt")
+    with atomic_write(tmp_path / "dangling") as fh:
+        fh.write("d")
+    assert (tmp_path / "sub" / "made.txt").read_text() == "d"
+    with atomic_write(os.devnull) as fh:
+        fh.write("x" * 1000)
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    with atomic_write(fifo) as fh:
+        fh.write("through the pipe")
+    reader.join(10)
+    assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_atomic_write_names_the_file_when_the_disk_is_full(tmp_path):
+    import errno
+    import os
+
+    from nfjax.errors import NfjaxError
+    from nfjax.io.atomic import atomic_write, atomic_write_many
+
+    # What a full disk raises from the caller's own write: an OSError with no file name.
+    with pytest.raises(NfjaxError, match=rf"^{tmp_path}/a.bin: cannot write \(no space left "
+                                         r"on device\)$"):
+        with atomic_write(tmp_path / "a.bin", "wb"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(NfjaxError, match=rf"^{tmp_path}/{{a,b}}: cannot write \(disk quota "
+                                         r"exceeded\)$"):
+        with atomic_write_many([tmp_path / "a", tmp_path / "b"]):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    # Other errors inside the block are the caller's and pass unchanged.
+    with pytest.raises(FileNotFoundError):
+        with atomic_write(tmp_path / "c"):
+            open(tmp_path / "missing")
+    assert not list(tmp_path.iterdir())
+    if os.path.exists("/dev/full"):
+        with pytest.raises(NfjaxError, match=r"^/dev/full: cannot write \(no space left on "
+                                             r"device\)$"):
+            with atomic_write("/dev/full") as fh:
+                fh.write("x" * 100)
+
+
+def test_unwritable_output_folder_is_refused_before_writing(tmp_path, monkeypatch):
+    import os
+
+    from nfjax.errors import NfjaxError
+    from nfjax.io import atomic
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):   # root: the permission bits do not stop it
+            real = os.access
+            monkeypatch.setattr(atomic.os, "access",
+                                lambda p, m: False if str(p) == str(ro) else real(p, m))
+        for target in (ro / "out.mic", ro / "new" / "deeper" / "out.mic"):
+            with pytest.raises(NfjaxError, match=rf"^{target}: cannot write \(permission "
+                                                 rf"denied: {ro} is not writable\)$"):
+                atomic.check_target(target)
+        assert not list(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
+def test_sigterm_removes_temporaries_and_exits_143(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler's time limit) unwinds as Ctrl-C does: the
+    command's temporary output is removed, the target is untouched, the status is 143."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "term.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "import nfjax.io.hkls as h\n"
+        "from nfjax.io.atomic import atomic_write\n"
+        "from nfjax import cli\n"
+        "def slow(table, path):\n"
+        "    with atomic_write(path) as fh:\n"
+        "        fh.write('partial')\n"
+        "        fh.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "        fh.write('never')\n"
+        "h.write_hkls_csv = slow\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    out = tmp_path / "out" / "hkls.csv"
+    out.parent.mkdir()
+    out.write_text("previous")
+    params = au_params_copy(tmp_path)
+    proc = subprocess.run([sys.executable, str(script), "hkls", str(params), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "nfjax: terminated (SIGTERM)"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hkls.csv"]
+    assert out.read_text() == "previous"
+
+
+def au_params_copy(tmp_path):
+    """The bundled Au parameter file, copied out of the package."""
+    import shutil
+
+    from nfjax.data import au_example
+
+    dst = tmp_path / "ps_au.txt"
+    shutil.copy(au_example()["params"], dst)
+    return dst
+
+
 def test_spot_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     import errno
 
@@ -257,6 +386,30 @@ def test_spot_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_spot_files(tmp_path, table(5))
     assert len(read_spot_files(tmp_path).spots) == 5
+
+
+def test_simulate_tiff_dir_is_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    """``simulate --tiff-dir`` names its frames as ``process`` reads them, so it needs
+    OrigFileName, and an unusable folder fails before SpotsInfo.bin is written."""
+    import nfjax.simulate
+    from nfjax.cli import main
+
+    params = au_params_copy(tmp_path)
+    mic = tmp_path / "none.mic"           # never read: the checks come first
+    monkeypatch.setattr(nfjax.simulate, "simulate_mic", lambda *a, **k: pytest.fail("ran"))
+    assert main(["simulate", str(params), str(mic), "-o", str(tmp_path / "s.bin"),
+                 "--tiff-dir", str(tmp_path / "frames")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nfjax: error: {params}: OrigFileName: expected a value (raw frame file names), "
+        "found none")
+    params.write_text(params.read_text() + "OrigFileName au\n")
+    (tmp_path / "frames").write_text("a file")
+    assert main(["simulate", str(params), str(mic), "-o", str(tmp_path / "s.bin"),
+                 "--tiff-dir", str(tmp_path / "frames")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nfjax: error: {tmp_path}/frames/au_000000.tif: cannot write ({tmp_path}/frames is a "
+        "file, not a folder)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "ps_au.txt"]
 
 
 def test_nothing_is_written_inside_the_package(tmp_path, capsys):

@@ -334,6 +334,49 @@ def test_broken_stdout_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
     assert "error" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("exc, expected", [
+    (MemoryError("Unable to allocate 13.1 TiB for an array with shape (2, 1440, 200000, "
+                 "200000) and data type uint8"),
+     "nfjax: error: out of memory: Unable to allocate 13.1 TiB for an array with shape "
+     "(2, 1440, 200000, 200000) and data type uint8 (lower --max-memory, or fit a smaller "
+     "grid or seed set)"),
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB.\n"
+                  "BufferAssignment stats: ..."),
+     "nfjax: error: out of memory: RESOURCE_EXHAUSTED: Out of memory while trying to "
+     "allocate 8.00GiB. (lower --max-memory, or fit a smaller grid or seed set)")],
+    ids=["host", "device"])
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, exc, expected):
+    import nfjax.crystal
+
+    path, _ = _warning_case(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(nfjax.crystal, "hkls_from_params", fail)
+    assert main(["hkls", str(path), "-o", str(tmp_path / "h.csv")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == expected
+    assert not (tmp_path / "h.csv").exists()
+    # Any other RuntimeError is a bug: it keeps its traceback.
+    monkeypatch.setattr(nfjax.crystal, "hkls_from_params",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["hkls", str(path), "-o", str(tmp_path / "h.csv")])
+
+
+def test_detector_size_is_bounded(tmp_path):
+    """An extra digit in NrPixels is a parameter error, not a failed 13 TiB allocation (or an
+    integer overflow inside a compiled function) in whichever command reads it first."""
+    for value in ("200000", "99999999999999999999", "0"):
+        path = tmp_path / "p.txt"
+        path.write_text(BASE + f"NrPixels {value}\n")
+        with pytest.raises(ParamError, match=rf"^{path}:\d+: NrPixels: expected an integer "
+                                             rf"between 1 and 65536 pixels, found {value}$"):
+            read_params(path)
+    path.write_text(BASE + "NrPixels 65536\n")
+    assert read_params(path).nr_pixels_y == 65536
+
+
 # --------------------------------------------------------------------------- Params methods
 def test_require_and_derived_values(tmp_path):
     p = parse_params(BASE, source=str(tmp_path / "ps.txt"))

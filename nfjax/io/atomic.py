@@ -5,11 +5,18 @@ A killed or failing writer never leaves a half-written output behind: either the
 (MakeDiffrSpots' three spot files) are written as a set: none is renamed into place before
 all are written. A target that cannot be written is an :class:`NfjaxError` naming the
 target, never the hidden temporary.
+
+Targets that are not regular files are honoured: a symbolic link is written through (the
+file it points to is replaced, the link stays), and a device or FIFO (``-o /dev/null``,
+``-o /dev/stdout``, a named pipe) is written directly, since renaming onto it would
+replace the device node with a regular file.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -55,7 +62,37 @@ def check_target(path: str | os.PathLike) -> Path:
     if blocker is not None:
         raise NfjaxError(f"{path}: cannot write ({blocker} is a file, not a folder)")
     refuse_package_folder(path)
+    # The temporary is created in the target's folder (or the first existing folder above
+    # it, where the missing ones are made), so that is what must be writable.
+    target = _resolve(path)
+    if _is_stream(target):
+        where = target
+    else:
+        where = next((p for p in (target.parent,) + tuple(target.parent.parents)
+                      if p.exists()), Path("."))
+    if not os.access(where, os.W_OK):
+        what = "" if where == target else f": {where} is not writable"
+        raise NfjaxError(f"{path}: cannot write (permission denied{what})")
     return path
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether ``path`` is an existing device or FIFO, written in place, not replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)
+
+
+def _resolve(path: Path) -> Path:
+    """The file a write to ``path`` should replace: the end of a chain of symbolic links
+    (a dangling link's target is created), else ``path`` itself."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+# Errors of the write itself (the caller's ``fh.write``), which carry no file name.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
 def _temporary(path: Path) -> tuple[int, str]:
@@ -79,11 +116,20 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
-    targets = [check_target(p) for p in paths]
-    temps: list[str] = []
+    named = [check_target(p) for p in paths]
+    targets = [_resolve(p) for p in named]
+    streams = [_is_stream(t) for t in targets]
+    temps: list[str | None] = []
     handles: list[IO] = []
     try:
-        for target in targets:
+        for target, stream in zip(targets, streams):
+            if stream:
+                temps.append(None)
+                try:
+                    handles.append(open(target, mode, **open_kwargs))
+                except OSError as exc:
+                    raise _cannot_write(target, exc) from None
+                continue
             fd, tmp = _temporary(target)
             temps.append(tmp)
             try:
@@ -91,18 +137,28 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
             except BaseException:
                 os.close(fd)
                 raise
-        yield handles
+        try:
+            yield handles
+        except OSError as exc:
+            if exc.filename is not None or exc.errno not in _FULL:
+                raise
+            # The caller's write failed (a full disk, a quota): name what was being written.
+            raise _cannot_write(_folder_or_file(named), exc) from None
         for target, tmp, fh in zip(targets, temps, handles):
             try:
                 fh.flush()
-                os.fsync(fh.fileno())
+                if tmp is not None:
+                    os.fsync(fh.fileno())
                 fh.close()
-                os.chmod(tmp, 0o644)
+                if tmp is not None:
+                    os.chmod(tmp, 0o644)
             except OSError as exc:
                 raise _cannot_write(target, exc) from None
         # The targets were checked above, so these renames inside one folder do not fail in
         # practice; a crash between them can still mix old and new files.
         for target, tmp in zip(targets, temps):
+            if tmp is None:
+                continue
             try:
                 os.replace(tmp, target)
             except OSError as exc:
@@ -112,9 +168,18 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
             with contextlib.suppress(OSError):
                 fh.close()
         for tmp in temps:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         raise
+
+
+def _folder_or_file(paths: list[Path]) -> Path:
+    """The one target, or for a set written together (they share a folder) a name that
+    lists them: ``dir/{a,b,c}``."""
+    if len(paths) == 1:
+        return paths[0]
+    return paths[0].parent / ("{" + ",".join(p.name for p in paths) + "}")
 
 
 @contextlib.contextmanager
