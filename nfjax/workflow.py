@@ -26,6 +26,7 @@ passes search ``SeedOrientationsAll`` (MIDAS silently reuses loop 0's spot files
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -154,7 +155,17 @@ class Run:
             return load()
         t0 = time.perf_counter()
         self.log.info("stage %-14s started", name)
-        value = compute()
+        try:
+            value = compute()
+        except BaseException as exc:
+            # The CLI prints the error; the master log and the stage's error log keep it
+            # too, so a log read later says how the run ended.
+            what = ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                    else "failed: " + (" ".join(str(exc).split()) or type(exc).__name__))
+            if self.comm.is_root:
+                _stage_log(self.out, name, f"{name} {what}\n", err=True)
+                _to_file(self.log, f"stage {name:<14} {what}")
+            raise
         if self.comm.is_root:
             self.manifest.record(name, inputs, outputs)
         self.comm.barrier()
@@ -166,12 +177,28 @@ class Run:
         return value
 
 
-def _stage_log(out: Path, name: str, text: str) -> None:
+def _stage_log(out: Path, name: str, text: str, err: bool = False) -> None:
+    """Append ``text`` to the stage's ``midas_log/<name>_out.csv`` (``_err.csv`` with
+    ``err``); both files exist after every stage, as MIDAS leaves them. Best effort: a
+    log that cannot be written (a full disk) does not hide the stage's own error."""
     logdir = out / "midas_log"
-    logdir.mkdir(parents=True, exist_ok=True)
-    with open(logdir / f"{name}_out.csv", "a") as fh:
-        fh.write(text)
-    (logdir / f"{name}_err.csv").touch()
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        with open(logdir / f"{name}_{'err' if err else 'out'}.csv", "a") as fh:
+            fh.write(text)
+        (logdir / f"{name}_err.csv").touch()
+    except OSError:
+        if not err:
+            raise
+
+
+def _to_file(log: logging.Logger, text: str) -> None:
+    """``text`` into the master log file only (the console shows the CLI's error line)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, (), None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            with contextlib.suppress(Exception):
+                handler.handle(record)
 
 
 def _logger(out: Path, root: bool) -> logging.Logger:

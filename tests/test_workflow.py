@@ -110,6 +110,10 @@ def test_resume_after_kill_gives_identical_files(tmp_path, spotsinfo, monkeypatc
     out = tmp_path / "run"
     assert not (out / "Au_bin_Reconstructed.mic").exists()     # nothing half-written
     assert not list(out.glob("*.part"))
+    # The logs say how the run ended.
+    assert (out / "midas_log" / "midas_nf_workflow_multires.log").read_text().splitlines()[
+        -1].endswith("stage fit            interrupted")
+    assert (out / "midas_log" / "fit_err.csv").read_text() == "fit interrupted\n"
     monkeypatch.setattr(nfjax.fit, "fit_grid", real_fit)
     import logging
     caplog.set_level(logging.INFO, logger="nfjax.workflow")
