@@ -622,11 +622,50 @@ def _cross_check(v: dict[str, Any], lines: Mapping[str, tuple[int, ...]],
         if len(lines.get(key, ())) > limit:
             warnings.append(f"{source}: {len(lines[key])} '{key}' lines; MIDAS's C programs "
                             f"hold at most {limit} (nfjax has no limit)")
+    lattice = _lattice_mismatch(v["lattice_parameter"], v["space_group"])
+    if lattice:
+        warnings.append(f"{_at(source, lines, 'LatticeParameter')}: LatticeParameter "
+                        f"{' '.join(_fmt_token(float(x)) for x in v['lattice_parameter'])} does "
+                        f"not fit SpaceGroup {v['space_group']} ({lattice}); the reflections "
+                        "are computed from the lattice as given")
     grid_size_lines, point_lines = lines.get("GridSize", ()), lines.get("GridPoints", ())
     if point_lines and (not grid_size_lines or grid_size_lines[0] > point_lines[0]):
         warnings.append(f"{source}:{point_lines[0]}: GridPoints: comes before GridSize; "
                         "MIDAS's FitOrientationParametersMultiPoint needs GridSize first")
     return warnings
+
+
+# Strained or refined lattices (a far-field fit's) deviate from their system by far less.
+_LENGTH_TOL, _ANGLE_TOL = 0.005, 0.5
+
+
+def _lattice_mismatch(lattice, space_group) -> str:
+    """What a lattice breaks of its space group's crystal system ("" if nothing): lengths
+    equal within 0.5 %, angles within 0.5 degrees."""
+    if lattice is None or space_group is None:
+        return ""
+    a, b, c, al, be, ga = (float(x) for x in lattice)
+    sg = int(space_group)
+    same = lambda x, y: abs(x - y) <= _LENGTH_TOL * max(x, y)  # noqa: E731
+    right = lambda *angles: all(abs(t - 90) <= _ANGLE_TOL for t in angles)  # noqa: E731
+    if sg >= 195:
+        ok, system = same(a, b) and same(b, c) and right(al, be, ga), "cubic: a = b = c, 90 90 90"
+    elif sg >= 143:
+        hexagonal = same(a, b) and right(al, be) and abs(ga - 120) <= _ANGLE_TOL
+        rhombohedral = (143 <= sg <= 167 and same(a, b) and same(b, c)
+                        and abs(al - be) <= _ANGLE_TOL and abs(be - ga) <= _ANGLE_TOL)
+        ok = hexagonal or rhombohedral
+        system = ("hexagonal: a = b, 90 90 120" if sg >= 168 else
+                  "trigonal: a = b, 90 90 120, or rhombohedral a = b = c, alpha = beta = gamma")
+    elif sg >= 75:
+        ok, system = same(a, b) and right(al, be, ga), "tetragonal: a = b, 90 90 90"
+    elif sg >= 16:
+        ok, system = right(al, be, ga), "orthorhombic: 90 90 90"
+    elif sg >= 3:
+        ok, system = right(al, ga), "monoclinic (b unique): alpha = gamma = 90"
+    else:
+        return ""
+    return "" if ok else system
 
 
 # --------------------------------------------------------------------------- output

@@ -377,6 +377,33 @@ def test_detector_size_is_bounded(tmp_path):
     assert read_params(path).nr_pixels_y == 65536
 
 
+@pytest.mark.parametrize("lattice, sg, system", [
+    ("4.08 4.0 4.08 90 90 90", 225, "cubic: a = b = c, 90 90 90"),
+    ("4.0801 4.0799 4.0803 90.01 89.99 90", 225, None),      # a far-field refined lattice
+    ("2.95 2.95 4.68 90 90 90", 194, "hexagonal: a = b, 90 90 120"),
+    ("2.95 2.95 4.68 90 90 120", 194, None),
+    ("4.99 4.99 17.0 90 90 120", 167, None),                 # trigonal, hexagonal axes
+    ("5.5 5.5 5.5 55.3 55.3 55.3", 167, None),               # trigonal, rhombohedral axes
+    ("5.5 5.5 5.5 55.3 55.3 60", 167, "trigonal: a = b, 90 90 120, or rhombohedral a = b = "
+                                      "c, alpha = beta = gamma"),
+    ("3 3 5 90 90 90", 139, None), ("3 3.2 5 90 90 90", 139, "tetragonal: a = b, 90 90 90"),
+    ("3 4 5 90 91 90", 62, "orthorhombic: 90 90 90"), ("3 4 5 90 100 90", 14, None),
+    ("3 4 5 80 100 70", 2, None)])
+def test_lattice_that_does_not_fit_the_space_group_warns(tmp_path, lattice, sg, system):
+    path = tmp_path / "p.txt"
+    path.write_text(BASE.replace("LatticeParameter 4.08 4.08 4.08 90 90 90",
+                                 f"LatticeParameter {lattice}")
+                    .replace("SpaceGroup 225", f"SpaceGroup {sg}"))
+    warnings = [w for w in read_params(path).warnings if "LatticeParameter" in w]
+    if system is None:
+        assert warnings == []
+    else:
+        shown = " ".join(str(float(x)).removesuffix(".0") for x in lattice.split())
+        assert warnings == [f"{path}:9: LatticeParameter {shown} does not fit SpaceGroup {sg} "
+                            f"({system}); the reflections are computed from the lattice as "
+                            "given"]
+
+
 # --------------------------------------------------------------------------- Params methods
 def test_require_and_derived_values(tmp_path):
     p = parse_params(BASE, source=str(tmp_path / "ps.txt"))

@@ -163,6 +163,20 @@ def test_seed_cache_round_trip(tmp_path):
     assert np.array_equal(read_seeds(tmp_path / "s.csv.gz"), back)
 
 
+def test_read_seeds_refuses_what_is_not_a_rotation(tmp_path):
+    """All zeros (MIDAS: the identity) and a length-5 quaternion (MIDAS: a non-orthogonal
+    matrix) are errors naming the line; the 6-7 decimals of real seed files pass."""
+    p = tmp_path / "s.csv"
+    for line, length in (("0,0,0,0", "0"), ("1,2,2,4", "5")):
+        p.write_text(f"1,0,0,0\n\n{line}\n")
+        with pytest.raises(InputFileError, match=rf"^{p}:3: expected a unit quaternion "
+                                                 rf"w,x,y,z, found {line} \(length {length}\); "
+                                                 r"is this a seed orientation file\?$"):
+            read_seeds(p)
+    p.write_text("0.866537,-0.080783,-0.367319,0.328124\n0.995,0,0,0\n")
+    assert read_seeds(p).shape == (2, 4)
+
+
 def test_read_seeds_blank_lines_and_errors(tmp_path):
     p = tmp_path / "s.csv"
     p.write_text("1,0,0,0\n0.5,0.5,0.5,0.5,extra,9\n\n")

@@ -35,13 +35,20 @@ def _read_text(path: Path) -> str:
         raise InputFileError(f"{path}: not a text seed file (expected lines 'w,x,y,z')") from None
 
 
+# Seed files carry 6-7 decimals, so their lengths are 1 to ~1e-6. Anything farther is not
+# a rotation (MIDAS turns it into a non-orthogonal "orientation" matrix, all zeros into
+# the identity): a wrong file or a wrong column order.
+UNIT_TOLERANCE = 0.01
+
+
 def read_seeds(path: str | os.PathLike) -> np.ndarray:
     """Read a seed file: ``(N, 4)`` float64 quaternions (w, x, y, z), not normalised.
 
     Lines are ``w,x,y,z[,more fields]``; ``.gz`` files are read transparently. Blank lines
     are skipped — MIDAS's MakeDiffrSpots turns a trailing blank line into a copy of the
     previous seed (reference §12 item 30), which is never what the user meant.
-    Malformed lines raise :class:`InputFileError` naming the file and line.
+    Malformed lines, and quaternions whose length is not 1 within ``UNIT_TOLERANCE``,
+    raise :class:`InputFileError` naming the file and line.
     """
     path = Path(path)
     text = _read_text(path)
@@ -53,7 +60,8 @@ def read_seeds(path: str | os.PathLike) -> np.ndarray:
         # line drops to the checking pass below, which names it.
         fast = np.loadtxt(lines, dtype=np.float64, delimiter=",", usecols=(0, 1, 2, 3),
                           ndmin=2, comments=None)
-        if fast.shape[0] > 0 and np.all(np.isfinite(fast)):
+        if (fast.shape[0] > 0 and np.all(np.isfinite(fast))
+                and np.all(np.abs(np.linalg.norm(fast, axis=1) - 1) <= UNIT_TOLERANCE)):
             return fast
     except (ValueError, IndexError):
         pass
@@ -72,6 +80,11 @@ def read_seeds(path: str | os.PathLike) -> np.ndarray:
                                  f"{','.join(fields[:4]).strip()!r}") from None
         if not all(np.isfinite(q)):
             raise InputFileError(f"{path}:{lineno}: quaternion must be finite, found {q}")
+        norm = float(np.linalg.norm(q))
+        if abs(norm - 1) > UNIT_TOLERANCE:
+            raise InputFileError(f"{path}:{lineno}: expected a unit quaternion w,x,y,z, found "
+                                 f"{','.join(f.strip() for f in fields[:4])} (length "
+                                 f"{norm:.6g}); is this a seed orientation file?")
         quats.append(q)
     if not quats:
         raise InputFileError(f"{path}: no seed orientations found (empty file)")
