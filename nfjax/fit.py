@@ -1209,15 +1209,31 @@ def _load_observations(path: Path, shape: tuple):
 
 
 def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
-    """Key/DiffractionSpots/OrientMat.bin from the output folder, or, when they are absent,
-    MakeDiffrSpots from the seed file named by SeedOrientations (in memory)."""
+    """Key/DiffractionSpots/OrientMat.bin from the output folder (checked against the
+    SeedOrientations file when it exists), or, when they are absent, MakeDiffrSpots from
+    the seed file named by SeedOrientations (in memory)."""
     from nfjax.crystal import select_rings
     from nfjax.io.spots import NAMES, read_spot_files
 
-    if any((out / name).exists() for name in NAMES):
-        return read_spot_files(out)
     from nfjax.io.seeds import read_seeds
-    from nfjax.spots import make_diffraction_spots
+    from nfjax.spots import make_diffraction_spots, seed_matrices
+
+    seeds = (params.resolve(params.seed_orientations) if params.seed_orientations
+             else None)
+    if any((out / name).exists() for name in NAMES):
+        # MIDAS's FitOrientation reads these; make sure they are the seeds' (a spot table
+        # left from another seed set would be fitted silently).
+        table = read_spot_files(out)
+        if seeds is not None and seeds.is_file():
+            quats = read_seeds(seeds)
+            if (quats.shape[0] != len(table) or not np.allclose(
+                    table.orient, seed_matrices(quats).reshape(-1, 9), rtol=0, atol=1e-9)):
+                raise InputFileError(
+                    f"{out / NAMES[2]}: its {len(table)} orientations are not those of "
+                    f"SeedOrientations {seeds} ({quats.shape[0]} seeds): the spot files are "
+                    f"from another seed set; delete {', '.join(NAMES)} (the fit then "
+                    "predicts the spots from the seeds) or rerun 'nfjax spots'")
+        return table
 
     params.require("SeedOrientations", why=f"no {NAMES[0]} in {out} to take the spots from")
     quats = read_seeds(params.resolve(params.seed_orientations))
@@ -1296,7 +1312,18 @@ def run_fit(args, params=None) -> int:
         start, stop = block_range(grid.shape[0], int(getattr(args, "block", 0) or 0),
                                   int(_default(getattr(args, "nblocks", None), 1)))
         hk_path = out / "hkls.csv"
-        hkls = read_hkls_csv(hk_path) if hk_path.exists() else hkls_from_params(params)
+        hkls = hkls_from_params(params)
+        if hk_path.exists():
+            # MIDAS reads hkls.csv; one from other crystal or detector keys is a stale file.
+            written = read_hkls_csv(hk_path)
+            if not (written.hkl.shape == hkls.hkl.shape
+                    and np.array_equal(written.hkl, hkls.hkl)
+                    and np.allclose(written.theta, hkls.theta, rtol=0, atol=1e-4)):
+                raise InputFileError(
+                    f"{hk_path}: not the reflections of {params.source} ({len(written.d)} "
+                    f"rows, the parameters give {len(hkls.d)}; LatticeParameter, SpaceGroup, "
+                    "Wavelength, Lsd or MaxRingRad changed?): rerun 'nfjax hkls' or delete it")
+            hkls = written
         geom = geometry_from_params(params)
         spots_path = getattr(args, "spots_info", None)
         spots_path = Path(spots_path) if spots_path else out / "SpotsInfo.bin"

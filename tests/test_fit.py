@@ -614,6 +614,37 @@ def test_fit_block_flags_come_in_pairs(tmp_path, capsys, flags, message):
     assert not list(tmp_path.glob("Au_*"))
 
 
+def test_run_fit_refuses_spot_files_and_hkls_from_other_inputs(tmp_path):
+    """The spot files and hkls.csv in the output folder take priority, as in MIDAS; ones
+    left from another seed set or other crystal keys are an error, not a silent fit."""
+    from nfjax import fit as fitmod
+    from nfjax.io.spots import read_spot_files
+
+    shutil.copy(REF_RUN / "seedOrientations.txt", tmp_path / "seeds.csv")
+    params = _job(tmp_path, n_rows=4, SeedOrientations="seeds.csv")
+    p = read_params(params)
+    table = fitmod._load_spot_table(p, tmp_path, None, None, None, False)   # the seeds' own
+    assert len(table) == len(read_spot_files(REF_RUN)) == 4
+    (tmp_path / "seeds.csv").write_text("1,0,0,0\n" + (REF_RUN / "seedOrientations.txt")
+                                        .read_text().split("\n", 1)[1])
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/OrientMat.bin: its 4 orientations "
+                                             rf"are not those of SeedOrientations {tmp_path}/"
+                                             r"seeds.csv \(4 seeds\): the spot files are from "
+                                             "another seed set; delete Key.bin"):
+        fitmod.run_fit(_args(params))
+    (tmp_path / "seeds.csv").write_text("1,0,0,0\n")
+    with pytest.raises(InputFileError, match=r"\(1 seeds\)"):
+        fitmod.run_fit(_args(params))
+    shutil.copy(REF_RUN / "seedOrientations.txt", tmp_path / "seeds.csv")
+    shutil.copy(REF_RUN / "hkls.csv", tmp_path / "hkls.csv")
+    params = _job(tmp_path, n_rows=4, SeedOrientations="seeds.csv",
+                  LatticeParameter="4.2 4.2 4.2 90 90 90")
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/hkls.csv: not the reflections of "
+                                             rf"{params} \(258 rows, the parameters give "):
+        fitmod.run_fit(_args(params))
+    assert not list(tmp_path.glob("Au_*"))
+
+
 def test_run_fit_midas_refinement_flag(tmp_path):
     """``nfjax fit --midas-refinement`` writes what MIDAS's procedure in memory gives."""
     from nfjax.cli import build_parser
@@ -652,7 +683,7 @@ def test_run_fit_bad_inputs(tmp_path, monkeypatch):
     for name in ("Key.bin", "DiffractionSpots.bin", "OrientMat.bin"):
         (tmp_path / name).unlink()
     seeds = tmp_path / "seeds.csv"
-    seeds.write_text("0.9,0.1,0.2,0.3\n0.5,abc,0.1,0.2\n")
+    seeds.write_text("1,0,0,0\n0.5,abc,0.1,0.2\n")
     params = _job(tmp_path, n_rows=4, SeedOrientations=str(seeds))
     for name in ("Key.bin", "DiffractionSpots.bin", "OrientMat.bin"):
         (tmp_path / name).unlink()
