@@ -98,7 +98,7 @@ def _cmd_seeds_uniform(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- cluster
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from nfjax.cluster import cluster_mic, write_grains_csv
+    from nfjax.cluster import cluster_mic, neighbour_reach, write_grains_csv
     from nfjax.io.mic import read_mic
 
     # Mic2GrainsList reads only a few keys: the detector keys may be absent.
@@ -109,6 +109,13 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
                          neighbours=args.neighbours)
     write_grains_csv(args.output, grains)
     print(f"{len(grains.ids)} grains from {args.mic} -> {args.output}")
+    if args.neighbours and len(grains.ids) > 1:
+        reach = neighbour_reach(mic)
+        if reach <= 3:
+            print(f"note: --neighbours links voxels closer than 2 x TriEdgeSize "
+                  f"({2 * float(mic.tri_edge_size):g} um), which reaches {reach:g} neighbours "
+                  "per voxel here (a probe smaller than the grid spacing): grains break apart "
+                  "at every missing voxel; cluster without --neighbours", file=sys.stderr)
     return 0
 
 

@@ -209,6 +209,28 @@ def test_equal_confidences_keep_file_order_and_holes_are_skipped(tmp_path):
 def test_bad_max_angle_is_a_user_error(au):
     with pytest.raises(NfjaxError, match="max angle"):
         cluster_mic(au[0], max_angle=0.0)
+    for value in (2.0, -0.1, float("nan")):
+        with pytest.raises(NfjaxError, match=rf"^cluster: min confidence must be a number "
+                                             rf"between 0 and 1, found {value!r}$"):
+            cluster_mic(au[0], min_confidence=value)
+
+
+def test_cli_cluster_neighbours_on_a_sparse_probe_says_why(midas_au, tmp_path, capsys):
+    """MIDAS's Au mic has 1 um probes on a 2.5 um grid: the neighbour mode finds no
+    neighbours and every voxel is its own grain; the command says so."""
+    from nfjax.cli import main
+
+    out = tmp_path / "G.csv"
+    assert main(["cluster", str(midas_au / "Au_txt.mic"), "--neighbours", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    n = int(captured.out.split()[0])
+    assert n > 100
+    assert captured.err == ("note: --neighbours links voxels closer than 2 x TriEdgeSize "
+                            "(2 um), which reaches 2 neighbours per voxel here (a probe smaller "
+                            "than the grid spacing): grains break apart at every missing "
+                            "voxel; cluster without --neighbours\n")
+    assert main(["cluster", str(midas_au / "Au_txt.mic"), "-o", str(out)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_cluster(au, tmp_path, capsys):

@@ -138,6 +138,20 @@ def test_without_matplotlib_the_error_names_the_extra(monkeypatch, tmp_path):
         plot_mic(tmp_path / "a.mic", tmp_path / "a.png")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--min-confidence", "5"], "--min-confidence: expected a number between 0 and 1, "
+                                "found 5.0"),
+    (["--boundaries", "-5"], "--boundaries: expected a misorientation >= 0 degrees (0: no "
+                             "lines), found -5.0")])
+def test_plot_option_ranges(midas_au, tmp_path, capsys, flags, message):
+    from nfjax.cli import main
+
+    out = tmp_path / "m.png"
+    assert main(["plot", str(midas_au / "Au_txt.mic"), "-o", str(out), *flags]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"nfjax: error: {message}"
+    assert not out.exists()
+
+
 def test_confidence_mask_and_boundaries(midas_au, tmp_path):
     """--min-confidence greys out the untrusted voxels of the orientation map; boundaries
     add black lines between grains (and none with --boundaries 0)."""
