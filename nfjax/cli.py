@@ -133,7 +133,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from nfjax.compare import compare_mics, format_comparison
 
-    result = compare_mics(args.a, args.b, space_group=args.space_group, nearest=args.nearest)
+    result = compare_mics(args.a, args.b, space_group=args.space_group, nearest=args.nearest,
+                          min_confidence=args.min_confidence)
     print(format_comparison(result), end="")
     return 0
 
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pair each reference voxel with the nearest voxel of A within UM "
                             "micrometres (maps on different grids, e.g. a multi-resolution "
                             "result against a ground truth), instead of by equal position")
+    p_cmp.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                       help="count only the reference voxels with Confidence >= C (e.g. the "
+                            "MinConfidence that nfjax simulate rendered the ground truth with)")
     p_cmp.set_defaults(func=_cmd_compare)
 
     p_spots = sub.add_parser(

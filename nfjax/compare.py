@@ -103,7 +103,8 @@ def _misorientation_deg(eul_a: np.ndarray, eul_b: np.ndarray, sym: np.ndarray) -
 
 # --------------------------------------------------------------------------- API
 def compare_mics(a: str | Path, b: str | Path, space_group: int = 225, *,
-                 nearest: float | None = None) -> ComparisonResult:
+                 nearest: float | None = None,
+                 min_confidence: float | None = None) -> ComparisonResult:
     """Compare mic ``a`` (evaluated) with mic ``b`` (reference, e.g. ground truth).
 
     Both files may be text or binary mic files. Rows with Confidence <= 0 (binary holes)
@@ -111,10 +112,13 @@ def compare_mics(a: str | Path, b: str | Path, space_group: int = 225, *,
     after rounding to 4 decimals; if several rows share a position the first one in the
     file is used. With ``nearest`` (µm) each reference voxel is paired instead with the
     nearest voxel of ``a`` within that distance. Misorientation uses the crystal symmetry
-    of ``space_group`` (MIDAS tables) and is reported in degrees.
+    of ``space_group`` (MIDAS tables) and is reported in degrees. ``min_confidence``
+    restricts the reference to its voxels with Confidence ≥ that value (e.g. those
+    ``nfjax simulate`` rendered: MinConfidence).
     """
     return compare_records(_load_mic_rows(a), _load_mic_rows(b), space_group,
-                           name_a=str(a), name_b=str(b), nearest=nearest)
+                           name_a=str(a), name_b=str(b), nearest=nearest,
+                           min_confidence=min_confidence)
 
 
 def _nearest_pairs(xy_a: np.ndarray, xy_b: np.ndarray, max_distance: float):
@@ -131,12 +135,14 @@ def _nearest_pairs(xy_a: np.ndarray, xy_b: np.ndarray, max_distance: float):
 
 def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 225, *,
                     name_a: str = "A", name_b: str = "B",
-                    nearest: float | None = None) -> ComparisonResult:
+                    nearest: float | None = None,
+                    min_confidence: float | None = None) -> ComparisonResult:
     """:func:`compare_mics` on in-memory mic records ``(N, 11)`` (binary-record columns).
 
     ``nearest`` (µm): pair every reference voxel with the nearest voxel of ``a`` within
     that distance instead of by equal position — for maps on different grids (a
     multi-resolution result against a ground truth at another GridSize).
+    ``min_confidence``: only reference voxels with Confidence ≥ it count.
     """
     a, b = name_a, name_b
     if not 1 <= int(space_group) <= 230:
@@ -150,6 +156,14 @@ def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 2
     keep_b = _kept(rows_b)
     if keep_b.size == 0:
         raise InputFileError(f"{b}: reference mic has no voxels with Confidence > 0")
+    if min_confidence is not None:
+        if not (np.isfinite(min_confidence) and 0 <= min_confidence <= 1):
+            raise NfjaxError(f"--min-confidence: expected a number between 0 and 1, found "
+                             f"{min_confidence!r}")
+        keep_b = keep_b[rows_b[keep_b, _COL_CONF] >= min_confidence]
+        if keep_b.size == 0:
+            raise InputFileError(f"{b}: reference mic has no voxels with Confidence >= "
+                                 f"{min_confidence:g}")
 
     if nearest is not None:
         ia, ib = _nearest_pairs(rows_a[keep_a][:, [_COL_X, _COL_Y]],

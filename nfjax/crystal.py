@@ -583,8 +583,13 @@ def hkls_from_params(params) -> HklTable:
         if value is None or (attr == "lsd" and len(value) == 0):
             raise ParamError(f"{source}: missing key '{key}' (needed to build hkls.csv)")
         values[attr] = value
-    return generate_hkls(values["lattice_parameter"], values["space_group"],
-                         values["wavelength"], values["lsd"][-1], values["max_ring_rad"])
+    try:
+        return generate_hkls(values["lattice_parameter"], values["space_group"],
+                             values["wavelength"], values["lsd"][-1], values["max_ring_rad"])
+    except ParamError:
+        raise
+    except NfjaxError as exc:
+        raise ParamError(f"{source}: {exc}") from None
 
 
 def select_rings(table: HklTable, rings_to_use: Sequence[int]) -> HklTable:

@@ -46,9 +46,18 @@ def run_demo(out_dir: str | Path = "demo-output", progress: bool | None = None) 
     from nfjax.simulate import select_rendered, simulate_records, voronoi_microstructure
     from nfjax.spots import make_diffraction_spots
 
+    from nfjax.io.atomic import check_target
+
     files = au_example()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NfjaxError(f"{out}: expected an output folder for the demo, found a file")
+    check_target(out / "hkls.csv")           # a writable place, not the package folder
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NfjaxError(f"{out}: cannot create the output folder "
+                         f"({(exc.strerror or str(exc)).lower()})") from None
     print(f"nfjax {__version__} demo: the MIDAS Au example ({files['params'].name}: "
           f"2 distances x 1440 frames of 2048^2 px, Au Fm-3m)")
     params = read_params(files["params"])

@@ -953,7 +953,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     """
     from nfjax.crystal import hkls_from_params, select_rings
 
-    params.require("MinFracAccept", "OrientTol", why="the fitter needs them")
+    params.require("MinFracAccept", "OrientTol", why="by the fitter")
     t0 = time.perf_counter()
     timings = {}
     grid = np.asarray(grid, np.float64)
@@ -1235,7 +1235,7 @@ def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
                     "predicts the spots from the seeds) or rerun 'nfjax spots'")
         return table
 
-    params.require("SeedOrientations", why=f"no {NAMES[0]} in {out} to take the spots from")
+    params.require("SeedOrientations", why=f"because there is no {NAMES[0]} in {out} to take the spots from")
     quats = read_seeds(params.resolve(params.seed_orientations))
     table = select_rings(hkls, params.rings_to_use)
     return make_diffraction_spots(quats, table.g, table.theta, geom, max_memory=max_memory,
@@ -1281,8 +1281,7 @@ def run_fit(args, params=None) -> int:
 
     if params is None:           # the CLI passes the file it read (and warned about)
         params = read_params(args.params)
-    params.require("MicFileBinary", "MinFracAccept", "OrientTol", why="nfjax fit writes and "
-                   "fits with them")
+    params.require("MicFileBinary", "MinFracAccept", "OrientTol", why="by nfjax fit")
     device = getattr(args, "device", None)
     ctx = contextlib.nullcontext()
     if device is not None:

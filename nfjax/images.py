@@ -602,6 +602,9 @@ def check_frames(params, distances: Sequence[int] | None = None, *,
     shape = (int(params.nr_pixels_z), int(params.nr_pixels_y))
     distances = range(int(params.n_distances)) if distances is None else distances
     frames = [f for L in distances for f in frame_paths(params, L)]
+    folder = next((f for f in frames if f.is_dir()), None)
+    if folder is not None:
+        raise InputFileError(f"{folder}: expected a raw frame (TIFF file), found a directory")
     missing = [f for f in frames if not f.is_file()]
     if missing:
         raise InputFileError(f"{missing[0]}: raw frame not found ({len(missing)} of "

@@ -293,6 +293,8 @@ def check_spots_info(path, shape, missing: str = "SpotsInfo file not found") -> 
         size = os.path.getsize(path)
     except FileNotFoundError:
         raise InputFileError(f"{path}: {missing}") from None
+    if path.is_dir():
+        raise InputFileError(f"{path}: expected a SpotsInfo.bin file, found a directory")
     if size not in (4 * floor_w, 4 * ceil_w):
         expected = f"{4 * floor_w}" if floor_w == ceil_w else f"{4 * floor_w} or {4 * ceil_w}"
         raise InputFileError(

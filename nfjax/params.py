@@ -459,6 +459,9 @@ def _entries(spec: KeySpec, value: Any) -> list[Any]:
 def read_params(path: str | os.PathLike, *, required: bool = True) -> Params:
     """Parse and validate the MIDAS parameter file at ``path`` (see :func:`parse_params`)."""
     name = os.fspath(path)
+    if not name:
+        raise ParamError("parameter file name is empty: give the path of a MIDAS parameter "
+                         "file")
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:

@@ -239,12 +239,12 @@ def validate(params, ff_seeds: bool) -> None:
             raise ParamError(f"{src}: SeedOrientationsAll file not found: "
                              f"{params.resolve(params.seed_orientations_all)}")
     if ff_seeds:
-        params.require("GrainsFile", why="--ff-seeds")
+        params.require("GrainsFile", why="by --ff-seeds")
         path = params.resolve(params.grains_file)
         if not path.is_file() or not os.access(path, os.R_OK):
             raise ParamError(f"{src}: GrainsFile is not a readable file: {path}")
     elif params.grid_refactor is None:
-        params.require("SeedOrientations", why="the orientations to search")
+        params.require("SeedOrientations", why="for the orientations to search")
         if not params.resolve(params.seed_orientations).is_file():
             raise ParamError(f"{src}: SeedOrientations file not found: "
                              f"{params.resolve(params.seed_orientations)} (make one with "
@@ -253,7 +253,7 @@ def validate(params, ff_seeds: bool) -> None:
         if not params.resolve(params.seed_orientations_all).is_file():
             raise ParamError(f"{src}: loop 0 needs SeedOrientations or SeedOrientationsAll")
     params.require("MinFracAccept", "OrientTol", "GridSize", "Rsample", "MicFileBinary",
-                   "MicFileText", why="nfjax reconstruct")
+                   "MicFileText", why="by nfjax reconstruct")
 
 
 def _loop_params(params, k: int):
@@ -307,8 +307,9 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
                  allmatches_path(out / params.mic_file_binary), out / params.mic_file_text):
         check_target(path)
     parse_memory(max_memory)
+    table = hkls_from_params(params)          # names the parameter file itself
     try:
-        select_rings(hkls_from_params(params), params.rings_to_use)
+        select_rings(table, params.rings_to_use)
     except NfjaxError as exc:
         raise ParamError(f"{src}: {exc}") from None
     grid_from_params(params if params.grid_refactor is None else _loop_params(params, 0))

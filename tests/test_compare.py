@@ -71,6 +71,27 @@ def test_au_benchmark_cli(midas_au, capsys):
     assert len(lines) == 2 + 5
 
 
+def test_min_confidence_restricts_the_reference(midas_au, capsys):
+    """--min-confidence C counts only the reference voxels with Confidence >= C: of the
+    Au ground truth, the 1514 voxels simulate renders (MinConfidence 0.7)."""
+    a = midas_au / "Au_txt_Reconstructed.mic"
+    b = midas_au / "Au_txt.mic"
+    rows_b = np.loadtxt(b, comments="%")
+    r = compare_mics(a, b, min_confidence=0.7)
+    assert r.n_reference == int(np.sum(rows_b[:, 10] >= 0.7)) == 1514
+    full = compare_mics(a, b)
+    # the same pairs, restricted to confident reference voxels
+    conf_b = {tuple(np.round(xy, 4)) for xy in rows_b[rows_b[:, 10] >= 0.7][:, 3:5]}
+    kept = [i for i, xy in enumerate(full.positions) if tuple(np.round(xy, 4)) in conf_b]
+    np.testing.assert_array_equal(np.sort(r.misorientation_deg),
+                                  np.sort(full.misorientation_deg[kept]))
+    assert main(["compare", str(a), str(b), "--min-confidence", "0.7"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("reference B: 1514 voxels;")
+    assert main(["compare", str(a), str(b), "--min-confidence", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == ("nfjax: error: --min-confidence: expected a "
+                                               "number between 0 and 1, found 1.5")
+
+
 def test_positions_that_differ_are_unmatched(tmp_path):
     e = (0.3, 0.9, 1.7)
     ref = _write_text_mic(tmp_path / "b.mic", [

@@ -137,6 +137,12 @@ def test_hkls_from_params_missing_key(attr, key):
     assert str(err.value) == f"ps_au.txt: missing key '{key}' (needed to build hkls.csv)"
 
 
+def test_hkls_from_params_no_reflection_names_the_file():
+    with pytest.raises(ParamError, match=r"^ps_au.txt: no reflection of space group 225 with "
+                                         r"lattice .* reaches MaxRingRad 10.0 µm at Lsd"):
+        hkls_from_params(_au_params(max_ring_rad=10.0))
+
+
 # --------------------------------------------------------------------------- (b) gemmi
 def _gemmi_reference(lat, sg, d_min):
     cell = gemmi.UnitCell(*lat)

@@ -673,6 +673,10 @@ def test_run_fit_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(InputFileError, match=r"SpotsInfo.bin: expected 1509949440 bytes.*"
                                              r"found 1000 bytes"):
         fitmod.run_fit(_args(params, spots_info=None))
+    # A folder given as the observations.
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}: expected a SpotsInfo.bin file, "
+                                             r"found a directory$"):
+        fitmod.run_fit(_args(params, spots_info=str(tmp_path)))
     # Key.bin / DiffractionSpots.bin mismatch.
     (tmp_path / "DiffractionSpots.bin").write_bytes(
         (REF_RUN / "DiffractionSpots.bin").read_bytes()[:-24])

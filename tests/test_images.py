@@ -397,6 +397,16 @@ def test_missing_frame_file(tmp_path, capsys):
     assert "not found (1 of 30 frames missing)" in err
 
 
+def test_frame_that_is_a_folder(tmp_path, capsys):
+    params, _, _ = make_dataset(tmp_path)
+    _write_params(tmp_path)
+    victim = images.frame_path(params, 1, 4)
+    victim.unlink()
+    victim.mkdir()
+    _expect_error(tmp_path, capsys, f"{victim}: expected a raw frame (TIFF file), found a "
+                                    "directory")
+
+
 @pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage", "pages"])
 def test_bad_frame_files(tmp_path, capsys, bad):
     params, _, _ = make_dataset(tmp_path, n_distances=2)

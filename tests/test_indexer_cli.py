@@ -55,6 +55,9 @@ def test_index_malformed_file(tmp_path, capsys):
     (b"30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3 0.4\n", ":2: expected a spot 'x y z', found 4 numbers"),
     (b"30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3\nnan nan nan\n",
      ":3: expected finite numbers, found 'nan nan nan'"),
+    (b"0 0 0 0 40 0 0 0 50\n0.1 0.2 0.3\n",
+     ": input cell 0 is degenerate (vector lengths 0, 40, 50 Å, volume 0 Å³): give "
+     "three independent vectors"),
 ])
 def test_index_bad_file_is_one_line(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.txt"

@@ -139,7 +139,8 @@ def test_mic_errors(tmp_path):
     with pytest.raises(InputFileError, match=r"t.mic:6: expected 12 columns .*found 10"):
         read_text_mic(txt)
     txt.write_text("%TriEdgeSize 1.0\n" + "\t".join(["1.0"] * 5 + ["abc"] + ["1"] * 6) + "\n")
-    with pytest.raises(InputFileError, match=r"t.mic:2: expected 12 numbers"):
+    with pytest.raises(InputFileError, match=rf"^{txt}:2: column 6 \(TriEdgeSize\): expected "
+                                             r"a number, found 'abc'$"):
         read_text_mic(txt)
     txt.write_text("%TriEdgeSize one\n")
     with pytest.raises(InputFileError, match=r"t.mic:1: expected a number after %TriEdgeSize"):

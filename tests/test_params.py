@@ -364,6 +364,12 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, exc, expected)
         main(["hkls", str(path), "-o", str(tmp_path / "h.csv")])
 
 
+def test_empty_parameter_file_name():
+    with pytest.raises(ParamError, match="^parameter file name is empty: give the path of a "
+                                         "MIDAS parameter file$"):
+        read_params("")
+
+
 def test_detector_size_is_bounded(tmp_path):
     """An extra digit in NrPixels is a parameter error, not a failed 13 TiB allocation (or an
     integer overflow inside a compiled function) in whichever command reads it first."""

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+from nfjax.errors import NfjaxError
 from nfjax.indexer.api import Indexer, covered_spots
 from nfjax.indexer.simple_data import read_simple_data
 
@@ -42,6 +43,8 @@ def index_file(ix: Indexer, path, method: str) -> dict:
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         cells, scores, found, seconds = once()
+    except NfjaxError as exc:     # a bad cell or spot list: say which file holds it
+        raise type(exc)(f"{path}: {exc}") from None
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     if compiled:  # report the steady-state time, as a pipeline calling run() per frame sees

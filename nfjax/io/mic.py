@@ -131,6 +131,14 @@ def read_binary_mic(path: str | os.PathLike) -> MicData:
                    kind="binary", path=str(path))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _reject_non_finite(path: Path, table: np.ndarray, where) -> None:
     """InputFileError at the first NaN or infinity of ``table``; ``where(row)`` places it."""
     bad = ~np.isfinite(table)
@@ -288,8 +296,10 @@ def read_text_mic(path: str | os.PathLike) -> MicData:
                 try:
                     rows.append([float(v) for v in fields])
                 except ValueError:
-                    raise InputFileError(f"{path}:{lineno}: expected 12 numbers, found "
-                                         f"{line.strip()!r}") from None
+                    col = next(i for i, v in enumerate(fields) if not _is_number(v))
+                    name = (MIC_COLUMNS + ("PhaseNr",))[col]
+                    raise InputFileError(f"{path}:{lineno}: column {col + 1} ({name}): "
+                                         f"expected a number, found {fields[col]!r}") from None
             table = np.array(rows, dtype=np.float64)
     else:
         table = np.zeros((0, 12), dtype=np.float64)
