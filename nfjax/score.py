@@ -8,6 +8,12 @@ the pixels around them: a continuous function of the orientation, the voxel posi
 the geometry leaves (Lsd, beam centres, tilts, pixel size), built only from
 :mod:`nfjax.forward`. Units as in ``forward``; scores are fractions in [0, 1]. Pure jnp, no
 I/O.
+
+The surrogate is for gradients, not for thresholds: at a voxel's true orientation it is
+about 0.2-0.5 where the hard fraction is 1.0 (the splats spill past the lit pixels), and
+its maximum lies a few hundredths of a degree from the hard score's, so a refinement on it
+should be checked, or finished, on the hard score (``nfjax fit --polish`` keeps a polished
+orientation only where the hard fraction improves).
 """
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """JAX port of the PSI fast feedback indexer (ffbidx) for serial crystallography.
 
 Given a known unit cell and the reciprocal-lattice spots of one still image, find rotated
-copies of the cell that put many spots near integer Miller indices (reference
-``/work/shared/reference/ffbidx-indexer.md``). Same Python API, defaults, layouts and error
+copies of the cell that put many spots near integer Miller indices (upstream ``ffbidx``'s
+algorithm). Same Python API, defaults, layouts and error
 messages as ``ffbidx`` (``from nfjax.indexer import ffbidx`` is a drop-in for ``import
 ffbidx``), but pure JAX: any JAX device (CPU, GPU), pip-installed, no CUDA toolkit. Beyond
 ffbidx: :meth:`Indexer.run_batch` indexes many frames in one vmapped call. Units: cells in Å,
 spots in Å⁻¹. All indexing arithmetic is float32, as upstream, whatever ``jax_enable_x64``
 says.
 
-Upstream quirks (reference §14) and what this port does:
+Upstream quirks and what this port does:
 
 - Q1 cell log-sum starts at 1 (scores × 2^(1/n) in the geometric-mean part): **kept**
   (perfect lattices score −90.99822 as upstream).
