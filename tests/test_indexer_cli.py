@@ -67,6 +67,20 @@ def test_index_bad_file_is_one_line(tmp_path, capsys, content, message):
     assert f"{bad}{message}" in err and len(err.strip().splitlines()) == 1
 
 
+def test_index_batch_goes_on_past_a_bad_file(ffbidx_data, tmp_path, capsys):
+    """Of many frames, a bad one is reported and skipped; the others are indexed and the
+    command ends with status 2 and a count."""
+    bad = tmp_path / "bad.txt"
+    bad.write_text("30 0 0 0 40 0 0 0 50\n0.1 0.2\n")
+    good = ffbidx_data / "test2.txt"
+    assert main(["index", "--json", str(bad), str(good)]) == 2
+    captured = capsys.readouterr()
+    assert [json.loads(line)["file"] for line in captured.out.splitlines()] == [str(good)]
+    assert captured.err.splitlines() == [
+        f"nfjax: error: {bad}:2: expected a spot 'x y z', found 2 numbers",
+        f"nfjax: error: 1 of 2 files could not be indexed (first: {bad})"]
+
+
 def test_log_level_env():
     code = ("import numpy as np, nfjax\n"
             "from nfjax.indexer import Indexer\n"

@@ -61,9 +61,20 @@ def index_file(ix: Indexer, path, method: str) -> dict:
 
 def run_index(args) -> int:
     """Entry point called by ``nfjax.cli`` with ``args.files``, ``args.method``, ``args.json``."""
+    import sys
+
     ix = Indexer()
+    failed = []
     for path in args.files:
-        rec = index_file(ix, path, args.method)
+        try:
+            rec = index_file(ix, path, args.method)
+        except NfjaxError as exc:
+            if len(args.files) == 1:
+                raise
+            # One bad frame in a batch: say so and go on with the others.
+            print(f"nfjax: error: {exc}", file=sys.stderr, flush=True)
+            failed.append(str(path))
+            continue
         if args.json:
             keys = ("file", "cell", "score", "indexed_spots", "n_crystals", "seconds")
             print(json.dumps({k: rec[k] for k in keys}), flush=True)
@@ -76,4 +87,7 @@ def run_index(args) -> int:
             length = float(np.linalg.norm(vec))
             print(f"  {name} = ({vec[0]:10.4f} {vec[1]:10.4f} {vec[2]:10.4f})  |{name}| = "
                   f"{length:.3f} Å", flush=True)
+    if failed:
+        raise NfjaxError(f"{len(failed)} of {len(args.files)} files could not be indexed "
+                         f"(first: {failed[0]})")
     return 0
