@@ -259,6 +259,13 @@ def test_atomic_write_goes_through_links_and_into_devices(tmp_path):
     reader.join(10)
     assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert not list(tmp_path.rglob("*.part"))
+    # /dev/stdout is a link to a link to a pipe here: opened, not resolved to a path.
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "from nfjax.io.atomic import atomic_write\n"
+                          "with atomic_write('/dev/stdout') as fh:\n    fh.write('piped')"],
+                         capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout) == (0, "piped"), out.stderr
 
 
 def test_atomic_write_names_the_file_when_the_disk_is_full(tmp_path):

@@ -87,8 +87,12 @@ def _is_stream(path: Path) -> bool:
 
 def _resolve(path: Path) -> Path:
     """The file a write to ``path`` should replace: the end of a chain of symbolic links
-    (a dangling link's target is created), else ``path`` itself."""
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    (a dangling link's target is created), else ``path`` itself. A link to a device or
+    FIFO (``/dev/stdout`` → ``/proc/self/fd/1`` → a pipe) stays as given: it is opened,
+    not replaced, and a pipe's "target" is no path at all."""
+    if not path.is_symlink() or _is_stream(path):
+        return path
+    return Path(os.path.realpath(path))
 
 
 # Errors of the write itself (the caller's ``fh.write``), which carry no file name.
