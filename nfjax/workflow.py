@@ -177,16 +177,34 @@ class Run:
         return value
 
 
-def _stage_log(out: Path, name: str, text: str, err: bool = False) -> None:
-    """Append ``text`` to the stage's ``midas_log/<name>_out.csv`` (``_err.csv`` with
-    ``err``); both files exist after every stage, as MIDAS leaves them. Best effort: a
-    log that cannot be written (a full disk) does not hide the stage's own error."""
+def midas_log_name(stage: str, rank: int = 0) -> str:
+    """The MIDAS log a stage's lines go to (the manual's ``midas_log/`` map): ``hkls``,
+    ``seed``, ``hex`` (grids), ``spots``, ``image0``, ``fit{rank}`` (every fit pass; MIDAS
+    numbers these by block, nfjax's blocks are the MPI ranks) and ``mic2grains_{k}`` (the
+    clustering that seeds loop k). Each line starts with nfjax's stage name."""
+    for prefix, log in (("hkls", "hkls"), ("seeds", "seed"), ("grid", "hex"),
+                        ("spots", "spots"), ("images", "image0")):
+        if stage.startswith(prefix):
+            return log
+    if stage.startswith("cluster"):
+        return f"mic2grains_{stage[len('cluster'):]}"
+    if stage.startswith(("fit", "seeded", "unseeded")):
+        return f"fit{rank}"
+    return stage
+
+
+def _stage_log(out: Path, name: str, text: str, err: bool = False, rank: int = 0) -> None:
+    """Append ``text`` to the stage's MIDAS log ``midas_log/<log>_out.csv`` (``_err.csv``
+    with ``err``; :func:`midas_log_name`); both files exist after every stage, as MIDAS
+    leaves them. Best effort: a log that cannot be written (a full disk) does not hide the
+    stage's own error."""
     logdir = out / "midas_log"
+    log = midas_log_name(name, rank)
     try:
         logdir.mkdir(parents=True, exist_ok=True)
-        with open(logdir / f"{name}_{'err' if err else 'out'}.csv", "a") as fh:
+        with open(logdir / f"{log}_{'err' if err else 'out'}.csv", "a") as fh:
             fh.write(text)
-        (logdir / f"{name}_err.csv").touch()
+        (logdir / f"{log}_err.csv").touch()
     except OSError:
         if not err:
             raise
@@ -478,6 +496,7 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
 
     n_sol = max(1, int(params.save_n_solutions or 1))
     am_path = allmatches_path(bin_path)
+    options = refinement_options(run.midas_refinement, seeded=seeded)
     inputs = value_hash(
         array_hash(grid), array_hash(spots.key), array_hash(spots.spots),
         array_hash(spots.orient),
@@ -486,7 +505,9 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
         # the refinement predicts spots itself, from the hkls and the geometry
         array_hash(hkls.g), array_hash(hkls.theta), params.rings_to_use, geometry_key(params),
         params.min_frac_accept, params.orient_tol, n_sol, params.min_miso_n_saves,
-        params.space_group, unresolved_below(params),
+        params.space_group,
+        # MinConfidence matters to a fit only through the near misses (library passes)
+        unresolved_below(params) if "near_misses" in options else None,
         params.phase_nr, params.num_phases, params.global_position,
         "midas-refinement" if run.midas_refinement else "default-refinement",
         "seeded" if seeded else "library")
@@ -494,12 +515,11 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
     def compute():
         start, stop = block_range(len(grid), run.comm.rank, run.comm.size)
         result = fit_grid(params, grid[start:stop], spots, obs, hkls=hkls,
-                          max_memory=run.max_memory, progress=run.progress,
-                          **refinement_options(run.midas_refinement, seeded=seeded))
+                          max_memory=run.max_memory, progress=run.progress, **options)
         where = f" (rank {run.comm.rank}, rows {start}..{stop - 1})" if run.comm.size > 1 else ""
         summary = result.summary()
         run.log.info("stage %-14s %s%s", name, summary, where)
-        _stage_log(run.out, name, f"{name}{where}: {summary}\n")
+        _stage_log(run.out, name, f"{name}{where}: {summary}\n", rank=run.comm.rank)
         records = run.comm.gather_rows(np.asarray(result.records))
         allm = run.comm.gather_rows(np.asarray(result.allmatches))
         if run.comm.is_root:
@@ -508,6 +528,9 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
             write_text_mic(text_path, records, phase_nr=params.phase_nr or 1,
                            num_phases=params.num_phases or 1,
                            global_position=params.global_position or 0.0)
+            # The whole grid (every rank's rows), and how good it is: "fitted" alone does
+            # not tell a map that found the grains from one that did not.
+            _report_quality(run, name, records, params)
         run.comm.barrier()
         if run.comm.is_root:
             return records, allm
@@ -518,6 +541,35 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
                 read_allmatches(am_path, n_sol) if run.comm.is_root else None)
 
     return run.stage(name, inputs, [bin_path, am_path, text_path], compute, load)
+
+
+def quality_line(records: np.ndarray, min_confidence: float | None) -> tuple[str, int]:
+    """``("N voxels, K at or above MinConfidence C, mean confidence m", K)`` of a map's
+    binary records (K counts every voxel with a nonzero confidence when C is unset)."""
+    conf = np.asarray(records)[:, 10]
+    fitted = conf[conf > 0]
+    mean = f"{fitted.mean():.3f}" if fitted.size else "-"
+    if min_confidence is None:
+        return (f"{len(conf)} voxels, {fitted.size} with an orientation, mean confidence "
+                f"{mean}"), int(fitted.size)
+    good = int(np.count_nonzero(conf >= float(min_confidence)))
+    pct = 100.0 * good / max(len(conf), 1)
+    return (f"{len(conf)} voxels, {good} ({pct:.1f} %) at or above MinConfidence "
+            f"{float(min_confidence):g}, mean confidence {mean}"), good
+
+
+def _report_quality(run: Run, name: str, records: np.ndarray, params) -> None:
+    """Log a fit's whole-grid quality, and warn when no voxel reached MinConfidence."""
+    line, good = quality_line(records, params.min_confidence)
+    run.log.info("stage %-14s %s", name, line)
+    _stage_log(run.out, name, f"{name}: {line}\n")
+    if good == 0 and len(records):
+        what = ("MinConfidence " + f"{float(params.min_confidence):g}"
+                if params.min_confidence is not None else "a nonzero confidence")
+        run.log.warning("warning: %s: no voxel reached %s; the seed orientations may not "
+                        "contain the sample's (a library too coarse for OrientTol, the wrong "
+                        "SpaceGroup or lattice), or the geometry or observations are off",
+                        name, what)
 
 
 def _map(run: Run, name: str, mic_path: Path) -> None:
@@ -643,18 +695,23 @@ def _multi(run: Run, hkls, quats0, quats_all) -> Path:
                                          hkls, unseeded_bin,
                                          run.out / f"{base}_all_solutions.{k}", seeded=False)
             better = unseeded[:, 10] > seeded[bad, 10]
+            n_better = int(np.count_nonzero(better))
             records = _merge(seeded, unseeded, bad, better)
             if run.comm.is_root:
                 allmatches = _merge(allmatches, unseeded_am, bad, better)
         else:
             records = seeded
+            n_better = 0
         _publish(run, records, allmatches)
         if run.comm.is_root:
             write_text_mic(merged_path, records, phase_nr=p.phase_nr or 1,
                            num_phases=p.num_phases or 1,
                            global_position=p.global_position or 0.0)
         run.log.info("loop %d: GridSize %.6f, %d voxels, %d below MinConfidence %.2f retried "
-                     "unseeded", k, pk.grid_size, len(grid), bad.size, min_conf)
+                     "unseeded; the retry was better for %d of them (kept), the seeded result "
+                     "stays for the rest -> %s: %s", k, pk.grid_size, len(grid), bad.size,
+                     min_conf, n_better, merged_path.name,
+                     quality_line(records, p.min_confidence)[0])
         current = merged_path
     _map(run, "map", current)
     return current
@@ -706,5 +763,12 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
         final = _single(run, hkls, quats)
     else:
         final = _multi(run, hkls, quats, inputs.quats_all)
-    run.log.info("finished in %.1f s -> %s", time.perf_counter() - t0, final)
+    summary = ""
+    if comm.is_root:
+        from nfjax.io.mic import read_binary_mic
+
+        # MicFileBinary holds the final result in both modes (every row, zeros where empty).
+        summary = "; " + quality_line(read_binary_mic(out / params.mic_file_binary).records,
+                                      params.min_confidence)[0]
+    run.log.info("finished in %.1f s -> %s%s", time.perf_counter() - t0, final, summary)
     return final

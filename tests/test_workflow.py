@@ -59,8 +59,8 @@ def _small(**extra):
 
 MIDAS_FILES = ["hkls.csv", "grid.txt", "seeds.csv", "Key.bin", "DiffractionSpots.bin",
                "OrientMat.bin", "Au_bin_Reconstructed.mic", "Au_bin_Reconstructed.mic.AllMatches",
-               "Au_txt_Reconstructed.mic", "midas_log/hkls_out.csv", "midas_log/grid_out.csv",
-               "midas_log/spots_out.csv", "midas_log/fit_out.csv",
+               "Au_txt_Reconstructed.mic", "midas_log/hkls_out.csv", "midas_log/hex_out.csv",
+               "midas_log/seed_out.csv", "midas_log/spots_out.csv", "midas_log/fit0_out.csv",
                "midas_log/midas_nf_workflow_multires.log"]
 
 
@@ -74,7 +74,7 @@ def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
     rec = read_mic(out / "Au_bin_Reconstructed.mic").records
     assert rec.shape == (3456, 11)
     # The fit stage's log line: the work done and its timings.
-    fit_log = (out / "midas_log" / "fit_out.csv").read_text()
+    fit_log = (out / "midas_log" / "fit0_out.csv").read_text()
     m = re.search(r"fit: (\d+) of 3456 voxels fitted; (\d+) winners .* tied voxels decided .*"
                   r"refine [0-9.]+ s", fit_log)
     assert m and int(m.group(1)) == np.count_nonzero(rec[:, 10]), fit_log
@@ -85,6 +85,49 @@ def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
     assert cmp.frac_reference[0] >= 0.995         # within 0.25 deg (99.54 %; MIDAS: 99.21 %)
     conf = rec[rec[:, 10] > 0][cmp.index_a, 10]
     assert conf.mean() >= 0.97
+    # The logs say how good the map is, not only how many voxels were "fitted".
+    good = int(np.count_nonzero(rec[:, 10] >= 0.7))
+    quality = (f"3456 voxels, {good} ({100 * good / 3456:.1f} %) at or above MinConfidence "
+               f"0.7, mean confidence {rec[rec[:, 10] > 0, 10].mean():.3f}")
+    assert f"fit: {quality}\n" in fit_log
+    master = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    assert re.search(rf"finished in [0-9.]+ s -> {re.escape(str(final))}; "
+                     rf"{re.escape(quality)}\n", master), master[-400:]
+    assert "warning" not in master
+
+
+def test_a_run_that_finds_nothing_says_so(tmp_path, spotsinfo):
+    """Seeds that are not the sample's orientations: every voxel gets some orientation
+    (MIDAS would call them fitted), none reaches MinConfidence, and the log warns."""
+    run = _setup(tmp_path / "run", spotsinfo, **_small())
+    (tmp_path / "run" / "seeds.csv").write_text("1,0,0,0\n0.7071068,0.7071068,0,0\n")
+    reconstruct(run, image_processing=False, progress=False)
+    master = (tmp_path / "run" / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    assert "(0.0 %) at or above MinConfidence 0.7" in master
+    assert ("warning: fit: no voxel reached MinConfidence 0.7; the seed orientations may not "
+            "contain the sample's") in master
+
+
+def test_quality_line():
+    from nfjax.workflow import quality_line
+
+    rec = np.zeros((4, 11))
+    rec[:, 10] = [0.0, 0.5, 0.8, 0.9]
+    assert quality_line(rec, 0.7) == ("4 voxels, 2 (50.0 %) at or above MinConfidence 0.7, "
+                                      "mean confidence 0.733", 2)
+    assert quality_line(rec, None) == ("4 voxels, 3 with an orientation, mean confidence "
+                                       "0.733", 3)
+
+
+def test_midas_log_names():
+    from nfjax.workflow import midas_log_name
+
+    assert [midas_log_name(s) for s in ("hkls", "seeds", "seeds2", "grid", "grid1", "spots",
+                                        "spots_all", "images", "fit", "fit0", "seeded1",
+                                        "unseeded2", "cluster2", "map")] == [
+        "hkls", "seed", "seed", "hex", "hex", "spots", "spots", "image0", "fit0", "fit0",
+        "fit0", "fit0", "mic2grains_2", "map"]
+    assert midas_log_name("seeded1", rank=3) == "fit3"
 
 
 def _final_bytes(out: Path) -> dict[str, bytes]:
@@ -113,7 +156,7 @@ def test_resume_after_kill_gives_identical_files(tmp_path, spotsinfo, monkeypatc
     # The logs say how the run ended.
     assert (out / "midas_log" / "midas_nf_workflow_multires.log").read_text().splitlines()[
         -1].endswith("stage fit            interrupted")
-    assert (out / "midas_log" / "fit_err.csv").read_text() == "fit interrupted\n"
+    assert (out / "midas_log" / "fit0_err.csv").read_text() == "fit interrupted\n"
     monkeypatch.setattr(nfjax.fit, "fit_grid", real_fit)
     import logging
     caplog.set_level(logging.INFO, logger="nfjax.workflow")
@@ -147,6 +190,11 @@ def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
     params = _setup(tmp_path / "run", spotsinfo, **_small())
     out = tmp_path / "run"
     reconstruct(params, ff_seeds=True, image_processing=False, progress=False)
+    reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit"}
+    # MinConfidence reaches a fit only through a library pass's near misses: a seeded fit
+    # (--ff-seeds) does not rerun.
+    params.write_text(update_param_text(params.read_text(), {"MinConfidence": 0.6}))
     reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
     assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit"}
     params.write_text(update_param_text(params.read_text(), {"OrientTol": 1.5}))
