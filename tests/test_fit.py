@@ -620,6 +620,7 @@ def test_run_fit_refuses_spot_files_and_hkls_from_other_inputs(tmp_path):
     from nfjax import fit as fitmod
     from nfjax.io.spots import read_spot_files
 
+    need(REF_RUN)
     shutil.copy(REF_RUN / "seedOrientations.txt", tmp_path / "seeds.csv")
     params = _job(tmp_path, n_rows=4, SeedOrientations="seeds.csv")
     p = read_params(params)
