@@ -706,6 +706,10 @@ def _render(params: Params, mark_defaults: bool) -> list[str]:
             out.extend(([""] if out else []) + [f"# {spec.group}"])
             group = spec.group
         from_file = any(a in params.lines for a, s in KEYS.items() if set(s.attrs) & {attr})
+        if attr == "sg_nr" and not from_file:
+            # Only MIDAS's ParseMic reads SGNr; listing its default 225 next to another
+            # SpaceGroup reads as a contradiction.
+            continue
         note = "  # default" if mark_defaults and not from_file and value == _default(attr) \
             else ""
         for entry in (value if spec.multi else [value]):
