@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nfjax.errors import InputFileError
-from nfjax.io import TEXT_ENCODING
+from nfjax.io import TEXT_ENCODING, is_number
 
 __all__ = ["Grains", "read_grains_csv"]
 
@@ -103,7 +103,7 @@ def read_grains_csv(path: str | os.PathLike) -> Grains:
         try:
             values = [float(v) for v in fields]
         except ValueError:
-            bad = next(v for v in fields if not _is_number(v))
+            bad = next(v for v in fields if not is_number(v))
             raise InputFileError(f"{path}:{lineno}: expected numbers, found {bad!r}") from None
         # Columns past the lattice (FF fit statistics) are kept raw and may hold nan.
         bad = next((k for k, v in enumerate(values[:_MIN_COLUMNS]) if not math.isfinite(v)),
@@ -146,10 +146,3 @@ def _check_rotations(path: Path, mats: np.ndarray, linenos: list[int]) -> None:
             f"{path}:{linenos[k]}: columns 2-10 must be an orientation matrix (a rotation: "
             f"det 1, U·Uᵀ = I), found det {det[k]:.4g} and U·Uᵀ off I by up to {off[k]:.4g}")
 
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nfjax.errors import InputFileError
-from nfjax.io import TEXT_ENCODING
+from nfjax.io import TEXT_ENCODING, is_number
 from nfjax.io.atomic import atomic_write
 from nfjax.io.gridfile import format_f_column
 
@@ -129,14 +129,6 @@ def read_binary_mic(path: str | os.PathLike) -> MicData:
     return MicData(records=records, phase_nr=np.ones(records.shape[0], dtype=np.int64),
                    tri_edge_size=tri_edge, num_phases=1, global_position=0.0,
                    kind="binary", path=str(path))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _reject_non_finite(path: Path, table: np.ndarray, where) -> None:
@@ -296,7 +288,7 @@ def read_text_mic(path: str | os.PathLike) -> MicData:
                 try:
                     rows.append([float(v) for v in fields])
                 except ValueError:
-                    col = next(i for i, v in enumerate(fields) if not _is_number(v))
+                    col = next(i for i, v in enumerate(fields) if not is_number(v))
                     name = (MIC_COLUMNS + ("PhaseNr",))[col]
                     raise InputFileError(f"{path}:{lineno}: column {col + 1} ({name}): "
                                          f"expected a number, found {fields[col]!r}") from None
