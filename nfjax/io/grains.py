@@ -145,4 +145,3 @@ def _check_rotations(path: Path, mats: np.ndarray, linenos: list[int]) -> None:
         raise InputFileError(
             f"{path}:{linenos[k]}: columns 2-10 must be an orientation matrix (a rotation: "
             f"det 1, U·Uᵀ = I), found det {det[k]:.4g} and U·Uᵀ off I by up to {off[k]:.4g}")
-
