@@ -514,19 +514,6 @@ def _main(argv: list[str] | None) -> int:
         print_error(f"nfjax: error: {name}{exc.strerror or exc}")
         abort_other_ranks(2)
         return 2
-    except (MemoryError, RuntimeError) as exc:
-        # Host (NumPy) or device (XLA RESOURCE_EXHAUSTED) memory: a size problem the user
-        # can act on, not a bug. Anything else re-raises with its traceback.
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if not isinstance(exc, MemoryError) and "RESOURCE_EXHAUSTED" not in first:
-            abort_other_ranks(1, traceback=True)
-            raise
-        if os.environ.get("NFJAX_DEBUG"):
-            raise
-        print_error(f"nfjax: error: out of memory: {first} (lower --max-memory, or fit a "
-                    "smaller grid or seed set)")
-        abort_other_ranks(2)
-        return 2
     except Terminated:
         print("nfjax: terminated (SIGTERM)", file=sys.stderr)
         abort_other_ranks(143)
@@ -535,7 +522,15 @@ def _main(argv: list[str] | None) -> int:
         print("nfjax: interrupted", file=sys.stderr)
         abort_other_ranks(130)
         return 130
-    except Exception:
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if (isinstance(exc, MemoryError) or "RESOURCE_EXHAUSTED" in first) \
+                and not os.environ.get("NFJAX_DEBUG"):
+            # Host (NumPy) or device (XLA) memory: a size problem the user can act on.
+            print_error(f"nfjax: error: out of memory: {first} (lower --max-memory, or fit a "
+                        "smaller grid or seed set)")
+            abort_other_ranks(2)
+            return 2
         # An unexpected error: under MPI print it and end the other ranks rather than
         # leave them hanging in a collective.
         abort_other_ranks(1, traceback=True)

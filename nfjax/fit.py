@@ -1235,7 +1235,8 @@ def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
                     "predicts the spots from the seeds) or rerun 'nfjax spots'")
         return table
 
-    params.require("SeedOrientations", why=f"because there is no {NAMES[0]} in {out} to take the spots from")
+    params.require("SeedOrientations",
+                   why=f"because there is no {NAMES[0]} in {out} to take the spots from")
     quats = read_seeds(params.resolve(params.seed_orientations))
     table = select_rings(hkls, params.rings_to_use)
     return make_diffraction_spots(quats, table.g, table.theta, geom, max_memory=max_memory,
@@ -1251,10 +1252,6 @@ def _merge_block(path: Path, rows: np.ndarray, start: int, n_total: int) -> np.n
         full[:] = np.fromfile(path, dtype="<f8").reshape(n_total, width)
     full[start:start + rows.shape[0]] = rows
     return full
-
-
-def _default(value, default):
-    return default if value is None else value
 
 
 def run_fit(args, params=None) -> int:
@@ -1292,13 +1289,9 @@ def run_fit(args, params=None) -> int:
     max_memory = getattr(args, "max_memory", None)
     progress = None
     # The outputs are checked before the fit, so an unwritable one fails first.
-    bin_path = Path(params.mic_file_binary)
-    bin_path = bin_path if bin_path.is_absolute() else out / bin_path
+    bin_path = out / params.mic_file_binary            # an absolute name stays absolute
     am_path = allmatches_path(bin_path)
-    text_path = None
-    if params.mic_file_text:
-        text_path = Path(params.mic_file_text)
-        text_path = text_path if text_path.is_absolute() else out / text_path
+    text_path = out / params.mic_file_text if params.mic_file_text else None
     for path in (bin_path, am_path, text_path):
         if path is not None:
             check_target(path)
@@ -1308,8 +1301,9 @@ def run_fit(args, params=None) -> int:
         if grid.shape[0] == 0:
             raise NfjaxError(f"{out / (params.grid_file_name or 'grid.txt')}: the grid is "
                              "empty (0 points): nothing to fit")
+        nblocks = getattr(args, "nblocks", None)
         start, stop = block_range(grid.shape[0], int(getattr(args, "block", 0) or 0),
-                                  int(_default(getattr(args, "nblocks", None), 1)))
+                                  1 if nblocks is None else int(nblocks))
         hk_path = out / "hkls.csv"
         hkls = hkls_from_params(params)
         if hk_path.exists():
