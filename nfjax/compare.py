@@ -20,7 +20,7 @@ import numpy as np
 
 from nfjax.chunking import map_chunked
 from nfjax.crystal import symmetry_quaternions
-from nfjax.errors import InputFileError, NfjaxError
+from nfjax.errors import InputFileError, NfjaxError, check_fraction
 from nfjax.io.mic import read_mic
 from nfjax.orientation import euler_to_quat, misorientation
 
@@ -157,9 +157,7 @@ def compare_records(rows_a: np.ndarray, rows_b: np.ndarray, space_group: int = 2
     if keep_b.size == 0:
         raise InputFileError(f"{b}: reference mic has no voxels with Confidence > 0")
     if min_confidence is not None:
-        if not (np.isfinite(min_confidence) and 0 <= min_confidence <= 1):
-            raise NfjaxError(f"--min-confidence: expected a number between 0 and 1, found "
-                             f"{min_confidence!r}")
+        check_fraction(min_confidence, "--min-confidence")
         keep_b = keep_b[rows_b[keep_b, _COL_CONF] >= min_confidence]
         if keep_b.size == 0:
             raise InputFileError(f"{b}: reference mic has no voxels with Confidence >= "

@@ -18,3 +18,13 @@ class ParamError(NfjaxError):
 
 class InputFileError(NfjaxError):
     """A data file that is missing, unreadable, or has the wrong size or format."""
+
+
+def check_fraction(value: float, what: str) -> float:
+    """``value`` if it is a number in [0, 1] (a confidence or fraction option), else an
+    :class:`NfjaxError` naming ``what``."""
+    import math
+
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise NfjaxError(f"{what}: expected a number between 0 and 1, found {value!r}")
+    return value

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nfjax.errors import NfjaxError
+from nfjax.errors import NfjaxError, check_fraction
 from nfjax.io.atomic import atomic_write
 
 __all__ = ["ipf_reduce", "ipf_color", "ipf_color_directions", "ipf_color_from_euler",
@@ -341,9 +341,7 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
     ``boundary_deg`` (None or 0: no lines; see :func:`grain_boundaries`). The figure is
     :data:`FIGURE_SIZE_IN` at :data:`FIGURE_DPI` (1650 × 704 px). Returns ``Path(out_png)``.
     """
-    if not (math.isfinite(min_confidence) and 0 <= min_confidence <= 1):
-        raise NfjaxError(f"--min-confidence: expected a number between 0 and 1, found "
-                         f"{min_confidence!r}")
+    check_fraction(min_confidence, "--min-confidence")
     if boundary_deg is not None and not (math.isfinite(boundary_deg) and boundary_deg >= 0):
         raise NfjaxError(f"--boundaries: expected a misorientation >= 0 degrees (0: no "
                          f"lines), found {boundary_deg!r}")

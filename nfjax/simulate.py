@@ -229,8 +229,8 @@ TIFF_NOISE_FLOOR = 60
 
 
 def write_tiff_frames(params, vol: observe.ObsVolume, directory: str | Path, *,
-                      background: float = TIFF_BACKGROUND, intensity: float = 400.0, seed: int = 0,
-                      progress=None) -> list[Path]:
+                      background: float = TIFF_BACKGROUND, intensity: float = 400.0,
+                      seed: int = 0, progress=None) -> list[Path]:
     """Raw-like uint16 TIFF frames of ``vol`` in MIDAS's naming (§8.1), flipped on both
     axes as the detector records them (reduction flips them back).
 
