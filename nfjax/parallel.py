@@ -94,6 +94,7 @@ def abort_other_ranks(code: int, traceback: bool = False) -> None:
     traceback when ``traceback``). Does nothing without MPI or with one rank.
     """
     import sys
+    import time
 
     world = _live_world()
     if world is None:
@@ -104,7 +105,15 @@ def abort_other_ranks(code: int, traceback: bool = False) -> None:
         tb.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
+    # The launcher forwards a rank's output asynchronously, and MPI_Abort tears the job
+    # down at once: without a pause the error line just printed was sometimes lost
+    # (1 run in 6 of the one-rank-fails test under load, before this pause).
+    time.sleep(ABORT_GRACE_S)
     world.Abort(code)
+
+
+#: Seconds a failing rank leaves the launcher to forward its output before the abort.
+ABORT_GRACE_S = 0.5
 
 
 #: Seconds a rank other than 0 waits before printing its error (see :func:`print_error`).
