@@ -1282,9 +1282,9 @@ def run_fit(args, params=None) -> int:
     device = getattr(args, "device", None)
     ctx = contextlib.nullcontext()
     if device is not None:
-        from nfjax.parallel import local_device
+        from nfjax.parallel import bind_device
 
-        ctx = jax.default_device(local_device(None, device))
+        ctx = jax.default_device(bind_device(None, device)[0])
     out = params.output_dir
     max_memory = getattr(args, "max_memory", None)
     progress = None

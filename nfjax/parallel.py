@@ -43,6 +43,9 @@ class Comm:
     rank: int = 0
     size: int = 1
     mpi: object = None
+    #: This rank among the ranks on its node, and how many ranks share the node.
+    local_rank: int = 0
+    local_size: int = 1
 
     @property
     def is_root(self) -> bool:
@@ -61,6 +64,11 @@ class Comm:
 
     def bcast(self, value):
         return value if self.mpi is None else self.mpi.bcast(value, root=0)
+
+    def gather(self, value) -> list | None:
+        """Every rank's ``value`` (a small Python object) in rank order on rank 0; ``None``
+        elsewhere."""
+        return [value] if self.mpi is None else self.mpi.gather(value, root=0)
 
     def barrier(self) -> None:
         """Wait for every rank, sleeping between polls: MPI's blocking barrier spins a core
@@ -177,19 +185,134 @@ def world(force: bool | None = None) -> Comm:
     except ImportError as exc:
         raise NfjaxError("started under an MPI launcher but mpi4py is not installed: "
                          "pip install 'nfjax[mpi]' (or mpi4py against the site MPI)") from exc
-    comm = MPI.COMM_WORLD
-    return Comm(rank=comm.Get_rank(), size=comm.Get_size(), mpi=comm)
+    global _WORLD
+    if _WORLD is None:
+        # Once per process: splitting by node is a collective call, which every rank must
+        # make the same number of times.
+        comm = MPI.COMM_WORLD
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)      # the ranks that share this node
+        _WORLD = Comm(rank=comm.Get_rank(), size=comm.Get_size(), mpi=comm,
+                      local_rank=node.Get_rank(), local_size=node.Get_size())
+        node.Free()
+    return _WORLD
 
 
-def local_device(comm: Comm | None = None, platform: str | None = None):
-    """The JAX device this rank should use: ranks on one node take its devices in turn.
-    A ``platform`` JAX cannot give (``gpu`` on a CPU-only install) is a one-line error."""
+_WORLD: Comm | None = None
+
+
+# --------------------------------------------------------------------------- devices
+#: The share of a GPU's memory JAX preallocates by default.
+JAX_GPU_FRACTION = 0.75
+
+#: Variables of JAX's GPU allocator; when the user sets any, nfjax leaves memory alone.
+_MEMORY_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION",
+                "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+_NVIDIA_PROC = "/proc/driver/nvidia/gpus"
+
+
+def visible_gpus(environ=None, proc: str = _NVIDIA_PROC) -> tuple[int | None, str | None]:
+    """How many NVIDIA GPUs this process can see, found without starting CUDA (JAX's GPU
+    client, once started, takes memory on every GPU it sees), and where the count comes
+    from: ``CUDA_VISIBLE_DEVICES`` (which CUDA reads up to its first invalid entry) or
+    the driver's list of GPUs. ``(None, None)`` when neither says (no NVIDIA driver)."""
+    environ = os.environ if environ is None else environ
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        n = 0
+        for entry in listed.split(","):
+            entry = entry.strip()
+            if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+                break
+            n += 1
+        return n, "CUDA_VISIBLE_DEVICES"
+    try:
+        return len(os.listdir(proc)), "driver"
+    except OSError:
+        return None, None
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """Which GPU of its node a rank takes before JAX starts: ``ordinal`` (among the GPUs
+    the rank sees; ``None``: leave JAX's choice), how many ranks share that GPU at most,
+    and the memory fraction each preallocates (``None``: JAX's default or the user's)."""
+
+    ordinal: int | None = None
+    n_gpus: int | None = None
+    sharing: int = 1
+    mem_fraction: float | None = None
+
+
+def plan_gpus(local_rank: int, local_size: int, n_gpus: int | None, source: str | None,
+              environ=None) -> GpuPlan:
+    """The GPU for rank ``local_rank`` of the ``local_size`` ranks on a node that sees
+    ``n_gpus`` GPUs: ranks take the GPUs in turn (JAX's own rule for multi-process jobs).
+    When ranks must share a GPU, each preallocates an equal part of JAX's 75 % instead of
+    75 % each, which would leave the later ranks without memory (JAX then starts them on
+    the CPU). One GPU named in ``CUDA_VISIBLE_DEVICES`` with several ranks on the node is
+    left alone: the scheduler usually gave each rank its own (Slurm ``--gpus-per-task``)."""
+    environ = os.environ if environ is None else environ
+    if local_size <= 1 or not n_gpus or (n_gpus == 1 and source == "CUDA_VISIBLE_DEVICES"):
+        return GpuPlan(n_gpus=n_gpus)
+    sharing = -(-local_size // n_gpus)
+    fraction = None
+    if sharing > 1 and not any(var in environ for var in _MEMORY_VARS):
+        fraction = int(JAX_GPU_FRACTION / sharing * 1000) / 1000
+    return GpuPlan(ordinal=local_rank % n_gpus, n_gpus=n_gpus, sharing=sharing,
+                   mem_fraction=fraction)
+
+
+def _jax_started() -> bool:
+    """Whether JAX has created its backends (after which the visible devices are fixed);
+    ``True`` when this JAX cannot say, so nothing is changed behind its back."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
+
+
+def bind_device(comm: Comm | None = None, platform: str | None = None):
+    """The JAX device this rank uses, and a line describing it for the log.
+
+    * ``platform="cpu"``: JAX is started with the CPU only, so it takes no GPU memory.
+    * Several ranks on a node (MPI): before JAX starts, each rank is limited to one GPU,
+      the ranks of the node taking its GPUs in turn (``GpuPlan``); ranks sharing a GPU
+      split its memory. If JAX has already started, the rank takes device
+      ``local_rank % n`` of those it sees.
+    * A ``platform`` JAX cannot give (``gpu`` on a CPU-only install) is a one-line error.
+    """
     import jax
 
+    comm = comm or Comm()
+    plan = GpuPlan()
+    if not _jax_started():
+        if platform == "cpu":
+            jax.config.update("jax_platforms", "cpu")
+        elif comm.local_size > 1 and jax.config.values["jax_cuda_visible_devices"] == "all":
+            plan = plan_gpus(comm.local_rank, comm.local_size, *visible_gpus())
+            if plan.ordinal is not None:
+                jax.config.update("jax_cuda_visible_devices", str(plan.ordinal))
+            if plan.mem_fraction is not None:
+                os.environ["XLA_CLIENT_MEM_FRACTION"] = f"{plan.mem_fraction:.3f}"
     try:
         devices = jax.devices(platform) if platform else jax.devices()
     except RuntimeError:
         raise NfjaxError(f"--device {platform}: no {platform} device is available to JAX "
                          f"(found {', '.join(sorted({d.platform for d in jax.devices()}))})"
                          ) from None
-    return devices[(comm.rank if comm is not None else 0) % len(devices)]
+    device = devices[comm.local_rank % len(devices)]
+    where = f"{device.platform} device {device.id}"
+    if plan.ordinal is not None and device.platform != "cpu":
+        where = f"{device.platform} {plan.ordinal} of the node's {plan.n_gpus}"
+        if plan.sharing > 1:
+            share = (f", {plan.mem_fraction:.3f} of its memory" if plan.mem_fraction
+                     else "")
+            where += f" (shared by up to {plan.sharing} ranks{share})"
+    elif (device.platform == "cpu" and platform is None and visible_gpus()[0]
+          and not jax.config.values["jax_platforms"]):
+        where += (" although NVIDIA GPUs are present: JAX did not start its CUDA backend "
+                  "(a CPU-only jaxlib? pip install 'nfjax[cuda12]')")
+    return device, where

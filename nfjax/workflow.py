@@ -727,9 +727,17 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     a script that calls this under ``mpiexec`` should end the job on error as the CLI does
     (:func:`nfjax.parallel.abort_other_ranks`), or run under ``python -m mpi4py``."""
     from nfjax.params import read_params
-    from nfjax.parallel import local_device, print_warnings, world
+    from nfjax.parallel import bind_device, print_warnings, world
 
     params = read_params(params_path)
+    comm = comm or world()
+    placement = None
+    if device or comm.size > 1:
+        # Before anything starts JAX: a rank limited to one GPU must be so from the start.
+        import jax
+
+        chosen, placement = bind_device(comm, device)
+        jax.config.update("jax_default_device", chosen)
     try:
         inputs = preflight(params, ff_seeds, image_processing, max_memory)
     except NfjaxError:
@@ -737,11 +745,6 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
         # before it, as the log would have after a good preflight.
         print_warnings(params.warnings)
         raise
-    comm = comm or world()
-    if device:
-        import jax
-
-        jax.config.update("jax_default_device", local_device(comm, device))
     out = params.output_dir
     out.mkdir(parents=True, exist_ok=True)
     run = Run(params=params, out=out, manifest=Manifest(out, resume and comm.is_root),
@@ -749,6 +752,12 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
               image_processing=image_processing, ff_seeds=ff_seeds,
               midas_refinement=midas_refinement)
     run.log.info("nfjax reconstruct %s (output %s, %d rank(s))", params.source, out, comm.size)
+    if placement is not None:
+        import socket
+
+        host = f"{socket.gethostname()} (rank {comm.local_rank + 1} of {comm.local_size} there)"
+        for rank, line in enumerate(comm.gather(f"{host}: {placement}") or []):
+            run.log.info("rank %d on %s", rank, line)
     for warning in params.warnings:
         run.log.info("warning: %s", warning)
     t0 = time.perf_counter()

@@ -416,8 +416,10 @@ def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
                            str(two), "--ff-seeds", "--no-image-processing"],
                           capture_output=True, text=True, timeout=900, env=_mpi_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 rank(s)" in (tmp_path / "two" / "midas_log" /
-                           "midas_nf_workflow_multires.log").read_text()
+    log = (tmp_path / "two" / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    assert "2 rank(s)" in log
+    # Each rank's device, and its place among the node's ranks (MPI's shared-memory split).
+    assert "(rank 1 of 2 there): cpu device 0" in log and "(rank 2 of 2 there)" in log, log
     a, b = _final_bytes(tmp_path / "one"), _final_bytes(tmp_path / "two")
     for name in a:
         assert a[name] == b[name], name

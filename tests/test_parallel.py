@@ -1,0 +1,131 @@
+"""Which device each MPI rank takes (nfjax.parallel): the GPU plan is decided before JAX
+starts, from the node's rank count and the GPUs the process can see."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nfjax.parallel import GpuPlan, block_range, plan_gpus, visible_gpus
+
+
+@pytest.mark.parametrize("listed, expected", [
+    ("0,1,2,3", 4),
+    ("2", 1),
+    ("", 0),                        # CUDA sees no GPU
+    ("-1", 0),
+    ("1,-1,2", 1),                  # CUDA stops at the first invalid entry
+    ("0, 1", 2),
+    ("GPU-8d0c4e1a,GPU-77aa01", 2),
+    ("MIG-5c3a", 1),
+])
+def test_visible_gpus_from_cuda_visible_devices(tmp_path, listed, expected):
+    driver = tmp_path / "gpus"
+    driver.mkdir()
+    for k in range(8):                                # the variable wins over the driver
+        (driver / f"0000:{k:02x}:00.0").mkdir()
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": listed}, str(driver)) == (
+        expected, "CUDA_VISIBLE_DEVICES")
+
+
+def test_visible_gpus_from_the_driver(tmp_path):
+    driver = tmp_path / "gpus"
+    driver.mkdir()
+    for k in range(4):
+        (driver / f"0000:{k:02x}:00.0").mkdir()
+    assert visible_gpus({}, str(driver)) == (4, "driver")
+    assert visible_gpus({}, str(tmp_path / "absent")) == (None, None)   # no NVIDIA driver
+
+
+def test_plan_gpus_one_rank_per_gpu():
+    """4 ranks on a node with 4 GPUs: rank k takes GPU k with JAX's default memory."""
+    plans = [plan_gpus(k, 4, 4, "driver", {}) for k in range(4)]
+    assert [p.ordinal for p in plans] == [0, 1, 2, 3]
+    assert all(p.sharing == 1 and p.mem_fraction is None for p in plans)
+
+
+def test_plan_gpus_ranks_share_gpus():
+    """8 ranks, 4 GPUs: two ranks per GPU, each preallocating half of JAX's 75 %; 5 ranks
+    on 2 GPUs: three on GPU 0, so each gets a quarter (0.25), rounded down."""
+    plans = [plan_gpus(k, 8, 4, "CUDA_VISIBLE_DEVICES", {}) for k in range(8)]
+    assert [p.ordinal for p in plans] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert {(p.sharing, p.mem_fraction) for p in plans} == {(2, 0.375)}
+    assert plan_gpus(4, 5, 2, "driver", {}) == GpuPlan(ordinal=0, n_gpus=2, sharing=3,
+                                                       mem_fraction=0.25)
+    one = plan_gpus(1, 2, 1, "driver", {})          # one GPU in the machine, two ranks
+    assert (one.ordinal, one.sharing, one.mem_fraction) == (0, 2, 0.375)
+
+
+def test_plan_gpus_respects_the_user_and_the_scheduler():
+    # The user's own memory setting is kept.
+    for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION",
+                "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        plan = plan_gpus(3, 8, 4, "driver", {var: "x"})
+        assert (plan.ordinal, plan.mem_fraction) == (3, None)
+    # One GPU named per rank (Slurm --gpus-per-task): each rank already has its own.
+    assert plan_gpus(2, 4, 1, "CUDA_VISIBLE_DEVICES", {}).ordinal is None
+    # One rank on the node, or no GPU: nothing to decide.
+    assert plan_gpus(0, 1, 4, "driver", {}).ordinal is None
+    assert plan_gpus(1, 2, 0, "CUDA_VISIBLE_DEVICES", {}).ordinal is None
+    assert plan_gpus(1, 2, None, None, {}).ordinal is None
+
+
+_BIND = """
+import json, os, sys
+import jax
+from nfjax.parallel import Comm, bind_device
+if sys.argv[1] == "started":
+    jax.devices()
+comm = Comm(rank=5, size=8, local_rank=5, local_size=6)
+device, where = bind_device(comm, None if sys.argv[2] == "-" else sys.argv[2])
+print(json.dumps({"visible": jax.config.values["jax_cuda_visible_devices"],
+                  "platforms": jax.config.values["jax_platforms"],
+                  "fraction": os.environ.get("XLA_CLIENT_MEM_FRACTION"),
+                  "platform": device.platform, "where": where}))
+"""
+
+
+def _bind(started: str, platform: str, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("JAX_PLATFORMS", "XLA_CLIENT_MEM_FRACTION")}
+    environ.update(env)
+    proc = subprocess.run([sys.executable, "-c", _BIND, started, platform],
+                          capture_output=True, text=True, timeout=120, env=environ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bind_device_limits_the_rank_before_jax_starts():
+    """Rank 5 of the 6 on a node with 4 GPUs, in a fresh process: JAX is limited to GPU 1,
+    and each of the two ranks on that GPU preallocates 0.375 of it. (This machine has no
+    GPU, so the rank runs on the CPU; the settings are what a GPU node's JAX reads.)"""
+    got = _bind("fresh", "-", CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert (got["visible"], got["fraction"]) == ("1", "0.375")
+    assert got["platform"] == "cpu"
+    # The log says the rank is on the CPU although GPUs were named.
+    assert "although NVIDIA GPUs are present" in got["where"], got
+
+
+def test_bind_device_leaves_a_started_jax_alone():
+    """Once JAX has started, its devices are fixed: nothing is changed, and the rank takes
+    device local_rank % n of those it sees."""
+    got = _bind("started", "-", CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert (got["visible"], got["fraction"]) == ("all", None)
+    assert got["platform"] == "cpu"
+
+
+def test_bind_device_cpu_starts_jax_without_gpus():
+    """--device cpu starts JAX with the CPU platform only, so it takes no GPU memory."""
+    got = _bind("fresh", "cpu", CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert (got["platforms"], got["visible"], got["platform"]) == ("cpu", "all", "cpu")
+    assert got["where"] == "cpu device 0"
+
+
+def test_block_range_covers_every_row_once():
+    for n_rows in (0, 1, 7, 100, 101):
+        for n_blocks in (1, 2, 3, 8):
+            rows = [r for b in range(n_blocks) for r in range(*block_range(n_rows, b, n_blocks))]
+            assert rows == list(range(n_rows))
