@@ -631,6 +631,14 @@ def _cross_check(v: dict[str, Any], lines: Mapping[str, tuple[int, ...]],
                         f"{' '.join(_fmt_token(float(x)) for x in v['lattice_parameter'])} does "
                         f"not fit SpaceGroup {v['space_group']} ({lattice}); the reflections "
                         "are computed from the lattice as given")
+    given = [key for key in ("NrPixelsY", "NrPixelsZ") if key in lines]
+    if len(given) == 1 and "NrPixels" not in lines:
+        other = "NrPixelsZ" if given[0] == "NrPixelsY" else "NrPixelsY"
+        value = v["nr_pixels_y" if given[0] == "NrPixelsY" else "nr_pixels_z"]
+        warnings.append(f"{_at(source, lines, given[0])}: {given[0]} {value} without "
+                        f"{other}: {other} is taken as 2048, as MIDAS's fitter and simulateNF "
+                        f"read it (its image processing would take {value}); give {other}, "
+                        "or NrPixels for a square detector")
     grid_size_lines, point_lines = lines.get("GridSize", ()), lines.get("GridPoints", ())
     if point_lines and (not grid_size_lines or grid_size_lines[0] > point_lines[0]):
         warnings.append(f"{source}:{point_lines[0]}: GridPoints: comes before GridSize; "

@@ -412,6 +412,28 @@ def test_lattice_that_does_not_fit_the_space_group_warns(tmp_path, lattice, sg, 
                             "given"]
 
 
+@pytest.mark.parametrize("keys, warned", [
+    ("NrPixelsY 1024\n", "NrPixelsY 1024 without NrPixelsZ: NrPixelsZ is taken as 2048"),
+    ("NrPixelsZ 512\n", "NrPixelsZ 512 without NrPixelsY: NrPixelsY is taken as 2048"),
+    ("NrPixelsY 1024\nNrPixelsZ 512\n", None),
+    ("NrPixels 1024\nNrPixelsZ 512\n", None)])
+def test_one_detector_side_without_the_other_warns(tmp_path, keys, warned):
+    """MIDAS disagrees with itself when only one side is given (its fitter and simulateNF
+    take 2048 for the other, its image processing the same as the given side): nfjax reads
+    it as the fitter does and says so."""
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(line for line in BASE.splitlines()
+                              if not line.startswith("NrPixels")) + "\n" + keys)
+    params = read_params(path)
+    warnings = [w for w in params.warnings if "without NrPixel" in w]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0], warnings
+        assert warnings[0].startswith(f"{path}:{len(path.read_text().splitlines())}: ")
+        assert 2048 in (params.nr_pixels_y, params.nr_pixels_z)
+
+
 # --------------------------------------------------------------------------- Params methods
 def test_require_and_derived_values(tmp_path):
     p = parse_params(BASE, source=str(tmp_path / "ps.txt"))
