@@ -534,6 +534,8 @@ class _FrameFile:
                 contiguous = page.is_contiguous and page.compression == 1
                 offset = page.dataoffsets[0] if contiguous else None
                 byteorder = tif.byteorder
+                codec = page.compression
+                decodable = codec == 1 or codec in tifffile.TIFF.DECOMPRESSORS
         except InputFileError:
             raise
         except Exception as exc:  # noqa: BLE001 - any tifffile failure is a bad file
@@ -547,6 +549,11 @@ class _FrameFile:
                 f"(NrPixelsZ x NrPixelsY), found shape {shape}")
         if dtype != np.uint16:
             raise InputFileError(f"{self.path}: expected uint16 pixels, found {dtype}")
+        if not decodable:
+            # Found here, before any work, not while the frames are read.
+            raise InputFileError(f"{self.path}: {getattr(codec, 'name', codec)}-compressed "
+                                 "TIFF: decoding it needs the imagecodecs package (pip "
+                                 "install imagecodecs)")
         if offset is not None:
             need = offset + 2 * self.shape[0] * self.shape[1]
             size = self.path.stat().st_size

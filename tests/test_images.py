@@ -407,7 +407,21 @@ def test_frame_that_is_a_folder(tmp_path, capsys):
                                     "directory")
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage", "pages"])
+def _claim_compression(path, code: int) -> None:
+    """Rewrite the Compression tag (259) of a little-endian classic TIFF's first page."""
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"II*\0"
+    ifd = int.from_bytes(data[4:8], "little")
+    for k in range(int.from_bytes(data[ifd:ifd + 2], "little")):
+        entry = ifd + 2 + 12 * k
+        if int.from_bytes(data[entry:entry + 2], "little") == 259:
+            data[entry + 8:entry + 10] = code.to_bytes(2, "little")
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError("no Compression tag")
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage", "pages", "codec"])
 def test_bad_frame_files(tmp_path, capsys, bad):
     params, _, _ = make_dataset(tmp_path, n_distances=2)
     _write_params(tmp_path)
@@ -425,6 +439,13 @@ def test_bad_frame_files(tmp_path, capsys, bad):
     elif bad == "pages":
         tifffile.imwrite(victim, np.zeros((3, NZ, NY), np.uint16), photometric="minisblack")
         frag = "expected one page (one frame per file), found 3 pages"
+    elif bad == "codec":
+        # LZW (as Pillow writes it) needs imagecodecs: refused before any work, not while
+        # the frames are read.
+        if 5 in tifffile.TIFF.DECOMPRESSORS:
+            pytest.skip("imagecodecs is installed: LZW frames are readable")
+        _claim_compression(victim, 5)
+        frag = "LZW-compressed TIFF: decoding it needs the imagecodecs package"
     else:
         victim.write_bytes(b"this is not a tiff file at all")
         frag = "not a readable TIFF"
