@@ -65,6 +65,36 @@ class Comm:
     def bcast(self, value):
         return value if self.mpi is None else self.mpi.bcast(value, root=0)
 
+    def share(self, value, chunk: int = 1 << 30):
+        """Rank 0's ``value`` on every rank (other ranks pass anything, e.g. ``None``).
+
+        Any picklable object; its NumPy arrays travel as raw buffers (pickle protocol 5,
+        out of band), in pieces of at most ``chunk`` bytes, so a multi-GB observation volume
+        needs no pickled copy and no message over MPI's 2 GiB count limit. Ranks other
+        than 0 thereby never read a file rank 0 has just written: on a shared file system
+        seen from another node that can be a stale copy (NFS caches attributes)."""
+        if self.mpi is None:
+            return value
+        import pickle
+
+        from mpi4py import MPI
+
+        raws = []
+        if self.is_root:
+            buffers = []
+            head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+            raws = [b.raw() for b in buffers]
+            header = (head, [r.nbytes for r in raws])
+        head, sizes = self.mpi.bcast(header if self.is_root else None, root=0)
+        received = []
+        for k, size in enumerate(sizes):
+            buf = raws[k] if self.is_root else bytearray(size)
+            view = memoryview(buf).cast("B")
+            for start in range(0, size, chunk):
+                self.mpi.Bcast([view[start:start + chunk], MPI.BYTE], root=0)
+            received.append(buf)
+        return value if self.is_root else pickle.loads(head, buffers=received)
+
     def gather(self, value) -> list | None:
         """Every rank's ``value`` (a small Python object) in rank order on rank 0; ``None``
         elsewhere."""

@@ -143,8 +143,9 @@ class Run:
         done with the same inputs, in which case ``load`` re-reads its outputs.
 
         Under MPI rank 0 alone reads the manifest and decides, so every rank takes the same
-        branch, and no rank leaves a stage before rank 0 has written its outputs (later
-        stages read them on every rank)."""
+        branch, and no rank leaves a stage before rank 0 has written its outputs. Rank 0
+        alone reads files the run wrote (``load``, and the results ``compute`` gathers);
+        the other ranks receive them over MPI (:meth:`Comm.share`)."""
         # Where a stage writes is one of its inputs: renaming an output (MicFileBinary,
         # SeedOrientations, ...) reruns the stage instead of reloading a path that is gone.
         inputs = value_hash(inputs, sorted(os.path.relpath(p, self.out) for p in outputs))
@@ -152,7 +153,7 @@ class Run:
                                else None)
         if done:
             self.log.info("stage %-14s skipped (inputs unchanged, --resume)", name)
-            return load()
+            return self.comm.share(load() if self.comm.is_root else None)
         t0 = time.perf_counter()
         self.log.info("stage %-14s started", name)
         try:
@@ -376,16 +377,19 @@ def _seeds_from_grains_stage(run: Run, name: str, grains_path: Path, out_path: P
     from nfjax.seeds import seeds_from_grains
 
     def compute():
-        grains = read_grains_csv(grains_path)
-        quats = seeds_from_grains(grains)
-        if run.comm.is_root:
+        quats = None
+        if run.comm.is_root:          # Grains.csv.k is rank 0's file: the others are sent it
+            grains = read_grains_csv(grains_path)
+            quats = seeds_from_grains(grains)
             write_seeds_from_grains(out_path, quats, grains)
-        # Every rank continues with the values as written (6 decimals, like MIDAS, which
-        # only ever sees the file), so all ranks and a resumed run search the same seeds.
-        return round_as_written(quats[:, :4])
+            # Continue with the values as written (6 decimals, like MIDAS, which only ever
+            # sees the file), so all ranks and a resumed run search the same seeds.
+            quats = round_as_written(quats[:, :4])
+        return run.comm.share(quats)
 
-    return run.stage(name, value_hash(file_fingerprint(grains_path)), [out_path], compute,
-                     lambda: read_seeds(out_path))
+    # Only rank 0 decides whether a stage is done (Run.stage), so only it reads the file.
+    inputs = value_hash(file_fingerprint(grains_path)) if run.comm.is_root else ""
+    return run.stage(name, inputs, [out_path], compute, lambda: read_seeds(out_path))
 
 
 def _grid(run: Run, name: str, params, path: Path, shared: Path | None = None):
@@ -445,7 +449,8 @@ def _observations(run: Run):
     path = run.out / "SpotsInfo.bin"
     shape = observe.spots_info_shape(p)
     if not run.image_processing:      # preflight checked that it is there
-        return _on_device(observe.read_spots_info(path, shape))
+        return _on_device(run.comm.share(observe.read_spots_info(path, shape)
+                                         if run.comm.is_root else None))
     from nfjax.images import (frame_paths, lit_per_distance, lit_warnings, median_image_path,
                               process_all, write_median_image)
 
@@ -465,8 +470,7 @@ def _observations(run: Run):
             # The same warnings nfjax process prints.
             for warning in lit_warnings(p, vol.shape, lit_per_distance(vol)):
                 run.log.info("warning: %s", warning)
-        run.comm.barrier()
-        return vol if vol is not None else observe.read_spots_info(path, shape)
+        return run.comm.share(vol)
 
     return _on_device(run.stage("images", inputs, [path, *medians], compute,
                                 lambda: observe.read_spots_info(path, shape)))
@@ -531,10 +535,7 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
             # The whole grid (every rank's rows), and how good it is: "fitted" alone does
             # not tell a map that found the grains from one that did not.
             _report_quality(run, name, records, params)
-        run.comm.barrier()
-        if run.comm.is_root:
-            return records, allm
-        return read_binary_mic(bin_path).records, None
+        return run.comm.share(records), allm
 
     def load():
         return (read_binary_mic(bin_path).records,

@@ -439,11 +439,36 @@ def test_mpiexec_two_ranks_multi_resolution(tmp_path, spotsinfo, multi_small):
         pytest.skip("no mpiexec on PATH or next to the Python executable")
     out = tmp_path / "run"
     params = _multi_small_setup(out, spotsinfo)
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
-                           str(params), "--no-image-processing"],
+    # Rank 1 must never read a file the run wrote (on another node it may see a stale
+    # copy): it gets every result from rank 0 over MPI, in the run and in a --resume that
+    # skips every stage. Its readers of the run's outputs raise here.
+    script = tmp_path / "run_twice.py"
+    script.write_text(
+        "import sys\n"
+        "from nfjax.cli import main\n"
+        "from nfjax.parallel import world\n"
+        "if world().rank == 1:\n"
+        "    import nfjax.io.gridfile, nfjax.io.hkls, nfjax.io.mic, nfjax.io.seeds, "
+        "nfjax.io.spots, nfjax.io.grains, nfjax.observe\n"
+        "    def refuse(*args, **kwargs):\n"
+        "        raise RuntimeError(f'rank 1 read {args[0]}')\n"
+        "    for module, name in [(nfjax.io.gridfile, 'read_grid'), "
+        "(nfjax.io.hkls, 'read_hkls_csv'), (nfjax.io.mic, 'read_binary_mic'), "
+        "(nfjax.io.mic, 'read_allmatches'), (nfjax.io.spots, 'read_spot_files'), "
+        "(nfjax.io.grains, 'read_grains_csv'), (nfjax.observe, 'read_spots_info')]:\n"
+        "        setattr(module, name, refuse)\n"
+        "    real = nfjax.io.seeds.read_seeds\n"
+        "    nfjax.io.seeds.read_seeds = lambda path: (refuse(path) if '.txt.' in str(path) "
+        "else real(path))   # the input libraries are read by every rank\n"
+        "args = ['reconstruct', sys.argv[1], '--no-image-processing']\n"
+        "assert main(args) == 0\n"
+        "assert main(args + ['--resume']) == 0\n")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), str(params)],
                           capture_output=True, text=True, timeout=900, env=_mpi_env())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("final reconstruction:") == 1      # rank 0 reports
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("final reconstruction:") == 2      # rank 0 reports, twice
+    log = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
+    assert log.count("skipped (inputs unchanged, --resume)") >= 15, log
     ref, _ = multi_small
     for name in MULTI_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
