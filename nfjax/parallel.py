@@ -197,6 +197,21 @@ def launcher_rank() -> int:
     return 0
 
 
+def launcher_size() -> int:
+    """How many processes the launcher started, as its environment says (1 without one):
+    ``mpiexec``'s PMI or Open MPI variables, or the task count of a Slurm ``srun`` step (a
+    batch script itself has ``SLURM_NTASKS`` but no step task count)."""
+    sizes = [1]
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            sizes.append(int(value))
+    value = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if value.isdigit() and "SLURM_PROCID" in os.environ:
+        sizes.append(int(value))
+    return max(sizes)
+
+
 def launched_by_mpi() -> bool:
     """True when an MPI launcher started this process (so mpi4py can initialise)."""
     return any(v in os.environ for v in _LAUNCHER_VARS)
@@ -208,13 +223,22 @@ def world(force: bool | None = None) -> Comm:
     ``force=True`` requires MPI (an error if mpi4py is missing); ``None`` uses MPI only
     when the process was started by a launcher.
     """
-    if force is False or (force is None and not launched_by_mpi()):
+    started = launcher_size()
+    if force is False or (force is None and not launched_by_mpi() and started == 1):
         return Comm()
+    why = (f"started as one of {started} processes" if started > 1
+           else "started under an MPI launcher")
     try:
         from mpi4py import MPI
     except ImportError as exc:
-        raise NfjaxError("started under an MPI launcher but mpi4py is not installed: "
-                         "pip install 'nfjax[mpi]' (or mpi4py against the site MPI)") from exc
+        raise NfjaxError(f"{why} but mpi4py is not installed (each process would redo the "
+                         "whole run and write the same files): pip install 'nfjax[mpi]' (or "
+                         "mpi4py against the site MPI)") from exc
+    if started > 1 and MPI.COMM_WORLD.Get_size() == 1:
+        raise NfjaxError(f"{why} but MPI sees this one alone, so each would redo the whole "
+                         "run and write the same files: mpi4py's MPI is not the launcher's "
+                         "(under Slurm, srun --mpi=pmix or pmi2 as the site's MPI needs; "
+                         "or mpiexec from the MPI mpi4py was built with)")
     global _WORLD
     if _WORLD is None:
         # Once per process: splitting by node is a collective call, which every rank must

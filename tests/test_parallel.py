@@ -165,3 +165,49 @@ open(f"ok{comm.rank}", "w").close()
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+_WORLD_SCRIPT = """
+import sys
+if sys.argv[1] == "no-mpi4py":
+    sys.modules["mpi4py"] = None          # import mpi4py fails, as on a plain install
+from nfjax.errors import NfjaxError
+from nfjax.parallel import world
+try:
+    comm = world()
+except NfjaxError as exc:
+    print("error:", exc)
+else:
+    print("size", comm.size)
+"""
+
+
+def _world(case: str, **env) -> str:
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PMI_", "PMIX_", "OMPI_", "MV2_", "MPI_", "HYDRA_",
+                                    "SLURM_"))}
+    environ.update(env, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _WORLD_SCRIPT, case], capture_output=True,
+                          text=True, timeout=120, env=environ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_processes_that_mpi_does_not_join_are_refused():
+    """srun without PMI (or mpiexec of another MPI than mpi4py's) starts N processes that
+    MPI sees as N single ones: each would redo the whole run and write the same files.
+    That is an error before any work; a batch script's own process is not."""
+    pytest.importorskip("mpi4py", reason="needs mpi4py (pip install .[mpi])")
+    srun = dict(SLURM_STEP_NUM_TASKS="4", SLURM_PROCID="2", SLURM_NTASKS="4")
+    out = _world("mpi4py", **srun)
+    assert out.startswith("error: started as one of 4 processes but MPI sees this one alone"), out
+    assert "srun --mpi=pmix" in out
+    out = _world("mpi4py", OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="1")
+    assert out.startswith("error: started as one of 2 processes but MPI sees"), out
+    out = _world("no-mpi4py", **srun)
+    assert out.startswith("error: started as one of 4 processes but mpi4py is not "
+                          "installed"), out
+    # The batch script itself (no srun step) and a plain process run as one process.
+    assert _world("no-mpi4py", SLURM_NTASKS="4", SLURM_PROCID="0") == "size 1"
+    assert _world("no-mpi4py") == "size 1"
+    assert _world("mpi4py", SLURM_STEP_NUM_TASKS="1", SLURM_PROCID="0") == "size 1"
