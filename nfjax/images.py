@@ -509,7 +509,9 @@ class _FrameFile:
     """One raw frame file: validated once, then read whole or by row band.
 
     Uncompressed, contiguous TIFFs (what detectors write) are read band by band straight
-    from the file at the pixel-data offset; anything else is decoded by tifffile whole.
+    from the file at the pixel-data offset. Compressed strips are decoded by tifffile,
+    only those a band needs, so the banded median decodes each strip about once; tiled
+    frames are decoded whole.
     """
 
     def __init__(self, path: Path, shape: tuple[int, int]):
@@ -517,6 +519,7 @@ class _FrameFile:
         self.shape = shape
         self.offset: int | None = None
         self.dtype = None
+        self.rows_per_strip = 0          # > 0: compressed strips, decoded band by band
         self._checked = False
 
     def _check(self):
@@ -536,6 +539,9 @@ class _FrameFile:
                 byteorder = tif.byteorder
                 codec = page.compression
                 decodable = codec == 1 or codec in tifffile.TIFF.DECOMPRESSORS
+                strips = (not contiguous and not page.is_tiled and page.planarconfig == 1
+                          and len(page.dataoffsets) > 1)
+                rows_per_strip = int(page.rowsperstrip) if strips else 0
         except InputFileError:
             raise
         except Exception as exc:  # noqa: BLE001 - any tifffile failure is a bad file
@@ -562,6 +568,7 @@ class _FrameFile:
                                      f"bytes, found {size}")
             self.offset = offset
             self.dtype = np.dtype(np.uint16).newbyteorder(byteorder)
+        self.rows_per_strip = rows_per_strip
         self._checked = True
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
@@ -569,6 +576,8 @@ class _FrameFile:
         self._check()
         ny = self.shape[1]
         if self.offset is None:
+            if self.rows_per_strip and r1 - r0 < self.shape[0]:
+                return self._strip_rows(r0, r1)
             return self.read()[r0:r1]
         count = (r1 - r0) * ny
         with open(self.path, "rb") as fh:
@@ -578,6 +587,26 @@ class _FrameFile:
             raise InputFileError(f"{self.path}: truncated TIFF: expected {2 * count} bytes of "
                                  f"rows {r0}..{r1 - 1}, found {2 * a.size}")
         return a.astype(np.uint16, copy=False).reshape(r1 - r0, ny)
+
+    def _strip_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of a compressed, stripped frame, decoding only their strips."""
+        import tifffile
+
+        ny, per = self.shape[1], self.rows_per_strip
+        out = np.empty((r1 - r0, ny), np.uint16)
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                page, fh = tif.pages[0], tif.filehandle
+                for k in range(r0 // per, (r1 - 1) // per + 1):
+                    fh.seek(page.dataoffsets[k])
+                    strip = page.decode(fh.read(page.databytecounts[k]), k)[0]
+                    strip = np.asarray(strip).reshape(-1, ny)
+                    first = k * per                  # the strip's first row in the frame
+                    lo, hi = max(r0, first), min(r1, first + len(strip))
+                    out[lo - r0:hi - r0] = strip[lo - first:hi - first]
+        except Exception as exc:  # noqa: BLE001 - a strip that does not decode: bad file
+            raise InputFileError(f"{self.path}: not a readable TIFF ({_one_line(exc)})") from None
+        return out
 
     def read(self) -> np.ndarray:
         """The whole frame, uint16 (NZ, NY)."""

@@ -250,10 +250,33 @@ def test_band_reading_and_compressed_tiffs_agree(tmp_path):
         tifffile.imwrite(p, tifffile.imread(p), compression="zlib")
     comp = images.process_all(params, progress=False, max_memory=200_000)
     np.testing.assert_array_equal(comp.words, ref.words)
+    # strips of 5 rows: the bands decode only the strips they need
+    for p in images.frame_paths(params, 0):
+        tifffile.imwrite(p, tifffile.imread(p), compression="zlib", rowsperstrip=5)
+    strips = images.process_all(params, progress=False, max_memory=200_000)
+    np.testing.assert_array_equal(strips.words, ref.words)
     median, one = images.process_distance(params, 0, progress=False)
     assert one.shape == (1, NF, NY, NZ)
     np.testing.assert_array_equal(one.words, ref.words)
     np.testing.assert_array_equal(observe.lit_indices(one), truth)
+
+
+@pytest.mark.parametrize("options", [
+    dict(compression="zlib", rowsperstrip=16), dict(compression="zlib", rowsperstrip=1),
+    dict(compression="zlib", rowsperstrip=7, predictor=True),
+    dict(compression="zlib", rowsperstrip=9, byteorder=">"),
+    dict(compression="zlib"), dict(compression="zlib", tile=(16, 16)), {}])
+def test_row_bands_of_stripped_and_tiled_frames(tmp_path, options):
+    """Row bands of a compressed frame decode only their strips (the banded median's
+    path); every layout gives the frame's own rows, across strip boundaries."""
+    frame = np.random.default_rng(3).integers(0, 60000, size=(100, 64)).astype(np.uint16)
+    path = tmp_path / "f.tif"
+    tifffile.imwrite(path, frame, **options)
+    reader = images._FrameFile(path, (100, 64))
+    for r0, r1 in [(0, 1), (0, 100), (5, 37), (16, 32), (99, 100), (15, 17), (0, 99)]:
+        np.testing.assert_array_equal(reader.rows(r0, r1), frame[r0:r1])
+    if options.get("rowsperstrip"):
+        assert reader.rows_per_strip == options["rowsperstrip"]    # not decoded whole
 
 
 def test_unaligned_frame_size(tmp_path):
