@@ -46,6 +46,8 @@ class Comm:
     #: This rank among the ranks on its node, and how many ranks share the node.
     local_rank: int = 0
     local_size: int = 1
+    #: Whether every rank on the node was given the same ``CUDA_VISIBLE_DEVICES``.
+    same_gpus_on_node: bool = True
 
     @property
     def is_root(self) -> bool:
@@ -63,14 +65,18 @@ class Comm:
         return np.concatenate(parts, axis=0) if self.rank == 0 else None
 
     def bcast(self, value):
-        return value if self.mpi is None else self.mpi.bcast(value, root=0)
+        if self.mpi is None:
+            return value
+        self.barrier()           # wait asleep: MPI's broadcast spins while rank 0 works
+        return self.mpi.bcast(value, root=0)
 
     def share(self, value, chunk: int = 1 << 30):
         """Rank 0's ``value`` on every rank (other ranks pass anything, e.g. ``None``).
 
         Any picklable object; its NumPy arrays travel as raw buffers (pickle protocol 5,
-        out of band), in pieces of at most ``chunk`` bytes, so a multi-GB observation volume
-        needs no pickled copy and no message over MPI's 2 GiB count limit. Ranks other
+        out of band; a read-only array arrives read-only), in pieces of at most ``chunk``
+        bytes, so a multi-GB observation volume needs no pickled copy and no message over
+        MPI's 2 GiB count limit. Ranks other
         than 0 thereby never read a file rank 0 has just written: on a shared file system
         seen from another node that can be a stale copy (NFS caches attributes)."""
         if self.mpi is None:
@@ -79,6 +85,7 @@ class Comm:
 
         from mpi4py import MPI
 
+        self.barrier()           # wait asleep: MPI's broadcast spins while rank 0 works
         raws = []
         if self.is_root:
             buffers = []
@@ -223,6 +230,8 @@ def world(force: bool | None = None) -> Comm:
     ``force=True`` requires MPI (an error if mpi4py is missing); ``None`` uses MPI only
     when the process was started by a launcher.
     """
+    if force is None and os.environ.get("NFJAX_MPI", "").lower() in ("off", "0", "no"):
+        force = False                     # each process runs on its own, by request
     started = launcher_size()
     if force is False or (force is None and not launched_by_mpi() and started == 1):
         return Comm()
@@ -233,20 +242,24 @@ def world(force: bool | None = None) -> Comm:
     except ImportError as exc:
         raise NfjaxError(f"{why} but mpi4py is not installed (each process would redo the "
                          "whole run and write the same files): pip install 'nfjax[mpi]' (or "
-                         "mpi4py against the site MPI)") from exc
+                         "mpi4py against the site MPI); NFJAX_MPI=off runs each process on "
+                         "its own") from exc
     if started > 1 and MPI.COMM_WORLD.Get_size() == 1:
         raise NfjaxError(f"{why} but MPI sees this one alone, so each would redo the whole "
                          "run and write the same files: mpi4py's MPI is not the launcher's "
                          "(under Slurm, srun --mpi=pmix or pmi2 as the site's MPI needs; "
-                         "or mpiexec from the MPI mpi4py was built with)")
+                         "or mpiexec from the MPI mpi4py was built with); NFJAX_MPI=off runs "
+                         "each process on its own")
     global _WORLD
     if _WORLD is None:
         # Once per process: splitting by node is a collective call, which every rank must
         # make the same number of times.
         comm = MPI.COMM_WORLD
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)      # the ranks that share this node
+        listed = node.allgather(os.environ.get("CUDA_VISIBLE_DEVICES"))
         _WORLD = Comm(rank=comm.Get_rank(), size=comm.Get_size(), mpi=comm,
-                      local_rank=node.Get_rank(), local_size=node.Get_size())
+                      local_rank=node.Get_rank(), local_size=node.Get_size(),
+                      same_gpus_on_node=len(set(listed)) == 1)
         node.Free()
     return _WORLD
 
@@ -265,11 +278,11 @@ _MEMORY_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION",
 _NVIDIA_PROC = "/proc/driver/nvidia/gpus"
 
 
-def visible_gpus(environ=None, proc: str = _NVIDIA_PROC) -> tuple[int | None, str | None]:
+def visible_gpus(environ=None, proc: str = _NVIDIA_PROC) -> int | None:
     """How many NVIDIA GPUs this process can see, found without starting CUDA (JAX's GPU
-    client, once started, takes memory on every GPU it sees), and where the count comes
-    from: ``CUDA_VISIBLE_DEVICES`` (which CUDA reads up to its first invalid entry) or
-    the driver's list of GPUs. ``(None, None)`` when neither says (no NVIDIA driver)."""
+    client, once started, takes memory on every GPU it sees): from ``CUDA_VISIBLE_DEVICES``
+    (which CUDA reads up to its first invalid entry), else the driver's list of GPUs;
+    ``None`` when neither says (no NVIDIA driver)."""
     environ = os.environ if environ is None else environ
     listed = environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
@@ -279,11 +292,11 @@ def visible_gpus(environ=None, proc: str = _NVIDIA_PROC) -> tuple[int | None, st
             if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
                 break
             n += 1
-        return n, "CUDA_VISIBLE_DEVICES"
+        return n
     try:
-        return len(os.listdir(proc)), "driver"
+        return len(os.listdir(proc))
     except OSError:
-        return None, None
+        return None
 
 
 @dataclass(frozen=True)
@@ -298,16 +311,18 @@ class GpuPlan:
     mem_fraction: float | None = None
 
 
-def plan_gpus(local_rank: int, local_size: int, n_gpus: int | None, source: str | None,
+def plan_gpus(local_rank: int, local_size: int, n_gpus: int | None, same_list: bool = True,
               environ=None) -> GpuPlan:
     """The GPU for rank ``local_rank`` of the ``local_size`` ranks on a node that sees
     ``n_gpus`` GPUs: ranks take the GPUs in turn (JAX's own rule for multi-process jobs).
     When ranks must share a GPU, each preallocates an equal part of JAX's 75 % instead of
     75 % each, which would leave the later ranks without memory (JAX then starts them on
-    the CPU). One GPU named in ``CUDA_VISIBLE_DEVICES`` with several ranks on the node is
-    left alone: the scheduler usually gave each rank its own (Slurm ``--gpus-per-task``)."""
+    the CPU). Ranks the scheduler gave GPUs of their own are left alone: ``same_list``
+    false (the node's ranks were given different ``CUDA_VISIBLE_DEVICES``) or Slurm's
+    ``--gpus-per-task`` (``SLURM_GPUS_PER_TASK``)."""
     environ = os.environ if environ is None else environ
-    if local_size <= 1 or not n_gpus or (n_gpus == 1 and source == "CUDA_VISIBLE_DEVICES"):
+    if (local_size <= 1 or not n_gpus or not same_list
+            or environ.get("SLURM_GPUS_PER_TASK")):
         return GpuPlan(n_gpus=n_gpus)
     sharing = -(-local_size // n_gpus)
     fraction = None
@@ -318,14 +333,16 @@ def plan_gpus(local_rank: int, local_size: int, n_gpus: int | None, source: str 
 
 
 def _jax_started() -> bool:
-    """Whether JAX has created its backends (after which the visible devices are fixed);
-    ``True`` when this JAX cannot say, so nothing is changed behind its back."""
+    """Whether JAX has started: created its backends (after which the visible devices are
+    fixed) or loaded its GPU plugin (which reads the memory fraction). ``False`` when this
+    JAX cannot say: the settings made then are harmless if it had started."""
     try:
         from jax._src import xla_bridge
 
-        return bool(xla_bridge.backends_are_initialized())
+        return bool(xla_bridge.backends_are_initialized()
+                    or getattr(xla_bridge, "_plugins_registered", False))
     except (ImportError, AttributeError):
-        return True
+        return False
 
 
 def bind_device(comm: Comm | None = None, platform: str | None = None):
@@ -346,17 +363,21 @@ def bind_device(comm: Comm | None = None, platform: str | None = None):
         if platform == "cpu":
             jax.config.update("jax_platforms", "cpu")
         elif comm.local_size > 1 and jax.config.values["jax_cuda_visible_devices"] == "all":
-            plan = plan_gpus(comm.local_rank, comm.local_size, *visible_gpus())
+            plan = plan_gpus(comm.local_rank, comm.local_size, visible_gpus(),
+                             comm.same_gpus_on_node)
             if plan.ordinal is not None:
                 jax.config.update("jax_cuda_visible_devices", str(plan.ordinal))
             if plan.mem_fraction is not None:
                 os.environ["XLA_CLIENT_MEM_FRACTION"] = f"{plan.mem_fraction:.3f}"
-    try:
-        devices = jax.devices(platform) if platform else jax.devices()
-    except RuntimeError:
-        raise NfjaxError(f"--device {platform}: no {platform} device is available to JAX "
-                         f"(found {', '.join(sorted({d.platform for d in jax.devices()}))})"
-                         ) from None
+    if not platform:
+        devices = jax.devices()
+    else:
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError:
+            found = ", ".join(sorted({d.platform for d in jax.devices()}))
+            raise NfjaxError(f"--device {platform}: no {platform} device is available to "
+                             f"JAX (found {found})") from None
     device = devices[comm.local_rank % len(devices)]
     where = f"{device.platform} device {device.id}"
     if plan.ordinal is not None and device.platform != "cpu":
@@ -365,7 +386,7 @@ def bind_device(comm: Comm | None = None, platform: str | None = None):
             share = (f", {plan.mem_fraction:.3f} of its memory" if plan.mem_fraction
                      else "")
             where += f" (shared by up to {plan.sharing} ranks{share})"
-    elif (device.platform == "cpu" and platform is None and visible_gpus()[0]
+    elif (device.platform == "cpu" and platform is None and visible_gpus()
           and not jax.config.values["jax_platforms"]):
         where += (" although NVIDIA GPUs are present: JAX did not start its CUDA backend "
                   "(a CPU-only jaxlib? pip install 'nfjax[cuda12]')")

@@ -138,14 +138,15 @@ class Run:
     timings: dict = dataclasses.field(default_factory=dict)
 
     def stage(self, name: str, inputs: str, outputs: list[Path], compute: Callable[[], Any],
-              load: Callable[[], Any]):
+              load: Callable[[], Any], shared: Callable[[Any], Any] | None = None):
         """Run ``compute`` (which writes ``outputs``) unless the manifest says the stage is
         done with the same inputs, in which case ``load`` re-reads its outputs.
 
         Under MPI rank 0 alone reads the manifest and decides, so every rank takes the same
         branch, and no rank leaves a stage before rank 0 has written its outputs. Rank 0
         alone reads files the run wrote (``load``, and the results ``compute`` gathers);
-        the other ranks receive them over MPI (:meth:`Comm.share`)."""
+        the other ranks receive them over MPI (:meth:`Comm.share`), only the part
+        ``shared`` picks when given (rank 0 keeps the whole loaded value)."""
         # Where a stage writes is one of its inputs: renaming an output (MicFileBinary,
         # SeedOrientations, ...) reruns the stage instead of reloading a path that is gone.
         inputs = value_hash(inputs, sorted(os.path.relpath(p, self.out) for p in outputs))
@@ -153,7 +154,9 @@ class Run:
                                else None)
         if done:
             self.log.info("stage %-14s skipped (inputs unchanged, --resume)", name)
-            return self.comm.share(load() if self.comm.is_root else None)
+            value = load() if self.comm.is_root else None
+            part = self.comm.share(shared(value) if shared and self.comm.is_root else value)
+            return value if self.comm.is_root else part
         t0 = time.perf_counter()
         self.log.info("stage %-14s started", name)
         try:
@@ -501,7 +504,8 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
     n_sol = max(1, int(params.save_n_solutions or 1))
     am_path = allmatches_path(bin_path)
     options = refinement_options(run.midas_refinement, seeded=seeded)
-    inputs = value_hash(
+    # Only rank 0 decides whether the stage is done (Run.stage): only it reads SpotsInfo.bin.
+    inputs = "" if not run.comm.is_root else value_hash(
         array_hash(grid), array_hash(spots.key), array_hash(spots.spots),
         array_hash(spots.orient),
         file_fingerprint(run.out / "SpotsInfo.bin") if (run.out / "SpotsInfo.bin").exists()
@@ -518,14 +522,19 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
 
     def compute():
         start, stop = block_range(len(grid), run.comm.rank, run.comm.size)
-        result = fit_grid(params, grid[start:stop], spots, obs, hkls=hkls,
-                          max_memory=run.max_memory, progress=run.progress, **options)
         where = f" (rank {run.comm.rank}, rows {start}..{stop - 1})" if run.comm.size > 1 else ""
-        summary = result.summary()
+        if stop > start or run.comm.size == 1:
+            result = fit_grid(params, grid[start:stop], spots, obs, hkls=hkls,
+                              max_memory=run.max_memory, progress=run.progress, **options)
+            summary = result.summary()
+            block, block_am = np.asarray(result.records), np.asarray(result.allmatches)
+        else:   # more ranks than voxels (a retry pass of a few voxels): nothing to fit here
+            summary, where = "no voxels", f" (rank {run.comm.rank})"
+            block, block_am = np.zeros((0, 11)), np.zeros((0, 7 + 4 * n_sol))
         run.log.info("stage %-14s %s%s", name, summary, where)
         _stage_log(run.out, name, f"{name}{where}: {summary}\n", rank=run.comm.rank)
-        records = run.comm.gather_rows(np.asarray(result.records))
-        allm = run.comm.gather_rows(np.asarray(result.allmatches))
+        records = run.comm.gather_rows(block)
+        allm = run.comm.gather_rows(block_am)
         if run.comm.is_root:
             write_binary_mic(bin_path, records)
             write_allmatches(am_path, allm)
@@ -538,10 +547,11 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
         return run.comm.share(records), allm
 
     def load():
-        return (read_binary_mic(bin_path).records,
-                read_allmatches(am_path, n_sol) if run.comm.is_root else None)
+        return read_binary_mic(bin_path).records, read_allmatches(am_path, n_sol)
 
-    return run.stage(name, inputs, [bin_path, am_path, text_path], compute, load)
+    # A resumed stage: the other ranks need the records, not the AllMatches (rank 0 writes).
+    return run.stage(name, inputs, [bin_path, am_path, text_path], compute, load,
+                     shared=lambda value: (value[0], None))
 
 
 def quality_line(records: np.ndarray, min_confidence: float | None) -> tuple[str, int]:

@@ -29,8 +29,7 @@ def test_visible_gpus_from_cuda_visible_devices(tmp_path, listed, expected):
     driver.mkdir()
     for k in range(8):                                # the variable wins over the driver
         (driver / f"0000:{k:02x}:00.0").mkdir()
-    assert visible_gpus({"CUDA_VISIBLE_DEVICES": listed}, str(driver)) == (
-        expected, "CUDA_VISIBLE_DEVICES")
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": listed}, str(driver)) == expected
 
 
 def test_visible_gpus_from_the_driver(tmp_path):
@@ -38,13 +37,13 @@ def test_visible_gpus_from_the_driver(tmp_path):
     driver.mkdir()
     for k in range(4):
         (driver / f"0000:{k:02x}:00.0").mkdir()
-    assert visible_gpus({}, str(driver)) == (4, "driver")
-    assert visible_gpus({}, str(tmp_path / "absent")) == (None, None)   # no NVIDIA driver
+    assert visible_gpus({}, str(driver)) == 4
+    assert visible_gpus({}, str(tmp_path / "absent")) is None     # no NVIDIA driver
 
 
 def test_plan_gpus_one_rank_per_gpu():
     """4 ranks on a node with 4 GPUs: rank k takes GPU k with JAX's default memory."""
-    plans = [plan_gpus(k, 4, 4, "driver", {}) for k in range(4)]
+    plans = [plan_gpus(k, 4, 4, True, {}) for k in range(4)]
     assert [p.ordinal for p in plans] == [0, 1, 2, 3]
     assert all(p.sharing == 1 and p.mem_fraction is None for p in plans)
 
@@ -52,12 +51,12 @@ def test_plan_gpus_one_rank_per_gpu():
 def test_plan_gpus_ranks_share_gpus():
     """8 ranks, 4 GPUs: two ranks per GPU, each preallocating half of JAX's 75 %; 5 ranks
     on 2 GPUs: three on GPU 0, so each gets a quarter (0.25), rounded down."""
-    plans = [plan_gpus(k, 8, 4, "CUDA_VISIBLE_DEVICES", {}) for k in range(8)]
+    plans = [plan_gpus(k, 8, 4, True, {}) for k in range(8)]
     assert [p.ordinal for p in plans] == [0, 1, 2, 3, 0, 1, 2, 3]
     assert {(p.sharing, p.mem_fraction) for p in plans} == {(2, 0.375)}
-    assert plan_gpus(4, 5, 2, "driver", {}) == GpuPlan(ordinal=0, n_gpus=2, sharing=3,
-                                                       mem_fraction=0.25)
-    one = plan_gpus(1, 2, 1, "driver", {})          # one GPU in the machine, two ranks
+    assert plan_gpus(4, 5, 2, True, {}) == GpuPlan(ordinal=0, n_gpus=2, sharing=3,
+                                                   mem_fraction=0.25)
+    one = plan_gpus(1, 2, 1, True, {})    # CUDA_VISIBLE_DEVICES=0 mpiexec -n 2: one GPU
     assert (one.ordinal, one.sharing, one.mem_fraction) == (0, 2, 0.375)
 
 
@@ -65,14 +64,16 @@ def test_plan_gpus_respects_the_user_and_the_scheduler():
     # The user's own memory setting is kept.
     for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION",
                 "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"):
-        plan = plan_gpus(3, 8, 4, "driver", {var: "x"})
+        plan = plan_gpus(3, 8, 4, True, {var: "x"})
         assert (plan.ordinal, plan.mem_fraction) == (3, None)
-    # One GPU named per rank (Slurm --gpus-per-task): each rank already has its own.
-    assert plan_gpus(2, 4, 1, "CUDA_VISIBLE_DEVICES", {}).ordinal is None
+    # GPUs of their own per rank: different CUDA_VISIBLE_DEVICES on the node's ranks, or
+    # Slurm's --gpus-per-task (which may show every rank its GPUs as "0,1").
+    assert plan_gpus(1, 4, 2, False, {}) == GpuPlan(n_gpus=2)
+    assert plan_gpus(1, 4, 2, True, {"SLURM_GPUS_PER_TASK": "2"}) == GpuPlan(n_gpus=2)
     # One rank on the node, or no GPU: nothing to decide.
-    assert plan_gpus(0, 1, 4, "driver", {}).ordinal is None
-    assert plan_gpus(1, 2, 0, "CUDA_VISIBLE_DEVICES", {}).ordinal is None
-    assert plan_gpus(1, 2, None, None, {}).ordinal is None
+    assert plan_gpus(0, 1, 4, True, {}).ordinal is None
+    assert plan_gpus(1, 2, 0, True, {}).ordinal is None
+    assert plan_gpus(1, 2, None, True, {}).ordinal is None
 
 
 _BIND = """
@@ -126,6 +127,18 @@ def test_bind_device_cpu_starts_jax_without_gpus():
     assert got["where"] == "cpu device 0"
 
 
+def test_bind_device_keeps_jaxs_own_error():
+    """Without --device, a JAX that cannot start says why itself (it used to be reworded
+    as "--device None: no None device")."""
+    environ = dict(os.environ, JAX_PLATFORMS="no_such_platform")
+    proc = subprocess.run([sys.executable, "-c", "from nfjax.parallel import Comm, bind_device\n"
+                           "bind_device(Comm(local_rank=1, local_size=2), None)"],
+                          capture_output=True, text=True, timeout=120, env=environ)
+    assert proc.returncode != 0
+    assert "no_such_platform" in proc.stderr and "--device None" not in proc.stderr, (
+        proc.stderr[-2000:])
+
+
 def test_block_range_covers_every_row_once():
     for n_rows in (0, 1, 7, 100, 101):
         for n_blocks in (1, 2, 3, 8):
@@ -135,7 +148,8 @@ def test_block_range_covers_every_row_once():
 
 def test_share_sends_rank_0s_objects_in_pieces(tmp_path):
     """Comm.share under mpiexec -n 2: NumPy arrays (C-ordered, strided, read-only) and
-    plain values arrive intact and writable, the arrays in pieces of the given size."""
+    plain values arrive intact (writable unless read-only on rank 0), the arrays in
+    pieces of the given size."""
     pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
     mpiexec = Path(sys.executable).parent / "mpiexec"
     mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
@@ -211,3 +225,6 @@ def test_processes_that_mpi_does_not_join_are_refused():
     assert _world("no-mpi4py", SLURM_NTASKS="4", SLURM_PROCID="0") == "size 1"
     assert _world("no-mpi4py") == "size 1"
     assert _world("mpi4py", SLURM_STEP_NUM_TASKS="1", SLURM_PROCID="0") == "size 1"
+    # NFJAX_MPI=off: a task farm (srun starting independent runs) runs each on its own.
+    assert _world("no-mpi4py", NFJAX_MPI="off", **srun) == "size 1"
+    assert "NFJAX_MPI=off" in _world("mpi4py", **srun)

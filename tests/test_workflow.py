@@ -425,6 +425,30 @@ def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
         assert a[name] == b[name], name
 
 
+def test_mpiexec_more_ranks_than_voxels(tmp_path, spotsinfo):
+    """3 ranks for a 2-voxel grid (as a retry pass of a few voxels can be): the rank with
+    no rows fits nothing instead of failing on an empty grid, and the files are those of
+    one process."""
+    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    tiny = dict(GridMask=(-1.0, 1.0, -1.0, 1.0))
+    one = _setup(tmp_path / "one", spotsinfo, **tiny)
+    reconstruct(one, ff_seeds=True, image_processing=False, progress=False)
+    assert (tmp_path / "one" / "grid.txt").read_text().split()[0] == "2"      # 2 voxels
+    three = _setup(tmp_path / "three", spotsinfo, **tiny)
+    proc = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "nfjax.cli", "reconstruct",
+                           str(three), "--ff-seeds", "--no-image-processing"],
+                          capture_output=True, text=True, timeout=900, env=_mpi_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fit (rank 2): no voxels" in (tmp_path / "three" / "midas_log" /
+                                          "fit2_out.csv").read_text()
+    a, b = _final_bytes(tmp_path / "one"), _final_bytes(tmp_path / "three")
+    for name in a:
+        assert a[name] == b[name], name
+
+
 def _mpi_env() -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu",
                 XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -457,6 +481,8 @@ def test_mpiexec_two_ranks_multi_resolution(tmp_path, spotsinfo, multi_small):
         "(nfjax.io.mic, 'read_allmatches'), (nfjax.io.spots, 'read_spot_files'), "
         "(nfjax.io.grains, 'read_grains_csv'), (nfjax.observe, 'read_spots_info')]:\n"
         "        setattr(module, name, refuse)\n"
+        "    import nfjax.workflow\n"
+        "    nfjax.workflow.file_fingerprint = refuse   # stage inputs: rank 0 decides\n"
         "    real = nfjax.io.seeds.read_seeds\n"
         "    nfjax.io.seeds.read_seeds = lambda path: (refuse(path) if '.txt.' in str(path) "
         "else real(path))   # the input libraries are read by every rank\n"
