@@ -76,9 +76,9 @@ class Comm:
         Any picklable object; its NumPy arrays travel as raw buffers (pickle protocol 5,
         out of band; a read-only array arrives read-only), in pieces of at most ``chunk``
         bytes, so a multi-GB observation volume needs no pickled copy and no message over
-        MPI's 2 GiB count limit. Ranks other
-        than 0 thereby never read a file rank 0 has just written: on a shared file system
-        seen from another node that can be a stale copy (NFS caches attributes)."""
+        MPI's 2 GiB count limit. Ranks other than 0 thereby never read a file rank 0 has
+        just written: on a shared file system seen from another node that can be a stale
+        copy (NFS caches attributes)."""
         if self.mpi is None:
             return value
         import pickle
