@@ -86,7 +86,30 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
         n = min(n, max(minimum, -(-n_items // cpu_waves)))
     if multiple > 1:
         n = max(multiple, (n // multiple) * multiple)
+    if max_memory is not None and n * bytes_per_item > budget:
+        _warn_below_budget(budget, n * bytes_per_item)
     return int(n)
+
+
+_warned_below_budget = False
+
+
+def _warn_below_budget(budget: int, smallest: int) -> None:
+    """Say once per process that ``--max-memory`` is below the smallest chunk of some work,
+    which then runs one unit at a time above the budget (slowly)."""
+    global _warned_below_budget
+    if not _warned_below_budget:
+        _warned_below_budget = True
+        print(f"warning: --max-memory {_size(budget)} is below the smallest chunk of this "
+              f"work ({_size(smallest)}): it runs one unit at a time, above the budget; "
+              "give at least that", file=sys.stderr)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool | None = None):

@@ -30,6 +30,20 @@ def test_chunk_size_budget_multiple_maximum():
     assert chunk_size(10, 10**9, "1MiB", multiple=8) == 8
 
 
+def test_budget_below_one_unit_warns_once(capsys, monkeypatch):
+    import nfjax.chunking as chunking
+
+    monkeypatch.setattr(chunking, "_warned_below_budget", False)
+    assert chunk_size(10, 3 << 20, "1MiB") == 1                  # one unit of 3 MB
+    err = capsys.readouterr().err
+    assert err.strip() == ("warning: --max-memory 1 MB is below the smallest chunk of this "
+                           "work (3 MB): it runs one unit at a time, above the budget; give "
+                           "at least that")
+    assert chunk_size(10, 3 << 20, "1MiB") == 1
+    assert chunk_size(10, 1000, "1MiB") == 10                    # within the budget
+    assert capsys.readouterr().err == ""                          # said once
+
+
 def test_chunk_size_cpu_waves():
     """On the CPU backend a lockstep pool holds at most n/cpu_waves items (≥ minimum)."""
     assert jax.devices()[0].platform == "cpu"
