@@ -598,16 +598,18 @@ def _map(run: Run, name: str, mic_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- modes
-def _single(run: Run, hkls, quats) -> Path:
+def _single(run: Run, hkls, quats) -> tuple[Path, np.ndarray]:
+    """The single-resolution run: its text mic and its records."""
     p = run.params
     grid = _grid(run, "grid", p, run.out / (p.grid_file_name or "grid.txt"))
     spots = _spots(run, "spots", hkls, quats, run.out)
     obs = _observations(run)
     bin_path = run.out / p.mic_file_binary
     text_path = run.out / p.mic_file_text
-    _fit(run, "fit", p, grid, spots, obs, hkls, bin_path, text_path, seeded=run.ff_seeds)
+    records, _ = _fit(run, "fit", p, grid, spots, obs, hkls, bin_path, text_path,
+                      seeded=run.ff_seeds)
     _map(run, "map", text_path)
-    return text_path
+    return text_path, records
 
 
 _SUFFIX = re.compile(r"(_all_solutions|_merged)?(\.\d+)+$")
@@ -634,7 +636,7 @@ def _publish(run: Run, records: np.ndarray, allmatches: np.ndarray | None) -> No
         write_allmatches(allmatches_path(bin_path), allmatches)
 
 
-def _multi(run: Run, hkls, quats0, quats_all) -> Path:
+def _multi(run: Run, hkls, quats0, quats_all) -> tuple[Path, np.ndarray]:
     from nfjax.cluster import cluster_mic, cluster_settings, write_grains_csv
     from nfjax.fit import unresolved_below
     from nfjax.io.atomic import atomic_write
@@ -725,7 +727,7 @@ def _multi(run: Run, hkls, quats0, quats_all) -> Path:
                      quality_line(records, p.min_confidence)[0])
         current = merged_path
     _map(run, "map", current)
-    return current
+    return current, records
 
 
 # --------------------------------------------------------------------------- entry
@@ -780,15 +782,10 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     else:
         quats = inputs.quats
     if params.grid_refactor is None:
-        final = _single(run, hkls, quats)
+        final, records = _single(run, hkls, quats)
     else:
-        final = _multi(run, hkls, quats, inputs.quats_all)
-    summary = ""
-    if comm.is_root:
-        from nfjax.io.mic import read_binary_mic
-
-        # MicFileBinary holds the final result in both modes (every row, zeros where empty).
-        summary = "; " + quality_line(read_binary_mic(out / params.mic_file_binary).records,
-                                      params.min_confidence)[0]
-    run.log.info("finished in %.1f s -> %s%s", time.perf_counter() - t0, final, summary)
+        final, records = _multi(run, hkls, quats, inputs.quats_all)
+    # The final records are MicFileBinary's (every row, zeros where empty), in both modes.
+    summary = quality_line(records, params.min_confidence)[0]
+    run.log.info("finished in %.1f s -> %s; %s", time.perf_counter() - t0, final, summary)
     return final
