@@ -113,14 +113,77 @@ def _size(n: int) -> str:
 
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool | None = None):
-    """A tqdm progress bar on stderr (rate and ETA); silent when not a terminal unless
-    ``NFJAX_PROGRESS=1``, or when ``enabled`` is False."""
+    """Progress with rate and ETA on stderr: a tqdm bar on a terminal (or ``enabled``
+    True, or ``NFJAX_PROGRESS=1``); elsewhere (a batch job's log) a plain line every
+    ``NFJAX_PROGRESS_INTERVAL`` seconds (default 60; none for work that ends sooner), from
+    MPI rank 0 only; nothing with ``enabled`` False or ``NFJAX_PROGRESS=0``."""
     from tqdm import tqdm
 
+    setting = os.environ.get("NFJAX_PROGRESS", "")
+    if enabled is None and setting != "0" and not (sys.stderr.isatty() or setting == "1"):
+        from nfjax.parallel import launcher_rank
+
+        if launcher_rank() != 0:
+            enabled = False
+        else:
+            interval = float(os.environ.get("NFJAX_PROGRESS_INTERVAL", "") or 60.0)
+            return LogProgress(total, desc, unit, interval)
     if enabled is None:
-        enabled = sys.stderr.isatty() or os.environ.get("NFJAX_PROGRESS") == "1"
+        enabled = setting != "0"
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True, unit_scale=True, mininterval=0.5)
+
+
+class LogProgress:
+    """tqdm's ``update``/``close`` for a log file: one plain line (done of total, rate,
+    ETA) each time ``interval`` seconds have passed since the last, and a closing line if
+    any was printed."""
+
+    def __init__(self, total: int, desc: str, unit: str, interval: float = 60.0,
+                 clock: Callable[[], float] | None = None, file=None):
+        import time
+
+        self.total, self.desc, self.unit, self.interval = int(total), desc, unit, interval
+        self.clock = clock or time.monotonic
+        self.file = file or sys.stderr
+        self.n = 0
+        self.start = self.last = self.clock()
+        self.printed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float, done: bool = False) -> None:
+        from tqdm import tqdm
+
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.n / elapsed
+        size = lambda x: tqdm.format_sizeof(x, divisor=1000).strip()   # noqa: E731
+        text = f"{self.desc}: {size(self.n)}/{size(self.total)} {self.unit}s"
+        if self.total:
+            text += f" ({100.0 * self.n / self.total:.0f} %)"
+        text += f", {size(rate)} {self.unit}s/s"
+        if done:
+            text += f", done in {tqdm.format_interval(elapsed)}"
+        elif rate > 0 and self.total:
+            text += f", ETA {tqdm.format_interval((self.total - self.n) / rate)}"
+        print(text, file=self.file, flush=True)
+        self.printed = True
+
+    def close(self) -> None:
+        if self.printed:
+            self.printed = False
+            self._line(self.clock(), done=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _pad_to(x: np.ndarray | jax.Array, n: int):

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfjax import observe
+from nfjax.chunking import progress_bar
 from nfjax.errors import InputFileError, NfjaxError, ParamError
 from nfjax.io.atomic import atomic_write
 
@@ -375,7 +376,7 @@ def _process_batch(raw, median, blanket, *, med_radius, do_log_filter, log_passe
 
 # =========================================================================== temporal median
 def temporal_median(frames, n: int, shape: tuple[int, int], *, max_memory: int | None = None,
-                    progress: bool = False, desc: str = "median"):
+                    progress: bool | None = False, desc: str = "median"):
     """Per-pixel lower median (element of rank (n-1)//2, as MIDAS) over n frames; uint16 (NZ, NY).
 
     ``frames`` is either a callable ``frames(row0, row1)`` returning an iterator over the n
@@ -395,7 +396,7 @@ def temporal_median(frames, n: int, shape: tuple[int, int], *, max_memory: int |
         rows = nz
         it = iter(frames)
     out = np.empty((nz, ny), dtype=np.uint16)
-    bar = _progress(n * math.ceil(nz / rows), progress, desc, unit="frame-band")
+    bar = progress_bar(n * math.ceil(nz / rows), desc, "frame-band", progress)
     try:
         for r0 in range(0, nz, rows):
             r1 = min(nz, r0 + rows)
@@ -694,23 +695,6 @@ def _prefetch(iterable: Iterable, depth: int = 4) -> Iterator:
                 thread.join(0.05)
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str, unit: str = "frame"):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                leave=False)
-
-
 # =========================================================================== pipeline
 def _config(params) -> dict:
     do_log = int(getattr(params, "do_log_filter", 1))
@@ -728,7 +712,7 @@ def _batch_size(ny: int, nz: int, budget: int, cfg: dict) -> int:
     return int(max(1, min(16, (budget // 8) // per)))
 
 
-def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: bool,
+def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: bool | None,
                   max_memory: int | None) -> np.ndarray:
     """Process distance L (0-based); OR its lit bits into ``words`` with frame f at volume
     frame ``frame0 + f`` (the caller clears the range first). Returns the median image."""
@@ -769,7 +753,7 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
     frame_words = ny * nz // 32
     source = (stack[j] for j in range(nf)) if stack is not None else \
         _prefetch((f.read() for f in files), depth=2 * bsz)
-    bar = _progress(nf, progress, f"spots d{L + 1}")
+    bar = progress_bar(nf, f"spots d{L + 1}", "frame", progress)
     pending = None  # (first frame, count, device result): keeps the device one batch ahead
 
     def drain(item):
@@ -826,7 +810,7 @@ def _clear_bits(words: np.ndarray, k0: int, k1: int) -> None:
     words[w1] &= hi_mask
 
 
-def process_distance(params, distance_index: int, *, progress: bool = True,
+def process_distance(params, distance_index: int, *, progress: bool | None = True,
                      max_memory: int | None = None):
     """Process one distance (0-based): returns (median image, lit volume).
 
@@ -843,7 +827,7 @@ def process_distance(params, distance_index: int, *, progress: bool = True,
 
 
 def process_all(params, distances: Sequence[int] | None = None, max_memory: int | None = None,
-                *, base: observe.ObsVolume | None = None, progress: bool = True,
+                *, base: observe.ObsVolume | None = None, progress: bool | None = True,
                 median_dir_writer: Callable[[int, np.ndarray], None] | None = None
                 ) -> observe.ObsVolume:
     """Process the distances (0-based; default all) into one full-shape ObsVolume (host words).
@@ -918,7 +902,7 @@ def run_process(args, params=None) -> int:
     kept = {}   # median images are written with SpotsInfo.bin, after every distance is done
 
     t0 = time.perf_counter()
-    vol = process_all(params, distances, max_memory, base=base, progress=sys.stderr.isatty(),
+    vol = process_all(params, distances, max_memory, base=base, progress=None,
                       median_dir_writer=kept.__setitem__)
     observe.write_spots_info(out, vol)
     for L, median in kept.items():

@@ -1,6 +1,8 @@
 """The one place for chunking: chunk sizes from a memory budget, and chunked mapping."""
 from __future__ import annotations
 
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -65,3 +67,47 @@ def test_map_chunked_pads_and_trims():
     parts = map_chunked(fn, [a, np.ones(10)], 4, progress=False)
     assert calls == [4, 4, 4]                              # the tail is padded to 4
     np.testing.assert_array_equal(np.concatenate(parts), a * 2 + 1)
+
+
+def test_log_progress_lines_for_batch_jobs():
+    """Without a terminal, long work prints a plain line every interval with done/total,
+    rate and ETA, and a closing line; work that ends within the interval prints nothing."""
+    import io
+
+    from nfjax.chunking import LogProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    with LogProgress(1000, "screen", "pair", interval=60, clock=lambda: now[0],
+                     file=out) as bar:
+        for _ in range(4):
+            now[0] += 30.0
+            bar.update(100)          # 100 pairs per 30 s
+    assert out.getvalue().splitlines() == [
+        "screen: 200/1.00k pairs (20 %), 3.33 pairs/s, ETA 04:00",
+        "screen: 400/1.00k pairs (40 %), 3.33 pairs/s, ETA 03:00",
+        "screen: 400/1.00k pairs (40 %), 3.33 pairs/s, done in 02:00"]
+    quiet = io.StringIO()
+    with LogProgress(10, "spots", "frame", interval=60, clock=lambda: now[0],
+                     file=quiet) as bar:
+        bar.update(10)
+    assert quiet.getvalue() == ""
+
+
+def test_progress_bar_choice(monkeypatch):
+    from nfjax.chunking import LogProgress, progress_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    for var in ("NFJAX_PROGRESS", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK",
+                "MV2_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert isinstance(progress_bar(10, "fit", "voxel"), LogProgress)       # a batch log
+    assert progress_bar(10, "fit", "voxel", False).disable                 # asked: none
+    assert not progress_bar(10, "fit", "voxel", True).disable              # asked: a bar
+    monkeypatch.setenv("NFJAX_PROGRESS", "0")
+    assert progress_bar(10, "fit", "voxel").disable
+    monkeypatch.setenv("NFJAX_PROGRESS", "1")
+    assert not progress_bar(10, "fit", "voxel").disable
+    monkeypatch.delenv("NFJAX_PROGRESS")
+    monkeypatch.setenv("PMI_RANK", "3")                                    # MPI rank 3
+    assert progress_bar(10, "fit", "voxel").disable
