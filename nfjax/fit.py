@@ -1237,7 +1237,7 @@ def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
 
     params.require("SeedOrientations",
                    why=f"because there is no {NAMES[0]} in {out} to take the spots from")
-    quats = read_seeds(params.resolve(params.seed_orientations))
+    quats = read_seeds(seeds)
     table = select_rings(hkls, params.rings_to_use)
     return make_diffraction_spots(quats, table.g, table.theta, geom, max_memory=max_memory,
                                   progress=progress)

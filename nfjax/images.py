@@ -31,6 +31,7 @@ Differences from MIDAS (also listed in docs/midas-differences.md by the lead):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -530,23 +531,18 @@ class _FrameFile:
             return
         if not self.path.is_file():
             raise InputFileError(f"{self.path}: raw frame file not found")
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                n_pages = len(tif.pages)
-                page = tif.pages[0]
-                shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-                contiguous = page.is_contiguous and page.compression == 1
-                offset = page.dataoffsets[0] if contiguous else None
-                byteorder = tif.byteorder
-                codec = page.compression
-                decodable = codec == 1 or codec in tifffile.TIFF.DECOMPRESSORS
-                strips = (not contiguous and not page.is_tiled and page.planarconfig == 1
-                          and len(page.dataoffsets) > 1)
-                rows_per_strip = int(page.rowsperstrip) if strips else 0
-        except InputFileError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any tifffile failure is a bad file
-            raise InputFileError(f"{self.path}: not a readable TIFF ({_one_line(exc)})") from None
+        with self._readable(), tifffile.TiffFile(self.path) as tif:
+            n_pages = len(tif.pages)
+            page = tif.pages[0]
+            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+            contiguous = page.is_contiguous and page.compression == 1
+            offset = page.dataoffsets[0] if contiguous else None
+            byteorder = tif.byteorder
+            codec = page.compression
+            decodable = codec == 1 or codec in tifffile.TIFF.DECOMPRESSORS
+            strips = (not contiguous and not page.is_tiled and page.planarconfig == 1
+                      and len(page.dataoffsets) > 1)
+            rows_per_strip = int(page.rowsperstrip) if strips else 0
         if n_pages != 1:
             raise InputFileError(f"{self.path}: expected one page (one frame per file), "
                                  f"found {n_pages} pages")
@@ -595,18 +591,15 @@ class _FrameFile:
 
         ny, per = self.shape[1], self.rows_per_strip
         out = np.empty((r1 - r0, ny), np.uint16)
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                page, fh = tif.pages[0], tif.filehandle
-                for k in range(r0 // per, (r1 - 1) // per + 1):
-                    fh.seek(page.dataoffsets[k])
-                    strip = page.decode(fh.read(page.databytecounts[k]), k)[0]
-                    strip = np.asarray(strip).reshape(-1, ny)
-                    first = k * per                  # the strip's first row in the frame
-                    lo, hi = max(r0, first), min(r1, first + len(strip))
-                    out[lo - r0:hi - r0] = strip[lo - first:hi - first]
-        except Exception as exc:  # noqa: BLE001 - a strip that does not decode: bad file
-            raise InputFileError(f"{self.path}: not a readable TIFF ({_one_line(exc)})") from None
+        with self._readable(), tifffile.TiffFile(self.path) as tif:
+            page, fh = tif.pages[0], tif.filehandle
+            for k in range(r0 // per, (r1 - 1) // per + 1):
+                fh.seek(page.dataoffsets[k])
+                strip = page.decode(fh.read(page.databytecounts[k]), k)[0]
+                strip = np.asarray(strip).reshape(-1, ny)
+                first = k * per                  # the strip's first row in the frame
+                lo, hi = max(r0, first), min(r1, first + len(strip))
+                out[lo - r0:hi - r0] = strip[lo - first:hi - first]
         return out
 
     def read(self) -> np.ndarray:
@@ -616,11 +609,20 @@ class _FrameFile:
         self._check()
         if self.offset is not None:
             return self.rows(0, self.shape[0])
-        try:
+        with self._readable():
             a = tifffile.imread(self.path, key=0)
-        except Exception as exc:  # noqa: BLE001
-            raise InputFileError(f"{self.path}: not a readable TIFF ({_one_line(exc)})") from None
         return np.asarray(a, dtype=np.uint16)
+
+    @contextlib.contextmanager
+    def _readable(self):
+        """Any failure of tifffile on this frame (not a TIFF, truncated, a strip that does
+        not decode) becomes a one-line error naming the file."""
+        try:
+            yield
+        except InputFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any tifffile failure is a bad file
+            raise InputFileError(f"{self.path}: not a readable TIFF ({_one_line(exc)})") from None
 
 
 def read_frame(path, shape: tuple[int, int]) -> np.ndarray:
