@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,17 @@ os.environ.setdefault("NFJAX_CACHE_DIR", str(ROOT / ".pytest_cache" / "nfjax-jax
 from nfjax import jaxcache  # noqa: E402
 
 jaxcache.enable()
+
+
+def need_mpiexec(why: str = "MPI test") -> str:
+    """The ``mpiexec`` next to the Python executable (the venv's PyPI MPICH) or on PATH;
+    skips the test without mpi4py or an ``mpiexec``."""
+    pytest.importorskip("mpi4py", reason=f"{why} needs the mpi extra (pip install .[mpi])")
+    candidate = Path(sys.executable).parent / "mpiexec"
+    found = str(candidate) if candidate.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    return found
 
 
 def need(path: Path) -> Path:

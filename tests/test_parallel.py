@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import need_mpiexec
 from nfjax.parallel import GpuPlan, block_range, plan_gpus, visible_gpus
 
 
@@ -150,11 +149,7 @@ def test_share_sends_rank_0s_objects_in_pieces(tmp_path):
     """Comm.share under mpiexec -n 2: NumPy arrays (C-ordered, strided, read-only) and
     plain values arrive intact (writable unless read-only on rank 0), the arrays in
     pieces of the given size."""
-    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    mpiexec = need_mpiexec()
     script = tmp_path / "share.py"
     script.write_text("""
 import numpy as np

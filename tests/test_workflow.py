@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import need_mpiexec
 from nfjax import observe
 from nfjax.cli import main
 from nfjax.compare import compare_records
@@ -397,18 +398,8 @@ def test_midas_driver_flags_are_accepted(tmp_path, spotsinfo, capsys):
     assert (tmp_path / "run" / "Au_txt_Reconstructed.mic").exists()
 
 
-def _mpiexec() -> str | None:
-    candidate = Path(sys.executable).parent / "mpiexec"
-    if candidate.exists():
-        return str(candidate)
-    return shutil.which("mpiexec")
-
-
 def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
-    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    mpiexec = need_mpiexec()
     one = _setup(tmp_path / "one", spotsinfo, **_small())
     reconstruct(one, ff_seeds=True, image_processing=False, progress=False)
     two = _setup(tmp_path / "two", spotsinfo, **_small())
@@ -429,10 +420,7 @@ def test_mpiexec_more_ranks_than_voxels(tmp_path, spotsinfo):
     """3 ranks for a 2-voxel grid (as a retry pass of a few voxels can be): the rank with
     no rows fits nothing instead of failing on an empty grid, and the files are those of
     one process."""
-    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    mpiexec = need_mpiexec()
     tiny = dict(GridMask=(-1.0, 1.0, -1.0, 1.0))
     one = _setup(tmp_path / "one", spotsinfo, **tiny)
     reconstruct(one, ff_seeds=True, image_processing=False, progress=False)
@@ -457,10 +445,7 @@ def _mpi_env() -> dict:
 def test_mpiexec_two_ranks_multi_resolution(tmp_path, spotsinfo, multi_small):
     """The multi-resolution chain under mpiexec -n 2 writes the same files as one process
     (every rank reads files rank 0 writes: the seed backup, Grains.csv.k)."""
-    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    mpiexec = need_mpiexec()
     out = tmp_path / "run"
     params = _multi_small_setup(out, spotsinfo)
     # Rank 1 must never read a file the run wrote (on another node it may see a stale
@@ -503,10 +488,7 @@ def test_mpiexec_two_ranks_multi_resolution(tmp_path, spotsinfo, multi_small):
 def test_error_on_one_rank_ends_the_mpi_job(tmp_path):
     """A rank that fails with a one-line error aborts the job instead of leaving the other
     ranks waiting in a collective forever."""
-    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    mpiexec = need_mpiexec()
     script = tmp_path / "one_rank_fails.py"
     script.write_text(
         "import sys\n"
@@ -528,10 +510,7 @@ def test_error_on_one_rank_ends_the_mpi_job(tmp_path):
 def test_error_every_rank_meets_is_printed_once(tmp_path):
     """A preflight error that both ranks meet (a seed file that does not exist) is printed
     once, by rank 0, not once per rank; so is the parameter file's warning."""
-    pytest.importorskip("mpi4py", reason="MPI test needs the mpi extra (pip install .[mpi])")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    mpiexec = need_mpiexec()
     params = _setup(tmp_path / "run", tmp_path / "absent.bin", raw="EdgeLenght 1\n",
                     SeedOrientations="no_such_seeds.csv")
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
@@ -595,10 +574,7 @@ def test_reconstruct_from_tiff_frames(tmp_path):
     assert cmp.n_matched == len(expect) and cmp.frac_reference[0] == 1.0   # all < 0.25 deg
     np.testing.assert_allclose(got[:, 10], expect[:, 10], atol=1e-6)
     # Under mpiexec -n 2: rank 0 processes the images, both ranks fit from them.
-    pytest.importorskip("mpi4py", reason="MPI part needs the mpi extra (pip install .[mpi])")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH or next to the Python executable")
+    mpiexec = need_mpiexec("The MPI part")
     two = _tiff_setup(tmp_path / "two", n_frames=20)
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
                            str(two), "--ff-seeds"],
