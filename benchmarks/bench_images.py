@@ -8,7 +8,10 @@ few frames. Prints, and with --record appends to benchmarks/RESULTS.md: frames, 
 bytes read, wall time of each pass, frames/s, peak RSS, and the spot recall.
 
     .venv/bin/python benchmarks/bench_images.py --frames 200 [--record] [--keep DIR]
-        [--compression zlib] [--max-memory BYTES]
+        [--compression zlib] [--max-memory BYTES] [--ranks R]
+
+``--ranks R`` processes under ``mpiexec -n R``: the ranks share the distance (each the
+median of its detector rows and the spots of its frames), as ``nfjax process`` does.
 
 ``--compression zlib`` writes the frames as tifffile does by default (deflate in strips of
 64 rows); with a ``--max-memory`` below the stack the median then reads compressed row bands.
@@ -76,6 +79,7 @@ def child(folder: str, n: int, do_log: int, max_memory: int | None) -> None:
     import jax
 
     from nfjax import images, observe
+    from nfjax.parallel import bind_device, world
 
     params = types.SimpleNamespace(
         n_distances=1, nr_pixels_y=NPIX, nr_pixels_z=NPIX, start_nr=0, end_nr=n - 1, n_frames=n,
@@ -83,19 +87,29 @@ def child(folder: str, n: int, do_log: int, max_memory: int | None) -> None:
         output_dir=Path(folder), orig_file_name="bench", reduced_file_name="bench",
         ext_orig="tif", ext_reduced="bin", blanket_subtraction=60, med_filt_radius=1,
         gauss_filt_radius=1.0, log_mask_radius=4, do_log_filter=do_log, source="<bench>")
+    comm = world()
+    if comm.size > 1:            # under mpiexec: one device per rank, as nfjax process does
+        jax.config.update("jax_default_device", bind_device(comm)[0])
+    comm.barrier()
     t0 = time.perf_counter()
-    median, vol = images.process_distance(params, 0, progress=False, max_memory=max_memory)
+    vol = images.process_all(params, max_memory=max_memory, progress=False, comm=comm)
     wall = time.perf_counter() - t0
-    lit = observe.lit_indices(vol)
-    np.save(Path(folder) / f"lit_{do_log}.npy", lit)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"wall_s": wall, "peak_rss": peak, "lit": int(lit.size),
-                      "backend": jax.default_backend()}))
+    peaks = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if comm.is_root:
+        peak = max(peaks)
+        lit = observe.lit_indices(vol)
+        np.save(Path(folder) / f"lit_{do_log}.npy", lit)
+        print(json.dumps({"wall_s": wall, "peak_rss": peak, "lit": int(lit.size),
+                          "backend": jax.default_backend()}))
 
 
-def run_child(folder: Path, n: int, do_log: int, max_memory: int | None) -> dict:
+def run_child(folder: Path, n: int, do_log: int, max_memory: int | None,
+              ranks: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--child", str(folder), "--frames", str(n),
            "--do-log", str(do_log)]
+    if ranks > 1:
+        mpiexec = Path(sys.executable).parent / "mpiexec"
+        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), *cmd]
     if max_memory:
         cmd += ["--max-memory", str(max_memory)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -111,6 +125,8 @@ def main() -> int:
     ap.add_argument("--compression", default=None, help="write the frames compressed (zlib)")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     ap.add_argument("--keep", default=None, help="scratch folder to keep (default: temp)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="process under mpiexec -n RANKS (the ranks share the frames)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--do-log", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -123,7 +139,7 @@ def main() -> int:
         t = time.perf_counter()
         truth = make_frames(scratch / "d0", args.frames, compression=args.compression)
         gen = time.perf_counter() - t
-        res0 = run_child(scratch / "d0", args.frames, 0, args.max_memory)
+        res0 = run_child(scratch / "d0", args.frames, 0, args.max_memory, args.ranks)
         lit = np.load(scratch / "d0" / "lit_0.npy")
         hits = np.intersect1d(lit, truth).size
         recall, false = hits / truth.size, (lit.size - hits) / truth.size
@@ -131,7 +147,7 @@ def main() -> int:
         logdir.mkdir()
         for f in range(args.log_frames):
             os.link(scratch / "d0" / f"bench_{f:06d}.tif", logdir / f"bench_{f:06d}.tif")
-        res1 = run_child(logdir, args.log_frames, 1, args.max_memory)
+        res1 = run_child(logdir, args.log_frames, 1, args.max_memory, args.ranks)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -150,7 +166,8 @@ def main() -> int:
         f"One distance of {args.frames} synthetic 2048x2048 uint16 frames"
         f"{' (' + args.compression + '-compressed)' if args.compression else ''} (Poisson "
         f"background 50-150 counts + 37-px disc spots of +800, {truth.size} spot pixels; "
-        f"frames written in {gen:.0f} s), {budget}, processed in a child process "
+        f"frames written in {gen:.0f} s), {budget}, processed in a child process"
+        f"{f' under mpiexec -n {args.ranks} (peak RSS: the largest rank)' if args.ranks > 1 else ''} "
         "(wall time includes the temporal median pass and the spot pass; JIT compile included).",
         "",
         "| run | frames | pixels | wall s | frames/s | peak host RSS | lit pixels |",

@@ -715,21 +715,31 @@ def _batch_size(ny: int, nz: int, budget: int, cfg: dict) -> int:
 
 
 def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: bool | None,
-                  max_memory: int | None) -> np.ndarray:
+                  max_memory: int | None, comm=None) -> np.ndarray:
     """Process distance L (0-based); OR its lit bits into ``words`` with frame f at volume
-    frame ``frame0 + f`` (the caller clears the range first). Returns the median image."""
+    frame ``frame0 + f`` (the caller clears the range first). Returns the median image.
+
+    ``comm`` with several ranks (MPI): each rank computes the median of its block of
+    detector rows and lights its block of frames (MIDAS splits ImageProcessingLibTiffOMP
+    over nodes the same way); every rank gets the whole median, and sets only its frames'
+    bits in ``words`` (the caller combines them, :meth:`Comm.or_words`)."""
+    from nfjax.parallel import block_range
+
     nf = _frames_per_distance(params)
     ny, nz = int(params.nr_pixels_y), int(params.nr_pixels_z)
     budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
     # run_process and workflow.preflight check every frame before any work (check_frames);
     # here a bad file fails, with the same one-line error, when it is read.
     files = [_FrameFile(p, (nz, ny)) for p in frame_paths(params, L)]
+    size, rank = (1, 0) if comm is None else (comm.size, comm.rank)
+    mine = f" (rank 0's share of {size})" if size > 1 else ""
 
     # Pass 1: the background. If the stack fits in half the budget, keep it for pass 2 so
     # every frame is read once; otherwise read row bands now and whole frames again later.
+    # Under MPI a rank reads its rows of every frame, then its frames whole.
     stack_bytes = 2 * nf * ny * nz
     stack = None
-    if stack_bytes <= budget // 2:
+    if size == 1 and stack_bytes <= budget // 2:
         stack = np.empty((nf, nz, ny), dtype=np.uint16)
 
         def whole():
@@ -740,13 +750,19 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
         median = temporal_median(whole(), nf, (nz, ny), max_memory=budget, progress=progress,
                                  desc=f"median d{L + 1}")
     else:
-        def bands(r0, r1):
-            return _prefetch((f.rows(r0, r1) for f in files), depth=32)
+        z0, z1 = block_range(nz, rank, size)
 
-        median = temporal_median(bands, nf, (nz, ny), max_memory=budget // 3,
-                                 progress=progress, desc=f"median d{L + 1}")
+        def bands(r0, r1):
+            return _prefetch((f.rows(z0 + r0, z0 + r1) for f in files), depth=32)
+
+        median = temporal_median(bands, nf, (z1 - z0, ny), max_memory=budget // 3,
+                                 progress=progress, desc=f"median d{L + 1}{mine}")
+        if size > 1:
+            median = comm.allgather_rows(median)
 
     # Pass 2: per-frame filters on the device in fixed-size batches (one compilation).
+    f0, f1 = block_range(nf, rank, size)
+    count = f1 - f0
     cfg = _config(params)
     aligned = (ny * nz) % 32 == 0
     bsz = _batch_size(ny, nz, budget, cfg)
@@ -754,21 +770,22 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
     blanket = jnp.int32(int(getattr(params, "blanket_subtraction", 0) or 0))
     frame_words = ny * nz // 32
     source = (stack[j] for j in range(nf)) if stack is not None else \
-        _prefetch((f.read() for f in files), depth=2 * bsz)
-    bar = progress_bar(nf, f"spots d{L + 1}", "frame", progress)
+        _prefetch((f.read() for f in files[f0:f1]), depth=2 * bsz)
+    bar = progress_bar(count, f"spots d{L + 1}{mine}", "frame", progress)
     pending = None  # (first frame, count, device result): keeps the device one batch ahead
 
     def drain(item):
         j0, cnt, res = item
         res = np.asarray(res)[:cnt]
+        first = frame0 + f0 + j0            # volume frame of the batch's first frame
         if aligned:
-            w0 = (frame0 + j0) * frame_words
+            w0 = first * frame_words
             words[w0:w0 + cnt * frame_words] |= res.reshape(-1)
         else:
             # Unaligned frames (NY*NZ not a multiple of 32): set bits one by one.
             yz = np.swapaxes(res[:, ::-1, ::-1], 1, 2).reshape(cnt, -1)
             fr, pix = np.nonzero(yz)
-            k = (frame0 + j0 + fr).astype(np.int64) * (ny * nz) + pix
+            k = (first + fr).astype(np.int64) * (ny * nz) + pix
             np.bitwise_or.at(words, k >> 5, np.left_shift(np.uint32(1), (k & 31).astype(np.uint32)))
         bar.update(cnt)
 
@@ -780,7 +797,7 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
             batch[filled] = frame
             filled += 1
             j += 1
-            if filled == bsz or j == nf:
+            if filled == bsz or j == count:
                 if filled < bsz:
                     batch[filled:] = batch[filled - 1]
                 res = _process_batch(jnp.asarray(batch), median_dev, blanket, pack=aligned, **cfg)
@@ -830,13 +847,17 @@ def process_distance(params, distance_index: int, *, progress: bool | None = Tru
 
 def process_all(params, distances: Sequence[int] | None = None, max_memory: int | None = None,
                 *, base: observe.ObsVolume | None = None, progress: bool | None = True,
-                median_dir_writer: Callable[[int, np.ndarray], None] | None = None
-                ) -> observe.ObsVolume:
+                median_dir_writer: Callable[[int, np.ndarray], None] | None = None,
+                comm=None) -> observe.ObsVolume:
     """Process the distances (0-based; default all) into one full-shape ObsVolume (host words).
 
     ``base``: an existing volume to update (its other distances are kept, the processed
     distances are cleared first, as MIDAS does per call); default an empty volume.
     ``median_dir_writer(L, median)`` is called with each distance's median image.
+    ``comm`` (:class:`nfjax.parallel.Comm`) with several ranks: the ranks share the work
+    of every distance (each its block of detector rows for the median, its block of
+    frames for the spots), every rank passes the same ``base`` and returns the whole
+    volume; progress is shown by rank 0 only.
     """
     nd = int(params.n_distances)
     nf = _frames_per_distance(params)
@@ -854,12 +875,20 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
     # what the median bands and batches may use.
     budget_left = max(budget - words.nbytes, budget // 4)
     per_distance_bits = nf * shape[2] * shape[3]
+    parallel = comm is not None and comm.size > 1
+    if parallel and not comm.is_root:
+        progress = False
     for L in distances:
         _clear_bits(words, L * per_distance_bits, (L + 1) * per_distance_bits)
         median = _process_into(params, L, words, L * nf, progress=progress,
-                               max_memory=budget_left)
+                               max_memory=budget_left, comm=comm if parallel else None)
         if median_dir_writer is not None:
             median_dir_writer(L, median)
+    if parallel:
+        # Each rank lit only its own frames: OR the processed distances' words together.
+        comm.or_words(words, [(L * per_distance_bits >> 5,
+                               (((L + 1) * per_distance_bits - 1) >> 5) + 1)
+                              for L in distances])
     return observe.ObsVolume(words, shape)
 
 
@@ -873,6 +902,7 @@ def run_process(args, params=None) -> int:
     """``nfjax process PARAMS [--distance L ...] [--max-memory SIZE] [-o SpotsInfo.bin]``."""
     from nfjax.chunking import parse_memory
     from nfjax.io.atomic import check_target
+    from nfjax.parallel import bind_device, world
     from nfjax.params import read_params
 
     if params is None:           # the CLI passes the file it read (and warned about)
@@ -897,15 +927,22 @@ def run_process(args, params=None) -> int:
     for target in (out, *medians.values()):
         check_target(target)
     check_frames(params, distances)
+    # Under mpiexec -n R the ranks share the frames (as MIDAS's ImageProcessingLibTiffOMP
+    # splits them over nodes); rank 0 writes and reports.
+    comm = world()
+    if comm.size > 1:
+        jax.config.update("jax_default_device", bind_device(comm)[0])
     base = None
     if len(distances) < nd and out.exists():
         # Like MIDAS, processing some distances keeps the others of an existing file.
-        base = observe.read_spots_info(out, shape)
+        base = comm.share(observe.read_spots_info(out, shape) if comm.is_root else None)
     kept = {}   # median images are written with SpotsInfo.bin, after every distance is done
 
     t0 = time.perf_counter()
     vol = process_all(params, distances, max_memory, base=base, progress=None,
-                      median_dir_writer=kept.__setitem__)
+                      median_dir_writer=kept.__setitem__, comm=comm)
+    if not comm.is_root:
+        return 0
     observe.write_spots_info(out, vol)
     for L, median in kept.items():
         write_median_image(medians[L], median)
@@ -919,7 +956,7 @@ def run_process(args, params=None) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     nframes = nf * len(distances)
     print(f"wrote {out} ({os.path.getsize(out)} bytes) in {dt:.1f} s "
-          f"({nframes / dt:.1f} frames/s)")
+          f"({nframes / dt:.1f} frames/s" + (f", {comm.size} ranks)" if comm.size > 1 else ")"))
     if base is None and len(distances) < nd:
         empty = [L + 1 for L in range(nd) if L not in distances]
         print(f"warning: {out} is new: distance(s) {', '.join(map(str, empty))} were not "

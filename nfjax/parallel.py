@@ -102,6 +102,32 @@ class Comm:
             received.append(buf)
         return value if self.is_root else pickle.loads(head, buffers=received)
 
+    def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Every rank's ``rows`` concatenated in rank order, on every rank (parts of a
+        median image: tens of MB, one pickled message each)."""
+        if self.mpi is None:
+            return rows
+        self.barrier()
+        return np.concatenate(self.mpi.allgather(np.ascontiguousarray(rows)), axis=0)
+
+    def or_words(self, words: np.ndarray, ranges, chunk: int = 1 << 28) -> None:
+        """Bitwise OR of every rank's uint32 ``words`` in the word ``ranges``
+        (``[(start, stop), ...]``), in place on every rank, in pieces of at most ``chunk``
+        words (MPI counts are 32-bit). Ranks that lit disjoint frames of an observation
+        volume thereby all hold the whole volume; a word two ranks share at a frame
+        boundary gets both ranks' bits."""
+        if self.mpi is None:
+            return
+        from mpi4py import MPI
+
+        if words.dtype != np.uint32 or not words.flags.c_contiguous:
+            raise ValueError("or_words needs a contiguous uint32 array")
+        self.barrier()
+        for start, stop in ranges:
+            for s in range(int(start), int(stop), chunk):
+                piece = words[s:min(int(stop), s + chunk)]
+                self.mpi.Allreduce(MPI.IN_PLACE, [piece, MPI.UINT32_T], op=MPI.BOR)
+
     def gather(self, value) -> list | None:
         """Every rank's ``value`` (a small Python object) in rank order on rank 0; ``None``
         elsewhere."""

@@ -464,16 +464,18 @@ def _observations(run: Run):
     medians = [median_image_path(p, L) for L in range(p.n_distances)]
 
     def compute():
-        vol = None
-        if run.comm.is_root:
-            vol = process_all(p, None, run.max_memory, progress=run.progress,
-                              median_dir_writer=lambda L, m: write_median_image(
-                                  median_image_path(p, L), m))
+        # Under MPI the ranks share every distance's work and all end with the volume;
+        # rank 0 writes the files.
+        root = run.comm.is_root
+        vol = process_all(p, None, run.max_memory, progress=run.progress, comm=run.comm,
+                          median_dir_writer=(lambda L, m: write_median_image(
+                              median_image_path(p, L), m)) if root else None)
+        if root:
             observe.write_spots_info(path, vol)
             # The same warnings nfjax process prints.
             for warning in lit_warnings(p, vol.shape, lit_per_distance(vol)):
                 run.log.info("warning: %s", warning)
-        return run.comm.share(vol)
+        return vol
 
     return _on_device(run.stage("images", inputs, [path, *medians], compute,
                                 lambda: observe.read_spots_info(path, shape)))

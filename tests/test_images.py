@@ -2,6 +2,9 @@
 naming, bad-input errors, and a synthetic frames -> SpotsInfo round trip."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import scipy.ndimage as ndi
 import tifffile
 
+from conftest import need_mpiexec
 from nfjax import images, observe
 from nfjax.cli import main as cli_main
 from nfjax.errors import InputFileError, ParamError
@@ -358,6 +362,67 @@ def test_cli_process_writes_spotsinfo_and_medians(tmp_path, capsys):
     np.testing.assert_array_equal(lit[lit < per], truth[truth < per])
     keep = (truth >= per) & (truth >= per + NY * NZ)  # frame 0 of distance 2 cleared
     np.testing.assert_array_equal(lit[lit >= per], truth[keep])
+
+
+def _mpi_process(mpiexec, ranks, pfile, *options):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NFJAX_PROGRESS="0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([mpiexec, "-n", str(ranks), sys.executable, "-m", "nfjax.cli",
+                           "process", str(pfile), *options],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_process_under_mpiexec_writes_what_one_process_writes(tmp_path, capsys):
+    """Under mpiexec the ranks share every distance: each takes a block of detector rows
+    for the median and a block of frames for the spots (MIDAS splits its image processing
+    over nodes too). SpotsInfo.bin and the median images are byte for byte those of one
+    process. The frame is 45 x 51 pixels, not a multiple of 32, so two ranks' frames meet
+    inside a word; in the second run (2 frames per distance, 3 ranks) a rank has no frame,
+    and --distance 2 keeps distance 1 of an existing file that rank 0 alone reads."""
+    mpiexec = need_mpiexec("nfjax process under MPI")
+    global NZ, NY
+    old = (NZ, NY)
+    NZ, NY = 45, 51
+    try:
+        params, truth, _ = make_dataset(tmp_path, n_distances=2, seed=4, spots_per_frame=2)
+        pfile = _write_params(tmp_path)
+    finally:
+        NZ, NY = old
+    out = tmp_path / "out"
+    medians = [out / f"red_Median_Background_Distance_{L}.bin" for L in range(2)]
+    assert cli_main(["process", str(pfile), "-o", str(tmp_path / "one.bin")]) == 0
+    one_medians = [m.read_bytes() for m in medians]
+    for m in medians:
+        m.unlink()
+    proc = _mpi_process(mpiexec, 3, pfile, "-o", str(tmp_path / "three.bin"))
+    assert (tmp_path / "three.bin").read_bytes() == (tmp_path / "one.bin").read_bytes()
+    assert [m.read_bytes() for m in medians] == one_medians
+    assert proc.stdout.count("wrote ") == 1 and "3 ranks" in proc.stdout, proc.stdout
+    lit = observe.lit_indices(observe.read_spots_info(tmp_path / "three.bin",
+                                                      (2, NF, 51, 45)))
+    np.testing.assert_array_equal(lit, truth)
+
+    # 2 frames per distance on 3 ranks; distance 2 into an existing file.
+    pfile.write_text(pfile.read_text().replace(f"EndNr {NF - 1}", "EndNr 1")
+                     .replace(f"NrFilesPerDistance {NF}", "NrFilesPerDistance 2"))
+    assert cli_main(["process", str(pfile), "-o", str(tmp_path / "base.bin")]) == 0
+    base = (tmp_path / "base.bin").read_bytes()
+    # a changed frame of distance 2, so that the second pass differs from the first
+    frame = images.frame_path(types.SimpleNamespace(**{**vars(params), "nr_files_per_distance": 2,
+                                                       "end_nr": 1}), 1, 1)
+    tifffile.imwrite(frame, np.zeros((45, 51), np.uint16))
+    for name in ("one2.bin", "three2.bin"):
+        (tmp_path / name).write_bytes(base)
+    assert cli_main(["process", str(pfile), "--distance", "2", "-o",
+                     str(tmp_path / "one2.bin")]) == 0
+    one_medians = [m.read_bytes() for m in medians]
+    medians[1].unlink()
+    _mpi_process(mpiexec, 3, pfile, "--distance", "2", "-o", str(tmp_path / "three2.bin"))
+    assert (tmp_path / "three2.bin").read_bytes() == (tmp_path / "one2.bin").read_bytes()
+    assert (tmp_path / "one2.bin").read_bytes() != base
+    assert [m.read_bytes() for m in medians] == one_medians
 
 
 def test_some_distances_into_a_new_file_warns(tmp_path, capsys):

@@ -148,7 +148,8 @@ def test_block_range_covers_every_row_once():
 def test_share_sends_rank_0s_objects_in_pieces(tmp_path):
     """Comm.share under mpiexec -n 2: NumPy arrays (C-ordered, strided, read-only) and
     plain values arrive intact (writable unless read-only on rank 0), the arrays in
-    pieces of the given size."""
+    pieces of the given size. Comm.or_words and Comm.allgather_rows (image processing's
+    exchanges) in the same run."""
     mpiexec = need_mpiexec()
     script = tmp_path / "share.py"
     script.write_text("""
@@ -167,6 +168,17 @@ for key in "abde":
 assert got["c"] == "text" and got["f"] is None
 if comm.rank == 1:
     got["a"][0, 0] = 5.0
+# or_words: each rank's bits in every word of the ranges (pieces of 64 words), the
+# words outside them left as they were; allgather_rows: rank order, on every rank
+words = np.zeros(1000, np.uint32)
+words[comm.rank::3] |= np.uint32(1 << comm.rank)
+words[990:] = 100 + comm.rank
+comm.or_words(words, [(0, 500), (500, 990)], chunk=64)
+k = np.arange(990)
+want = np.where(k % 3 == 0, 1, 0) + np.where(k % 3 == 1, 2, 0)
+assert np.array_equal(words[:990], want) and (words[990:] == 100 + comm.rank).all()
+rows = comm.allgather_rows(np.full((comm.rank + 1, 3), comm.rank, np.uint16))
+assert rows.dtype == np.uint16 and rows.tolist() == [[0] * 3, [1] * 3, [1] * 3]
 open(f"ok{comm.rank}", "w").close()
 """)
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)],

@@ -543,8 +543,8 @@ def _tiff_setup(directory: Path, n_frames: int) -> Path:
 
 
 def test_reconstruct_from_tiff_frames(tmp_path):
-    """The -doImageProcessing 1 path: reconstruct processes the TIFF frames itself (once,
-    on rank 0 under MPI) and fits the volume it made. The map equals the map fitted from
+    """The -doImageProcessing 1 path: reconstruct processes the TIFF frames itself (once;
+    under MPI the ranks share the frames) and fits the volume it made. The map equals the map fitted from
     the volume the frames were rendered from, and a 2-rank run writes the same files."""
     params = _tiff_setup(tmp_path / "tiff", n_frames=20)
     final = reconstruct(params, ff_seeds=True, progress=False)
@@ -573,7 +573,7 @@ def test_reconstruct_from_tiff_frames(tmp_path):
     cmp = compare_records(got, expect, nearest=0.1)
     assert cmp.n_matched == len(expect) and cmp.frac_reference[0] == 1.0   # all < 0.25 deg
     np.testing.assert_allclose(got[:, 10], expect[:, 10], atol=1e-6)
-    # Under mpiexec -n 2: rank 0 processes the images, both ranks fit from them.
+    # Under mpiexec -n 2: the ranks share the image processing and fit from the volume.
     mpiexec = need_mpiexec("The MPI part")
     two = _tiff_setup(tmp_path / "two", n_frames=20)
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "nfjax.cli", "reconstruct",
@@ -581,7 +581,9 @@ def test_reconstruct_from_tiff_frames(tmp_path):
                           capture_output=True, text=True, timeout=600, env=_mpi_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("SpotsInfo.bin", "Au_bin_Reconstructed.mic",
-                 "Au_bin_Reconstructed.mic.AllMatches", "Au_txt_Reconstructed.mic"):
+                 "Au_bin_Reconstructed.mic.AllMatches", "Au_txt_Reconstructed.mic",
+                 "au_red_Median_Background_Distance_0.bin",
+                 "au_red_Median_Background_Distance_1.bin"):
         assert (tmp_path / "two" / "out" / name).read_bytes() == (out / name).read_bytes(), name
 
 
