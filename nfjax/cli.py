@@ -106,9 +106,15 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     mic = read_mic(args.mic)
     grains = cluster_mic(mic, params=params, max_angle=args.max_angle,
                          min_confidence=args.min_confidence, space_group=args.space_group,
-                         neighbours=args.neighbours)
+                         neighbours=args.neighbours, lattice=args.lattice)
     write_grains_csv(args.output, grains)
     print(f"{len(grains.ids)} grains from {args.mic} -> {args.output}")
+    if not any(grains.lattice_parameter):
+        where = (f"{args.params} has no LatticeParameter" if args.params
+                 else "no --params file")
+        print(f"note: {where}: the lattice columns of {args.output} are 0, as MIDAS writes "
+              "them; give --lattice A B C ALPHA BETA GAMMA for a Grains.csv that other "
+              "programs read the lattice from", file=sys.stderr)
     if args.neighbours and len(grains.ids) > 1:
         reach = neighbour_reach(mic)
         if reach <= 3:
@@ -321,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_cl.add_argument("--min-confidence", type=float, default=None,
                       help="minimum voxel confidence (default 0.04)")
     p_cl.add_argument("--space-group", type=int, default=None, help="default 225")
+    p_cl.add_argument("--lattice", type=float, nargs=6, default=None,
+                      metavar=("A", "B", "C", "ALPHA", "BETA", "GAMMA"),
+                      help="lattice columns of the output, Å and degrees (default: "
+                           "LatticeParameter of --params, else 0 as MIDAS)")
     p_cl.add_argument("--neighbours", action="store_true",
                       help="grow grains through spatial neighbours (Mic2GrainsList mode 1)")
     p_cl.set_defaults(func=_cmd_cluster)

@@ -101,9 +101,10 @@ def _param_threshold(params):
     return max(found, key=lambda t: t[0])[1] if found else None
 
 
-def cluster_settings(params, max_angle=None, min_confidence=None, space_group=None):
+def cluster_settings(params, max_angle=None, min_confidence=None, space_group=None,
+                     lattice=None):
     """Effective (space group, max angle deg, threshold, lattice (6,)): argument > params >
-    Mic2GrainsList default."""
+    Mic2GrainsList default (zeros for the lattice)."""
     sg = space_group
     if sg is None:
         sg = params.space_group if params is not None else DEFAULT_SPACE_GROUP
@@ -115,11 +116,17 @@ def cluster_settings(params, max_angle=None, min_confidence=None, space_group=No
         thr = _param_threshold(params)
     if thr is None:
         thr = DEFAULT_MIN_CONFIDENCE
-    lattice = np.zeros(6, dtype=np.float64)
+    if lattice is not None:
+        lattice = np.asarray(lattice, dtype=np.float64).reshape(6)
+        if not (np.isfinite(lattice).all() and (lattice > 0).all()):
+            raise NfjaxError("cluster: lattice: expected six positive numbers a b c (Å) "
+                             f"alpha beta gamma (deg), found {' '.join(map(repr, lattice.tolist()))}")
     # MIDAS reads only the spelling LatticeParameter (not the alias LatticeConstant).
-    if params is not None and params.lattice_parameter is not None and \
+    elif params is not None and params.lattice_parameter is not None and \
             "LatticeParameter" in params.lines:
         lattice = np.asarray(params.lattice_parameter, dtype=np.float64).reshape(6)
+    else:
+        lattice = np.zeros(6, dtype=np.float64)
     angle, thr = float(angle), float(thr)
     if not math.isfinite(angle) or angle <= 0:
         raise NfjaxError(f"cluster: max angle must be a positive number of degrees, "
@@ -265,7 +272,7 @@ def _neighbour_groups(mis: _Misorienter, xy: np.ndarray, edge: float,
 
 
 def cluster_mic(mic, params=None, max_angle=None, min_confidence=None, space_group=None,
-                neighbours: bool = False) -> MicGrains:
+                neighbours: bool = False, lattice=None) -> MicGrains:
     """Group the voxels of a mic into grains as MIDAS ``Mic2GrainsList`` does.
 
     Args:
@@ -281,6 +288,8 @@ def cluster_mic(mic, params=None, max_angle=None, min_confidence=None, space_gro
         a ``%TriEdgeSize`` > 1e-6 (NfjaxError otherwise, where MIDAS silently falls back to
         the global mode). Neighbours are closer than 2·TriEdgeSize, which finds none when
         EdgeLength ≪ GridSize (each voxel then is its own grain, as in MIDAS).
+      lattice: a b c (Å) α β γ (deg) written in the grains' lattice columns (default:
+        params LatticeParameter, else zeros as Mic2GrainsList).
 
     Returns a :class:`MicGrains`.
     """
@@ -289,7 +298,8 @@ def cluster_mic(mic, params=None, max_angle=None, min_confidence=None, space_gro
     from nfjax.crystal import symmetry_quaternions
     from nfjax.orientation import euler_to_matrix_midas, matrix_to_quat
 
-    sg, angle, thr, lattice = cluster_settings(params, max_angle, min_confidence, space_group)
+    sg, angle, thr, lattice = cluster_settings(params, max_angle, min_confidence, space_group,
+                                               lattice)
     sym = symmetry_quaternions(sg)
     records = np.asarray(mic.records, dtype=np.float64)
     if records.ndim != 2 or records.shape[1] < 11:

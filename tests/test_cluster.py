@@ -221,7 +221,8 @@ def test_cli_cluster_neighbours_on_a_sparse_probe_says_why(midas_au, tmp_path, c
     from nfjax.cli import main
 
     out = tmp_path / "G.csv"
-    assert main(["cluster", str(midas_au / "Au_txt.mic"), "--neighbours", "-o", str(out)]) == 0
+    assert main(["cluster", str(midas_au / "Au_txt.mic"), "--neighbours", "-o", str(out),
+                 "--lattice", "4.08", "4.08", "4.08", "90", "90", "90"]) == 0
     captured = capsys.readouterr()
     n = int(captured.out.split()[0])
     assert n > 100
@@ -229,7 +230,8 @@ def test_cli_cluster_neighbours_on_a_sparse_probe_says_why(midas_au, tmp_path, c
                             "(2 um), which reaches 2 neighbours per voxel here (a probe smaller "
                             "than the grid spacing): grains break apart at every missing "
                             "voxel; cluster without --neighbours\n")
-    assert main(["cluster", str(midas_au / "Au_txt.mic"), "-o", str(out)]) == 0
+    assert main(["cluster", str(midas_au / "Au_txt.mic"), "-o", str(out), "--lattice",
+                 "4.08", "4.08", "4.08", "90", "90", "90"]) == 0
     assert capsys.readouterr().err == ""
 
 
@@ -244,6 +246,31 @@ def test_cli_cluster(au, tmp_path, capsys):
     np.testing.assert_array_equal(back.ids, [1, 2, 3, 4])
     expected = cluster_mic(mic)
     np.testing.assert_allclose(back.matrices, expected.matrices, atol=1e-12, rtol=0)
+
+
+def test_cli_cluster_lattice_columns(au, tmp_path, capsys):
+    """Without a LatticeParameter the lattice columns are 0 (MIDAS) and a note says so;
+    --lattice fills them (and the header line); a non-positive value is a one-line error."""
+    from nfjax.cli import main
+
+    mic, _, _ = au
+    out = tmp_path / "G.csv"
+    assert main(["cluster", mic.path, "-o", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no --params file" in err and "--lattice" in err, err
+    np.testing.assert_array_equal(read_grains_csv(out).lattice, np.zeros((4, 6)))
+    assert main(["cluster", mic.path, "-o", str(out), "--lattice", "4.08", "4.08", "4.08",
+                 "90", "90", "90"]) == 0
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(read_grains_csv(out).lattice,
+                                  np.tile([4.08, 4.08, 4.08, 90, 90, 90], (4, 1)))
+    assert "%LatticeParameter 4.080000 4.080000 4.080000 90.000000 90.000000 90.000000" \
+        in out.read_text().splitlines()
+    assert main(["cluster", mic.path, "-o", str(tmp_path / "bad.csv"), "--lattice", "4.08",
+                 "4.08", "0", "90", "90", "90"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "six positive numbers" in err and "0.0" in err, err
+    assert not (tmp_path / "bad.csv").exists()
 
 
 def test_cli_cluster_params_file_needs_no_detector_keys(tmp_path, capsys):
