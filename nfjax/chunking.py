@@ -47,13 +47,23 @@ def host_available_bytes() -> int:
     return 4 << 30
 
 
+def default_device():
+    """The device JAX computes on by default: ``jax_default_device`` when set (an MPI rank
+    bound to its GPU after JAX had started, :func:`nfjax.parallel.bind_device`), else the
+    first device."""
+    chosen = jax.config.values.get("jax_default_device")
+    if chosen is None:
+        return jax.devices()[0]
+    return jax.devices(chosen)[0] if isinstance(chosen, str) else chosen
+
+
 def device_free_bytes(device=None) -> int:
-    """Free memory of ``device`` (default: the first JAX device).
+    """Free memory of ``device`` (default: JAX's default device).
 
     Accelerators report their allocator statistics; on the CPU the device memory is host
     memory, so the host's available memory is used.
     """
-    device = device or jax.devices()[0]
+    device = device or default_device()
     stats = None
     try:
         stats = device.memory_stats()
@@ -82,7 +92,7 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
     if maximum is not None:
         n = min(n, maximum)
     n = min(n, max(1, n_items))
-    if cpu_waves > 1 and (device or jax.devices()[0]).platform == "cpu":
+    if cpu_waves > 1 and (device or default_device()).platform == "cpu":
         n = min(n, max(minimum, -(-n_items // cpu_waves)))
     if multiple > 1:
         n = max(multiple, (n // multiple) * multiple)

@@ -1,6 +1,8 @@
 """The one place for chunking: chunk sizes from a memory budget, and chunked mapping."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import jax
@@ -111,3 +113,23 @@ def test_progress_bar_choice(monkeypatch):
     monkeypatch.delenv("NFJAX_PROGRESS")
     monkeypatch.setenv("PMI_RANK", "3")                                    # MPI rank 3
     assert progress_bar(10, "fit", "voxel").disable
+
+
+def test_default_device_follows_jax_default_device():
+    """The memory budget and the CPU rule look at the device JAX computes on: a rank bound
+    to its device after JAX started (jax_default_device) is not measured on device 0."""
+    script = """
+import jax
+from nfjax.chunking import default_device
+first, second = jax.devices()
+assert default_device() is first
+jax.config.update("jax_default_device", second)
+assert default_device() is second
+jax.config.update("jax_default_device", "cpu")
+assert default_device() is first
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
