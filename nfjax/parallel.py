@@ -136,7 +136,7 @@ class Comm:
     def barrier(self) -> None:
         """Wait for every rank, sleeping between polls: MPI's blocking barrier spins a core
         at 100 % (MPICH), which on a shared node takes CPU from the rank everyone waits
-        for (rank 0 processing the images or writing files, a rank fitting a larger
+        for (rank 0 writing files or reading a resumed stage, a rank fitting a larger
         block)."""
         if self.mpi is None:
             return
