@@ -425,6 +425,74 @@ def test_process_under_mpiexec_writes_what_one_process_writes(tmp_path, capsys):
     assert [m.read_bytes() for m in medians] == one_medians
 
 
+_MPI_EDGE_SCRIPT = """
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from nfjax import images
+from nfjax.parallel import world
+
+comm = world()
+root = Path(sys.argv[1])
+cases = [dict(nz=2, ny=50, nf=4, strip=None, mem=None),    # fewer rows than ranks
+         dict(nz=37, ny=29, nf=7, strip=4, mem=30_000),    # strips, many row bands a rank
+         dict(nz=40, ny=48, nf=2, strip=None, mem=2_000),  # fewer frames than ranks
+         dict(nz=33, ny=31, nf=9, strip=33, mem=20_000)]   # one compressed strip
+for k, c in enumerate(cases):
+    d = root / f"c{k}"
+    if comm.rank == 0:
+        d.mkdir(parents=True)
+        rng = np.random.default_rng(k)
+        for f in range(2 * c["nf"]):
+            img = rng.poisson(100, size=(c["nz"], c["ny"])).astype(np.uint16)
+            for _ in range(3):      # 4 x 4 spots: they survive the median filter
+                z0, y0 = rng.integers(0, max(1, c["nz"] - 4)), rng.integers(0, c["ny"] - 4)
+                img[z0:z0 + 4, y0:y0 + 4] += 2000
+            opts = dict(compression="zlib", rowsperstrip=c["strip"]) if c["strip"] else {}
+            tifffile.imwrite(d / f"s_{f:06d}.tif", img, **opts)
+    comm.barrier()
+    p = types.SimpleNamespace(
+        n_distances=2, nr_pixels_y=c["ny"], nr_pixels_z=c["nz"], start_nr=0,
+        end_nr=c["nf"] - 1, n_frames=c["nf"], nr_files_per_distance=c["nf"], raw_start_nr=0,
+        wf_images=0, data_directory=str(d), output_dir=d, orig_file_name="s",
+        reduced_file_name="r", ext_orig="tif", ext_reduced="bin", blanket_subtraction=30,
+        med_filt_radius=1, gauss_filt_radius=1.0, log_mask_radius=4, do_log_filter=k % 2,
+        source="x")
+    medians = {}
+    vol = images.process_all(p, max_memory=c["mem"], progress=False, comm=comm,
+                             median_dir_writer=medians.__setitem__)
+    one = None
+    if comm.rank == 0:
+        one_medians = {}
+        words = images.process_all(p, max_memory=c["mem"], progress=False,
+                                   median_dir_writer=one_medians.__setitem__).words
+        one = (words, one_medians)
+    words, one_medians = comm.share(one)
+    assert np.bitwise_count(words).sum() > 100 and np.array_equal(vol.words, words), k
+    assert all(np.array_equal(medians[L], one_medians[L]) for L in range(2)), (k, comm.rank)
+    print(f"case {k} rank {comm.rank}: ok, {int(np.bitwise_count(words).sum())} lit")
+"""
+
+
+def test_process_all_under_mpiexec_edge_cases(tmp_path):
+    """process_all under mpiexec -n 3 equals one process (volume words and medians) where
+    the split is uneven: fewer detector rows than ranks, compressed strips read in many row
+    bands per rank, fewer frames than ranks under a tiny budget, single-strip compressed
+    frames; with and without the LoG."""
+    mpiexec = need_mpiexec("process_all under MPI")
+    script = tmp_path / "edge.py"
+    script.write_text(_MPI_EDGE_SCRIPT)
+    proc = subprocess.run([mpiexec, "-n", "3", sys.executable, str(script), str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count(": ok") == 12, proc.stdout
+
+
 def test_some_distances_into_a_new_file_warns(tmp_path, capsys):
     make_dataset(tmp_path)
     pfile = _write_params(tmp_path)
