@@ -157,6 +157,8 @@ def main() -> int:
     gb = 1 << 30
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "unknown"
+    mpi_note = (f" under mpiexec -n {args.ranks} (peak RSS: the largest rank)"
+                if args.ranks > 1 else "")
     budget = (f"--max-memory {args.max_memory / 2**20:.0f} MiB" if args.max_memory
               else "default memory budget")
     lines = [
@@ -167,7 +169,7 @@ def main() -> int:
         f"{' (' + args.compression + '-compressed)' if args.compression else ''} (Poisson "
         f"background 50-150 counts + 37-px disc spots of +800, {truth.size} spot pixels; "
         f"frames written in {gen:.0f} s), {budget}, processed in a child process"
-        f"{f' under mpiexec -n {args.ranks} (peak RSS: the largest rank)' if args.ranks > 1 else ''} "
+        f"{mpi_note} "
         "(wall time includes the temporal median pass and the spot pass; JIT compile included).",
         "",
         "| run | frames | pixels | wall s | frames/s | peak host RSS | lit pixels |",

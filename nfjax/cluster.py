@@ -119,8 +119,9 @@ def cluster_settings(params, max_angle=None, min_confidence=None, space_group=No
     if lattice is not None:
         lattice = np.asarray(lattice, dtype=np.float64).reshape(6)
         if not (np.isfinite(lattice).all() and (lattice > 0).all()):
+            found = " ".join(map(repr, lattice.tolist()))
             raise NfjaxError("cluster: lattice: expected six positive numbers a b c (Å) "
-                             f"alpha beta gamma (deg), found {' '.join(map(repr, lattice.tolist()))}")
+                             f"alpha beta gamma (deg), found {found}")
     # MIDAS reads only the spelling LatticeParameter (not the alias LatticeConstant).
     elif params is not None and params.lattice_parameter is not None and \
             "LatticeParameter" in params.lines:

@@ -130,6 +130,7 @@ assert default_device() is first
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu",
-                                            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                          timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu",
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -544,8 +544,9 @@ def _tiff_setup(directory: Path, n_frames: int) -> Path:
 
 def test_reconstruct_from_tiff_frames(tmp_path):
     """The -doImageProcessing 1 path: reconstruct processes the TIFF frames itself (once;
-    under MPI the ranks share the frames) and fits the volume it made. The map equals the map fitted from
-    the volume the frames were rendered from, and a 2-rank run writes the same files."""
+    under MPI the ranks share the frames) and fits the volume it made. The map equals the
+    map fitted from the volume the frames were rendered from, and a 2-rank run writes the
+    same files."""
     params = _tiff_setup(tmp_path / "tiff", n_frames=20)
     final = reconstruct(params, ff_seeds=True, progress=False)
     out = tmp_path / "tiff" / "out"
