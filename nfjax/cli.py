@@ -261,7 +261,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- process
 def _cmd_process(args: argparse.Namespace) -> int:
     from nfjax.images import run_process
+    from nfjax.parallel import world
 
+    world()   # under mpiexec, before the parameter file: its errors are printed once
     return run_process(args, _read_params(args.params))
 
 

@@ -905,6 +905,10 @@ def run_process(args, params=None) -> int:
     from nfjax.parallel import bind_device, world
     from nfjax.params import read_params
 
+    # Under mpiexec -n R the ranks share the frames (as MIDAS's ImageProcessingLibTiffOMP
+    # splits them over nodes); rank 0 writes and reports. MPI starts first, so that an
+    # error every rank meets is printed once (parallel.print_error).
+    comm = world()
     if params is None:           # the CLI passes the file it read (and warned about)
         params = read_params(args.params)
     params.require("nDistances", "StartNr", "EndNr", "OrigFileName", "extOrig")
@@ -927,15 +931,14 @@ def run_process(args, params=None) -> int:
     for target in (out, *medians.values()):
         check_target(target)
     check_frames(params, distances)
-    # Under mpiexec -n R the ranks share the frames (as MIDAS's ImageProcessingLibTiffOMP
-    # splits them over nodes); rank 0 writes and reports.
-    comm = world()
     if comm.size > 1:
         jax.config.update("jax_default_device", bind_device(comm)[0])
     base = None
-    if len(distances) < nd and out.exists():
-        # Like MIDAS, processing some distances keeps the others of an existing file.
-        base = comm.share(observe.read_spots_info(out, shape) if comm.is_root else None)
+    if len(distances) < nd:
+        # Like MIDAS, processing some distances keeps the others of an existing file. Rank
+        # 0 alone looks: another node may see the file's old state (or none).
+        base = comm.share(observe.read_spots_info(out, shape)
+                          if comm.is_root and out.exists() else None)
     kept = {}   # median images are written with SpotsInfo.bin, after every distance is done
 
     t0 = time.perf_counter()

@@ -110,10 +110,11 @@ class Comm:
         self.barrier()
         return np.concatenate(self.mpi.allgather(np.ascontiguousarray(rows)), axis=0)
 
-    def or_words(self, words: np.ndarray, ranges, chunk: int = 1 << 28) -> None:
+    def or_words(self, words: np.ndarray, ranges, chunk: int = 1 << 24) -> None:
         """Bitwise OR of every rank's uint32 ``words`` in the word ``ranges``
         (``[(start, stop), ...]``), in place on every rank, in pieces of at most ``chunk``
-        words (MPI counts are 32-bit). Ranks that lit disjoint frames of an observation
+        words (64 MiB: MPICH's in-place reduction takes a scratch buffer of a piece's
+        size). Ranks that lit disjoint frames of an observation
         volume thereby all hold the whole volume; a word two ranks share at a frame
         boundary gets both ranks' bits."""
         if self.mpi is None:

@@ -364,13 +364,30 @@ def test_cli_process_writes_spotsinfo_and_medians(tmp_path, capsys):
     np.testing.assert_array_equal(lit[lit >= per], truth[keep])
 
 
-def _mpi_process(mpiexec, ranks, pfile, *options):
+# nfjax process where ranks other than 0 see no file at -o (another node's stale view of a
+# shared file system): they must not decide from it whether to keep distances of the file.
+_STALE_VIEW = """
+import pathlib
+import sys
+
+from nfjax.cli import main
+from nfjax.parallel import world
+
+if world().rank:
+    seen = pathlib.Path.exists
+    hidden = pathlib.Path(sys.argv[sys.argv.index("-o") + 1]).resolve()
+    pathlib.Path.exists = lambda self: False if self.resolve() == hidden else seen(self)
+sys.exit(main(["process", *sys.argv[1:]]))
+"""
+
+
+def _mpi_process(mpiexec, ranks, pfile, *options, script=None, rc=0, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu", NFJAX_PROGRESS="0",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run([mpiexec, "-n", str(ranks), sys.executable, "-m", "nfjax.cli",
-                           "process", str(pfile), *options],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    command = [script] if script else ["-m", "nfjax.cli", "process"]
+    proc = subprocess.run([mpiexec, "-n", str(ranks), sys.executable, *command, str(pfile),
+                           *options], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == rc, proc.stderr[-2000:]
     return proc
 
 
@@ -380,7 +397,8 @@ def test_process_under_mpiexec_writes_what_one_process_writes(tmp_path, capsys):
     over nodes too). SpotsInfo.bin and the median images are byte for byte those of one
     process. The frame is 45 x 51 pixels, not a multiple of 32, so two ranks' frames meet
     inside a word; in the second run (2 frames per distance, 3 ranks) a rank has no frame,
-    and --distance 2 keeps distance 1 of an existing file that rank 0 alone reads."""
+    and --distance 2 keeps distance 1 of an existing file that rank 0 alone reads (the
+    other ranks do not see it). A missing frame is one error line, not one per rank."""
     mpiexec = need_mpiexec("nfjax process under MPI")
     global NZ, NY
     old = (NZ, NY)
@@ -419,10 +437,22 @@ def test_process_under_mpiexec_writes_what_one_process_writes(tmp_path, capsys):
                      str(tmp_path / "one2.bin")]) == 0
     one_medians = [m.read_bytes() for m in medians]
     medians[1].unlink()
-    _mpi_process(mpiexec, 3, pfile, "--distance", "2", "-o", str(tmp_path / "three2.bin"))
+    stale = tmp_path / "stale_view.py"
+    stale.write_text(_STALE_VIEW)
+    # (when ranks decided on their own, rank 0 waited in a broadcast, the others in the
+    # median's exchange, for ever)
+    _mpi_process(mpiexec, 3, pfile, "--distance", "2", "-o", str(tmp_path / "three2.bin"),
+                 script=str(stale), timeout=240)
     assert (tmp_path / "three2.bin").read_bytes() == (tmp_path / "one2.bin").read_bytes()
     assert (tmp_path / "one2.bin").read_bytes() != base
     assert [m.read_bytes() for m in medians] == one_medians
+
+    # An error every rank meets (a missing frame) is printed once, before any work.
+    frame.unlink()
+    proc = _mpi_process(mpiexec, 3, pfile, "-o", str(tmp_path / "never.bin"), rc=2)
+    assert proc.stderr.count("nfjax: error:") == 1 and "raw frame not found" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "never.bin").exists()
 
 
 _MPI_EDGE_SCRIPT = """
