@@ -31,7 +31,7 @@ from collections import deque
 
 import numpy as np
 
-from nfjax.errors import NfjaxError
+from nfjax.errors import NfjaxError, check_fraction
 from nfjax.io.atomic import atomic_write
 
 __all__ = ["MicGrains", "cluster_mic", "write_grains_csv", "DEFAULT_MIN_CONFIDENCE",
@@ -132,9 +132,7 @@ def cluster_settings(params, max_angle=None, min_confidence=None, space_group=No
     if not math.isfinite(angle) or angle <= 0:
         raise NfjaxError(f"cluster: max angle must be a positive number of degrees, "
                          f"found {angle!r}")
-    if not (math.isfinite(thr) and 0 <= thr <= 1):
-        raise NfjaxError(f"cluster: min confidence must be a number between 0 and 1, "
-                         f"found {thr!r}")
+    check_fraction(thr, "cluster: min confidence")
     return int(sg), angle, thr, lattice
 
 

@@ -210,7 +210,7 @@ def test_bad_max_angle_is_a_user_error(au):
     with pytest.raises(NfjaxError, match="max angle"):
         cluster_mic(au[0], max_angle=0.0)
     for value in (2.0, -0.1, float("nan")):
-        with pytest.raises(NfjaxError, match=rf"^cluster: min confidence must be a number "
+        with pytest.raises(NfjaxError, match=rf"^cluster: min confidence: expected a number "
                                              rf"between 0 and 1, found {value!r}$"):
             cluster_mic(au[0], min_confidence=value)
 
