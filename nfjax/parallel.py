@@ -70,8 +70,9 @@ class Comm:
         self.barrier()           # wait asleep: MPI's broadcast spins while rank 0 works
         return self.mpi.bcast(value, root=0)
 
-    def share(self, value, chunk: int = 1 << 30):
-        """Rank 0's ``value`` on every rank (other ranks pass anything, e.g. ``None``).
+    def share(self, value, chunk: int = 1 << 30, root: int = 0):
+        """Rank ``root``'s ``value`` (default rank 0's) on every rank (other ranks pass
+        anything, e.g. ``None``).
 
         Any picklable object; its NumPy arrays travel as raw buffers (pickle protocol 5,
         out of band; a read-only array arrives read-only), in pieces of at most ``chunk``
@@ -87,20 +88,29 @@ class Comm:
 
         self.barrier()           # wait asleep: MPI's broadcast spins while rank 0 works
         raws = []
-        if self.is_root:
+        sender = self.rank == root
+        if sender:
             buffers = []
             head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
             raws = [b.raw() for b in buffers]
             header = (head, [r.nbytes for r in raws])
-        head, sizes = self.mpi.bcast(header if self.is_root else None, root=0)
+        head, sizes = self.mpi.bcast(header if sender else None, root=root)
         received = []
         for k, size in enumerate(sizes):
-            buf = raws[k] if self.is_root else bytearray(size)
+            buf = raws[k] if sender else bytearray(size)
             view = memoryview(buf).cast("B")
             for start in range(0, size, chunk):
-                self.mpi.Bcast([view[start:start + chunk], MPI.BYTE], root=0)
+                self.mpi.Bcast([view[start:start + chunk], MPI.BYTE], root=root)
             received.append(buf)
-        return value if self.is_root else pickle.loads(head, buffers=received)
+        return value if sender else pickle.loads(head, buffers=received)
+
+    def gather_all(self, value) -> list:
+        """Every rank's ``value`` in rank order, on every rank (each sent as
+        :meth:`share` sends rank 0's: large arrays in pieces, without a pickled copy)."""
+        if self.mpi is None:
+            return [value]
+        return [self.share(value if r == self.rank else None, root=r)
+                for r in range(self.size)]
 
     def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
         """Every rank's ``rows`` concatenated in rank order, on every rank (parts of a

@@ -84,10 +84,19 @@ def seed_matrices(quats: np.ndarray) -> np.ndarray:
     return m
 
 
+def _chunk(n_orients: int, g: np.ndarray, max_memory=None) -> int:
+    """Orientations per chunk of :func:`_predict_chunks`."""
+    n_slots = 2 * int(np.shape(g)[0])
+    return chunk_size(n_orients, bytes_per_item=n_slots * 8 * 40, max_memory=max_memory,
+                      maximum=8192)
+
+
 def _predict_chunks(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom: Geometry, *,
-                    v=None, max_memory=None, progress=None, dtype=jnp.float64, collect=None):
+                    v=None, max_memory=None, progress=None, dtype=jnp.float64, collect=None,
+                    chunk: int | None = None):
     """:func:`predict_many` chunk by chunk: the list of ``collect((yl, zl, omega, valid),
-    n_valid)`` of each chunk (default: the chunk's arrays, trimmed)."""
+    n_valid)`` of each chunk (default: the chunk's arrays, trimmed). ``chunk``: the
+    orientations per chunk (default :func:`_chunk`)."""
     g_j = jnp.asarray(g, dtype)
     th_j = jnp.asarray(theta, dtype)
     v_j = None if v is None else jnp.asarray(v, dtype)
@@ -106,9 +115,7 @@ def _predict_chunks(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom:
     def run(u):
         return positions(*angles(u))
 
-    n_slots = 2 * int(np.shape(g)[0])
-    chunk = chunk_size(len(orients), bytes_per_item=n_slots * 8 * 40, max_memory=max_memory,
-                       maximum=8192)
+    chunk = chunk or _chunk(len(orients), g, max_memory)
     return map_chunked(run, [np.asarray(orients, np.float64).astype(dtype)], chunk,
                        desc="predict spots", unit="orient", progress=progress, collect=collect)
 
@@ -126,12 +133,25 @@ def predict_many(orients: np.ndarray, g: np.ndarray, theta: np.ndarray, geom: Ge
 
 
 def make_diffraction_spots(quats: np.ndarray, g: np.ndarray, theta: np.ndarray,
-                           geom: Geometry, *, max_memory=None, progress=None) -> SpotTable:
+                           geom: Geometry, *, max_memory=None, progress=None,
+                           comm=None) -> SpotTable:
     """MakeDiffrSpots: the spot table of seed quaternions ``quats (N,4+)``.
 
     ``g (R,3)``, ``theta (R,)`` are the ring-selected reflections in file order.
+    ``comm`` (:class:`nfjax.parallel.Comm`) with several ranks: the ranks share the
+    orientations, whole chunks of rank 0's chunk size each (so every chunk is computed as
+    one process computes it), and every rank returns the whole table.
     """
     orients = seed_matrices(quats)
+    first, chunk = 0, None
+    if comm is not None and comm.size > 1:
+        from nfjax.parallel import block_range
+
+        chunk = comm.bcast(_chunk(len(orients), g, max_memory) if comm.is_root else None)
+        c0, c1 = block_range(-(-len(orients) // chunk), comm.rank, comm.size)
+        first, last = c0 * chunk, min(len(orients), c1 * chunk)
+        if not comm.is_root:
+            progress = False
 
     def compact(out, k):
         # Each chunk keeps only its valid slots (about a fifth of the 2R): the full
@@ -140,8 +160,11 @@ def make_diffraction_spots(quats: np.ndarray, g: np.ndarray, theta: np.ndarray,
         counts, (y, z, w) = _compact(valid, yl, zl, om)
         return counts, np.stack([y, z, w], axis=1)
 
-    parts = _predict_chunks(orients, g, theta, geom, max_memory=max_memory,
-                            progress=progress, collect=compact)
+    parts = _predict_chunks(orients[first:last] if chunk else orients, g, theta, geom,
+                            max_memory=max_memory, progress=progress, collect=compact,
+                            chunk=chunk)
+    if chunk:                       # every rank's chunks, in order, on every rank
+        parts = [p for mine in comm.gather_all(parts) for p in mine]
     counts = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     spots = (np.concatenate([p[1] for p in parts]) if parts
              else np.zeros((0, 3), np.float64))

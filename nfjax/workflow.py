@@ -435,8 +435,10 @@ def _spots(run: Run, name: str, hkls, quats, out_dir: Path):
                         geometry_key(p))
 
     def compute():
+        # Under MPI the ranks share the orientations (every rank gets the whole table).
         spots = make_diffraction_spots(quats, table.g, table.theta, geom,
-                                       max_memory=run.max_memory, progress=run.progress)
+                                       max_memory=run.max_memory, progress=run.progress,
+                                       comm=run.comm)
         if run.comm.is_root:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_spot_files(out_dir, spots)

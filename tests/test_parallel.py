@@ -235,3 +235,48 @@ def test_processes_that_mpi_does_not_join_are_refused():
     # NFJAX_MPI=off: a task farm (srun starting independent runs) runs each on its own.
     assert _world("no-mpi4py", NFJAX_MPI="off", **srun) == "size 1"
     assert "NFJAX_MPI=off" in _world("mpi4py", **srun)
+
+
+_SPOTS_SCRIPT = """
+import numpy as np
+
+from nfjax.crystal import hkls_from_params, select_rings
+from nfjax.data import au_example
+from nfjax.geometry import geometry_from_params
+from nfjax.params import read_params
+from nfjax.parallel import world
+from nfjax.seeds import uniform_seeds
+from nfjax.spots import _chunk, make_diffraction_spots
+
+comm = world()
+params = read_params(au_example()["params"])
+table = select_rings(hkls_from_params(params), params.rings_to_use)
+geom = geometry_from_params(params)
+quats = uniform_seeds(225, 4.0)
+budget = 37 * 2 * len(table.g) * 8 * 40          # 37 orientations a chunk
+assert _chunk(len(quats), table.g, budget) == 37 and len(quats) > 4 * 37
+split = make_diffraction_spots(quats, table.g, table.theta, geom, max_memory=budget,
+                               progress=False, comm=comm)
+one = comm.share(make_diffraction_spots(quats, table.g, table.theta, geom, progress=False)
+                 if comm.rank == 0 else None)
+for name in ("key", "spots", "orient"):
+    a, b = getattr(split, name), getattr(one, name)
+    assert a.dtype == b.dtype and np.array_equal(a, b), name
+assert comm.gather_all(("rank", comm.rank)) == [("rank", r) for r in range(comm.size)]
+open(f"ok{comm.rank}", "w").close()
+"""
+
+
+def test_ranks_share_the_spot_prediction(tmp_path):
+    """make_diffraction_spots under mpiexec -n 3: each rank predicts whole chunks of the
+    orientations (here chunks of 37 of a 4 deg cubic library, so the split is uneven and
+    the last chunk partial) and every rank ends with the table one process computes with
+    its default chunks, bit for bit."""
+    mpiexec = need_mpiexec()
+    script = tmp_path / "spots.py"
+    script.write_text(_SPOTS_SCRIPT)
+    proc = subprocess.run([mpiexec, "-n", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all((tmp_path / f"ok{r}").exists() for r in range(3))
