@@ -568,6 +568,13 @@ class _FrameFile:
         self.rows_per_strip = rows_per_strip
         self._checked = True
 
+    @property
+    def decoded_whole(self) -> bool:
+        """Whether reading any rows decodes the whole frame (compressed in one strip, or in
+        tiles)."""
+        self._check()
+        return self.offset is None and not self.rows_per_strip
+
     def rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) as uint16 (r1-r0, NY)."""
         self._check()
@@ -751,6 +758,13 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
                                  desc=f"median d{L + 1}")
     else:
         z0, z1 = block_range(nz, rank, size)
+        band = max(1, min(z1 - z0, (budget // 3) // max(1, 2 * nf * ny)))   # temporal_median's
+        n_bands = -(-(z1 - z0) // band)
+        if n_bands > 1 and rank == 0 and files and files[0].decoded_whole:
+            # the budget that reads every frame once: the stack (one process) or a rank's
+            # rows in one band (MPI), on top of the volume
+            need = words.nbytes + (2 * stack_bytes if size == 1 else 6 * nf * ny * (z1 - z0))
+            _warn_decoded_whole(files[0].path, n_bands, need)
 
         def bands(r0, r1):
             return _prefetch((f.rows(z0 + r0, z0 + r1) for f in files), depth=32)
@@ -811,6 +825,22 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
     finally:
         bar.close()
     return median
+
+
+_warned_decoded_whole = False
+
+
+def _warn_decoded_whole(path: Path, n_bands: int, need: int) -> None:
+    """Say once per process that the median reads frames that are decoded whole (compressed
+    in one strip, or in tiles) once per row band, and which --max-memory avoids it."""
+    global _warned_decoded_whole
+    if not _warned_decoded_whole:
+        _warned_decoded_whole = True
+        size = (f"{math.ceil(need / (1 << 20))}MB" if need < 1 << 30
+                else f"{math.ceil(10 * need / (1 << 30)) / 10:g}GB")
+        print(f"warning: {path}: compressed in one strip or in tiles, so every frame is "
+              f"decoded whole for each of the median's {n_bands} row bands (slow); "
+              f"--max-memory {size} or more decodes each frame once", file=sys.stderr)
 
 
 def _clear_bits(words: np.ndarray, k0: int, k1: int) -> None:

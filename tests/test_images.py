@@ -14,6 +14,7 @@ import tifffile
 
 from conftest import need_mpiexec
 from nfjax import images, observe
+from nfjax.chunking import parse_memory
 from nfjax.cli import main as cli_main
 from nfjax.errors import InputFileError, ParamError
 
@@ -263,6 +264,43 @@ def test_band_reading_and_compressed_tiffs_agree(tmp_path):
     assert one.shape == (1, NF, NY, NZ)
     np.testing.assert_array_equal(one.words, ref.words)
     np.testing.assert_array_equal(observe.lit_indices(one), truth)
+
+
+def test_frames_decoded_whole_warn_once_with_the_budget_that_avoids_it(tmp_path, capsys,
+                                                                       monkeypatch):
+    """Frames compressed in one strip are decoded whole for every row band of the median:
+    one warning names the first frame, the number of bands and a --max-memory with which
+    every frame is decoded once; with that budget each frame is read once, no warning, and
+    the same volume."""
+    params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
+    for p in images.frame_paths(params, 0):
+        tifffile.imwrite(p, tifffile.imread(p), compression="zlib", rowsperstrip=NZ)
+    monkeypatch.setattr(images, "_warned_decoded_whole", False)
+    reads = []
+    whole = images._FrameFile.read
+    monkeypatch.setattr(images._FrameFile, "read",
+                        lambda self: reads.append(self.path) or whole(self))
+    banded = images.process_all(params, progress=False, max_memory=200_000)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(
+        f"warning: {images.frame_path(params, 0, 0)}: compressed in one strip"), err
+    n_bands = int(err.split("median's ")[1].split()[0])
+    assert n_bands > 1 and len(reads) == NF * (n_bands + 1)      # bands, then the spot pass
+    suggested = parse_memory(err.split("--max-memory ")[1].split()[0])
+    images.process_all(params, progress=False, max_memory=200_000)
+    assert capsys.readouterr().err == ""                          # once per process
+    # The exact budget that keeps the stack (twice the stack beside the volume), which the
+    # suggestion rounds up: one byte less still reads bands and warns.
+    need = NF * NY * NZ // 8 + 4 * NF * NY * NZ
+    assert need <= suggested < need + (1 << 20)
+    monkeypatch.setattr(images, "_warned_decoded_whole", False)
+    images.process_all(params, progress=False, max_memory=need - 1)
+    assert "compressed in one strip" in capsys.readouterr().err
+    reads.clear()
+    once = images.process_all(params, progress=False, max_memory=need)
+    assert capsys.readouterr().err == "" and len(reads) == NF
+    np.testing.assert_array_equal(once.words, banded.words)
+    np.testing.assert_array_equal(observe.lit_indices(once), truth)
 
 
 @pytest.mark.parametrize("options", [
