@@ -376,6 +376,12 @@ def _process_batch(raw, median, blanket, *, med_radius, do_log_filter, log_passe
 
 
 # =========================================================================== temporal median
+def _band_rows(n: int, nz: int, ny: int, max_memory: int) -> int:
+    """Rows per band of :func:`temporal_median` over ``n`` frames of ``nz`` x ``ny``: as
+    many as fit ``max_memory`` (n x band of uint16), at least one."""
+    return max(1, min(nz, max_memory // max(1, 2 * n * ny)))
+
+
 def temporal_median(frames, n: int, shape: tuple[int, int], *, max_memory: int | None = None,
                     progress: bool | None = False, desc: str = "median"):
     """Per-pixel lower median (element of rank (n-1)//2, as MIDAS) over n frames; uint16 (NZ, NY).
@@ -392,7 +398,7 @@ def temporal_median(frames, n: int, shape: tuple[int, int], *, max_memory: int |
     rank = (n - 1) // 2
     budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
     if callable(frames):
-        rows = max(1, min(nz, budget // max(1, 2 * n * ny)))
+        rows = _band_rows(n, nz, ny, budget)
     else:
         rows = nz
         it = iter(frames)
@@ -758,8 +764,7 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
                                  desc=f"median d{L + 1}")
     else:
         z0, z1 = block_range(nz, rank, size)
-        band = max(1, min(z1 - z0, (budget // 3) // max(1, 2 * nf * ny)))   # temporal_median's
-        n_bands = -(-(z1 - z0) // band)
+        n_bands = -(-(z1 - z0) // _band_rows(nf, z1 - z0, ny, budget // 3))
         if n_bands > 1 and rank == 0 and files and files[0].decoded_whole:
             # the budget that reads every frame once: the stack (one process) or a rank's
             # rows in one band (MPI), on top of the volume
@@ -911,7 +916,7 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
     for L in distances:
         _clear_bits(words, L * per_distance_bits, (L + 1) * per_distance_bits)
         median = _process_into(params, L, words, L * nf, progress=progress,
-                               max_memory=budget_left, comm=comm if parallel else None)
+                               max_memory=budget_left, comm=comm)
         if median_dir_writer is not None:
             median_dir_writer(L, median)
     if parallel:

@@ -113,12 +113,10 @@ class Comm:
                 for r in range(self.size)]
 
     def allgather_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Every rank's ``rows`` concatenated in rank order, on every rank (parts of a
-        median image: tens of MB, one pickled message each)."""
+        """Every rank's ``rows`` concatenated in rank order, on every rank."""
         if self.mpi is None:
             return rows
-        self.barrier()
-        return np.concatenate(self.mpi.allgather(np.ascontiguousarray(rows)), axis=0)
+        return np.concatenate(self.gather_all(rows), axis=0)
 
     def or_words(self, words: np.ndarray, ranges, chunk: int = 1 << 24) -> None:
         """Bitwise OR of every rank's uint32 ``words`` in the word ``ranges``

@@ -143,7 +143,7 @@ def make_diffraction_spots(quats: np.ndarray, g: np.ndarray, theta: np.ndarray,
     one process computes it), and every rank returns the whole table.
     """
     orients = seed_matrices(quats)
-    first, chunk = 0, None
+    first, last, chunk = 0, len(orients), None
     if comm is not None and comm.size > 1:
         from nfjax.parallel import block_range
 
@@ -160,9 +160,8 @@ def make_diffraction_spots(quats: np.ndarray, g: np.ndarray, theta: np.ndarray,
         counts, (y, z, w) = _compact(valid, yl, zl, om)
         return counts, np.stack([y, z, w], axis=1)
 
-    parts = _predict_chunks(orients[first:last] if chunk else orients, g, theta, geom,
-                            max_memory=max_memory, progress=progress, collect=compact,
-                            chunk=chunk)
+    parts = _predict_chunks(orients[first:last], g, theta, geom, max_memory=max_memory,
+                            progress=progress, collect=compact, chunk=chunk)
     if chunk:                       # every rank's chunks, in order, on every rank
         parts = [p for mine in comm.gather_all(parts) for p in mine]
     counts = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
