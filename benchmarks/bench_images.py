@@ -8,13 +8,15 @@ few frames. Prints, and with --record appends to benchmarks/RESULTS.md: frames, 
 bytes read, wall time of each pass, frames/s, peak RSS, and the spot recall.
 
     .venv/bin/python benchmarks/bench_images.py --frames 200 [--record] [--keep DIR]
-        [--compression zlib] [--max-memory BYTES] [--ranks R]
+        [--compression zlib [--one-strip]] [--max-memory BYTES] [--ranks R]
 
 ``--ranks R`` processes under ``mpiexec -n R``: the ranks share the distance (each the
 median of its detector rows and the spots of its frames), as ``nfjax process`` does.
 
 ``--compression zlib`` writes the frames as tifffile does by default (deflate in strips of
 64 rows); with a ``--max-memory`` below the stack the median then reads compressed row bands.
+``--one-strip`` writes each compressed frame in one strip, so that it can only be decoded
+whole: the median decodes each frame once into a temporary copy that its row bands read.
 
 Work done is reported next to time: pixels filtered = frames x 2048^2; bytes read from disk
 = 2 x that for the median pass plus 2 x that again for the spot pass (frames are read twice
@@ -42,7 +44,7 @@ NPIX = 2048
 
 
 def make_frames(folder: Path, n: int, seed: int = 0, spots: int = 40,
-                compression: str | None = None) -> np.ndarray:
+                compression: str | None = None, one_strip: bool = False) -> np.ndarray:
     """Write n frames; return the sorted SpotsInfo bit indices of the drawn spot pixels."""
     import tifffile
 
@@ -68,7 +70,8 @@ def make_frames(folder: Path, n: int, seed: int = 0, spots: int = 40,
         img[pix[:, 0], pix[:, 1]] += 800.0
         tifffile.imwrite(folder / f"bench_{f:06d}.tif",
                          np.clip(np.rint(img), 0, 65535).astype(np.uint16),
-                         compression=compression)
+                         compression=compression,
+                         **({"rowsperstrip": NPIX} if compression and one_strip else {}))
         truth.append(observe.bit_index((1, n, NPIX, NPIX), 0, f,
                                        NPIX - 1 - pix[:, 1], NPIX - 1 - pix[:, 0]))
     return np.sort(np.concatenate(truth))
@@ -123,6 +126,9 @@ def main() -> int:
                     help="frames for the DoLoGFilter 1 run (the LoG passes are costly on CPU)")
     ap.add_argument("--max-memory", type=int, default=None)
     ap.add_argument("--compression", default=None, help="write the frames compressed (zlib)")
+    ap.add_argument("--one-strip", action="store_true",
+                    help="with --compression: each frame in one strip (as areaDetector's "
+                         "NDFileTIFF writes), so that it can only be decoded whole")
     ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     ap.add_argument("--keep", default=None, help="scratch folder to keep (default: temp)")
     ap.add_argument("--ranks", type=int, default=1,
@@ -137,7 +143,8 @@ def main() -> int:
     scratch = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nfjax-bench-"))
     try:
         t = time.perf_counter()
-        truth = make_frames(scratch / "d0", args.frames, compression=args.compression)
+        truth = make_frames(scratch / "d0", args.frames, compression=args.compression,
+                            one_strip=args.one_strip)
         gen = time.perf_counter() - t
         res0 = run_child(scratch / "d0", args.frames, 0, args.max_memory, args.ranks)
         lit = np.load(scratch / "d0" / "lit_0.npy")
@@ -166,7 +173,9 @@ def main() -> int:
         f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX backend {res0['backend']}",
         "",
         f"One distance of {args.frames} synthetic 2048x2048 uint16 frames"
-        f"{' (' + args.compression + '-compressed)' if args.compression else ''} (Poisson "
+        f"{' (' + args.compression + '-compressed' if args.compression else ''}"
+        f"{', one strip each' if args.compression and args.one_strip else ''}"
+        f"{')' if args.compression else ''} (Poisson "
         f"background 50-150 counts + 37-px disc spots of +800, {truth.size} spot pixels; "
         f"frames written in {gen:.0f} s), {budget}, processed in a child process"
         f"{mpi_note} "

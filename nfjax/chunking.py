@@ -110,12 +110,13 @@ def _warn_below_budget(budget: int, smallest: int) -> None:
     global _warned_below_budget
     if not _warned_below_budget:
         _warned_below_budget = True
-        print(f"warning: --max-memory {_size(budget)} is below the smallest chunk of this "
-              f"work ({_size(smallest)}): it runs one unit at a time, above the budget; "
-              "give at least that", file=sys.stderr)
+        print(f"warning: --max-memory {format_bytes(budget)} is below the smallest chunk of "
+              f"this work ({format_bytes(smallest)}): it runs one unit at a time, above the "
+              "budget; give at least that", file=sys.stderr)
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """A byte count for messages: '1.5 GB', '200 MB', '12 B'."""
     for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"

@@ -408,7 +408,11 @@ def temporal_median(frames, n: int, shape: tuple[int, int], *, max_memory: int |
         for r0 in range(0, nz, rows):
             r1 = min(nz, r0 + rows)
             band_iter = frames(r0, r1) if callable(frames) else it
-            out[r0:r1] = _band_median(band_iter, n, r1 - r0, ny, rank, bar)
+            try:
+                out[r0:r1] = _band_median(band_iter, n, r1 - r0, ny, rank, bar)
+            finally:
+                if callable(frames) and hasattr(band_iter, "close"):
+                    band_iter.close()   # a reader thread stops before its source goes
     finally:
         bar.close()
     return out
@@ -727,10 +731,106 @@ def _batch_size(ny: int, nz: int, budget: int, cfg: dict) -> int:
     return int(max(1, min(16, (budget // 8) // per)))
 
 
+# Room left beside a temporary copy of decoded frames, so that it never fills a disk.
+_SPILL_MARGIN = 1 << 30
+
+
+class _FrameSpill:
+    """A temporary raw copy of rows [z0, z1) of every frame of one distance, for frames that
+    can only be decoded whole (compressed in one strip, or in tiles).
+
+    The median's first row band decodes each frame once and writes its rows here (native
+    uint16, frame after frame); the later bands, and the spot pass when the copy holds
+    whole frames, read them back instead of decoding every frame again. The file is
+    unlinked as soon as it is created, so nothing is left behind however the run ends. A
+    write that fails (a full disk) drops the copy with a warning, and the remaining bands
+    decode the frames again.
+    """
+
+    def __init__(self, fd: int, path: Path, n: int, rows: int, ny: int, unlinked: bool):
+        self.fd: int | None = fd
+        self.path, self.n, self.rows, self.ny = path, n, rows, ny
+        self.frame_bytes = 2 * rows * ny
+        self.unlinked = unlinked
+        self.ready = False      # every frame written
+
+    @classmethod
+    def create(cls, folder: Path, n: int, rows: int, ny: int) -> tuple["_FrameSpill | None", str]:
+        """(spill, "") or (None, why not): the folder lacks room (the copy plus 1 GB) or
+        cannot hold a new file."""
+        import shutil
+        import tempfile
+
+        from nfjax.chunking import format_bytes
+
+        need = 2 * n * rows * ny
+        try:
+            free = shutil.disk_usage(folder).free
+            if free < need + _SPILL_MARGIN:
+                return None, (f"{folder} has {format_bytes(free)} free, a temporary copy "
+                              f"of the frames needs {format_bytes(need)} and 1 GB to spare")
+            fd, name = tempfile.mkstemp(prefix=".nfjax-frames-", suffix=".raw", dir=folder)
+        except OSError as exc:
+            return None, f"no temporary file can be made in {folder} ({exc.strerror})"
+        try:
+            os.unlink(name)
+            unlinked = True
+        except OSError:         # a platform that cannot unlink an open file: at close
+            unlinked = False
+        return cls(fd, Path(name), n, rows, ny, unlinked), ""
+
+    def filling(self, blocks: Iterable[np.ndarray], r0: int, r1: int) -> Iterator[np.ndarray]:
+        """Write each frame's rows (``blocks``: n arrays (rows, NY), in frame order) to the
+        copy and yield rows [r0, r1) of each."""
+        j = 0
+        for block in blocks:
+            if self.fd is not None:
+                self._write(j, np.ascontiguousarray(block, dtype=np.uint16))
+            yield block[r0:r1].copy()   # not a view: the whole block is freed
+            j += 1
+        self.ready = self.fd is not None and j == self.n
+
+    def _write(self, j: int, block: np.ndarray) -> None:
+        view = memoryview(block).cast("B")
+        offset = j * self.frame_bytes
+        try:
+            while len(view):
+                done = os.pwrite(self.fd, view, offset)
+                view, offset = view[done:], offset + done
+        except OSError as exc:
+            print(f"warning: {self.path}: writing the temporary copy of the decoded frames "
+                  f"failed ({exc.strerror}); the median decodes every frame again for each "
+                  "row band", file=sys.stderr)
+            self.close()
+
+    def band(self, r0: int, r1: int) -> Iterator[np.ndarray]:
+        """Rows [r0, r1) of each frame, read back from the copy."""
+        count = 2 * (r1 - r0) * self.ny
+        for j in range(self.n):
+            data = os.pread(self.fd, count, j * self.frame_bytes + 2 * r0 * self.ny)
+            if len(data) != count:
+                raise NfjaxError(f"{self.path}: the temporary copy of the decoded frames "
+                                 f"is short ({len(data)} of {count} bytes of frame {j})")
+            yield np.frombuffer(data, dtype=np.uint16).reshape(r1 - r0, self.ny)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self.ready = False
+            if not self.unlinked:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+
+
 def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: bool | None,
-                  max_memory: int | None, comm=None) -> np.ndarray:
+                  max_memory: int | None, comm=None, scratch: Path | None = None) -> np.ndarray:
     """Process distance L (0-based); OR its lit bits into ``words`` with frame f at volume
     frame ``frame0 + f`` (the caller clears the range first). Returns the median image.
+
+    ``scratch``: the folder of the temporary copy (:class:`_FrameSpill`) of frames that are
+    decoded whole, when the median reads them in several row bands (default: the system's
+    temporary folder).
 
     ``comm`` with several ranks (MPI): each rank computes the median of its block of
     detector rows and lights its block of frames (MIDAS splits ImageProcessingLibTiffOMP
@@ -751,35 +851,92 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
     # every frame is read once; otherwise read row bands now and whole frames again later.
     # Under MPI a rank reads its rows of every frame, then its frames whole.
     stack_bytes = 2 * nf * ny * nz
-    stack = None
-    if size == 1 and stack_bytes <= budget // 2:
-        stack = np.empty((nf, nz, ny), dtype=np.uint16)
+    stack = spill = None
+    try:
+        if size == 1 and stack_bytes <= budget // 2:
+            stack = np.empty((nf, nz, ny), dtype=np.uint16)
 
-        def whole():
-            for j, frame in enumerate(_prefetch((f.read() for f in files), depth=8)):
-                stack[j] = frame
-                yield frame
+            def whole():
+                for j, frame in enumerate(_prefetch((f.read() for f in files), depth=8)):
+                    stack[j] = frame
+                    yield frame
 
-        median = temporal_median(whole(), nf, (nz, ny), max_memory=budget, progress=progress,
-                                 desc=f"median d{L + 1}")
-    else:
-        z0, z1 = block_range(nz, rank, size)
-        n_bands = -(-(z1 - z0) // _band_rows(nf, z1 - z0, ny, budget // 3))
-        if n_bands > 1 and rank == 0 and files and files[0].decoded_whole:
-            # the budget that reads every frame once: the stack (one process) or a rank's
-            # rows in one band (MPI), on top of the volume
-            need = words.nbytes + (2 * stack_bytes if size == 1 else 6 * nf * ny * (z1 - z0))
-            _warn_decoded_whole(files[0].path, n_bands, need)
+            median = temporal_median(whole(), nf, (nz, ny), max_memory=budget,
+                                     progress=progress, desc=f"median d{L + 1}")
+        else:
+            z0, z1 = block_range(nz, rank, size)
+            n_bands = -(-(z1 - z0) // _band_rows(nf, z1 - z0, ny, budget // 3))
+            if n_bands > 1 and files and files[0].decoded_whole:
+                # Decoding every frame once per band costs bands x the decoding (22 ms for
+                # a 2048^2 zlib frame): keep the decoded rows in a temporary file instead.
+                spill = _spill_or_warn(files[0].path, scratch, nf, z1 - z0, ny, n_bands,
+                                       words.nbytes + (2 * stack_bytes if size == 1
+                                                       else 6 * nf * ny * (z1 - z0)),
+                                       rank == 0)
 
-        def bands(r0, r1):
-            return _prefetch((f.rows(z0 + r0, z0 + r1) for f in files), depth=32)
+            def bands(r0, r1):
+                if spill is not None and spill.ready:
+                    return _prefetch(spill.band(r0, r1), depth=32)
+                if spill is not None and spill.fd is not None:     # the first band fills it
+                    return _prefetch(spill.filling((f.rows(z0, z1) for f in files), r0, r1),
+                                     depth=32)
+                return _prefetch((f.rows(z0 + r0, z0 + r1) for f in files), depth=32)
 
-        median = temporal_median(bands, nf, (z1 - z0, ny), max_memory=budget // 3,
-                                 progress=progress, desc=f"median d{L + 1}{mine}")
-        if size > 1:
-            median = comm.allgather_rows(median)
+            median = temporal_median(bands, nf, (z1 - z0, ny), max_memory=budget // 3,
+                                     progress=progress, desc=f"median d{L + 1}{mine}")
+            if size > 1:
+                median = comm.allgather_rows(median)
+        _light_frames(params, L, files, words, frame0, median, stack,
+                      spill if spill is not None and spill.ready and size == 1 else None,
+                      budget=budget, progress=progress, comm=comm, mine=mine)
+    finally:
+        if spill is not None:
+            spill.close()
+    return median
 
-    # Pass 2: per-frame filters on the device in fixed-size batches (one compilation).
+
+def _spill_or_warn(first: Path, scratch: Path | None, n: int, rows: int, ny: int,
+                   n_bands: int, need: int, tell: bool) -> _FrameSpill | None:
+    """A :class:`_FrameSpill` in ``scratch`` for ``n`` frames of ``rows`` x ``ny``, with a
+    note saying so; or, when it cannot be made, None and a warning that every frame is
+    decoded once per band, with the --max-memory (``need`` bytes) that avoids it. Both are
+    said once per process, and only where ``tell`` (rank 0)."""
+    import tempfile
+
+    from nfjax.chunking import format_bytes
+
+    folder = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
+    # an output folder that is not made yet: its first existing parent
+    folder = next((p for p in (folder, *folder.parents) if p.is_dir()), folder)
+    spill, why = _FrameSpill.create(folder, n, rows, ny)
+    if tell and spill is not None:
+        _tell_decoded_whole(f"note: {first}: compressed in one strip or in tiles, so each "
+                            f"frame is decoded once into a temporary file in {folder} "
+                            f"({format_bytes(2 * n * rows * ny)}, deleted when done) for the "
+                            f"median's {n_bands} row bands")
+    elif tell:
+        size = (f"{math.ceil(need / (1 << 20))}MB" if need < 1 << 30
+                else f"{math.ceil(10 * need / (1 << 30)) / 10:g}GB")
+        _tell_decoded_whole(f"warning: {first}: compressed in one strip or in tiles, so every "
+                            f"frame is decoded whole for each of the median's {n_bands} row "
+                            f"bands (slow: {why}); --max-memory {size} or more decodes each "
+                            "frame once")
+    return spill
+
+
+def _light_frames(params, L: int, files: list, words: np.ndarray, frame0: int,
+                  median: np.ndarray, stack: np.ndarray | None, spill: _FrameSpill | None, *,
+                  budget: int, progress: bool | None, comm, mine: str) -> None:
+    """Pass 2 of :func:`_process_into`: the per-frame filters of this rank's frames, read
+    from ``stack`` (every frame in memory), ``spill`` (whole frames in a temporary copy)
+    or the files, lit bits ORed into ``words``."""
+    from nfjax.parallel import block_range
+
+    nf = len(files)
+    ny, nz = int(params.nr_pixels_y), int(params.nr_pixels_z)
+    size, rank = (1, 0) if comm is None else (comm.size, comm.rank)
+
+    # Per-frame filters on the device in fixed-size batches (one compilation).
     f0, f1 = block_range(nf, rank, size)
     count = f1 - f0
     cfg = _config(params)
@@ -788,8 +945,12 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
     median_dev = jnp.asarray(median)
     blanket = jnp.int32(int(getattr(params, "blanket_subtraction", 0) or 0))
     frame_words = ny * nz // 32
-    source = (stack[j] for j in range(nf)) if stack is not None else \
-        _prefetch((f.read() for f in files[f0:f1]), depth=2 * bsz)
+    if stack is not None:
+        source = (stack[j] for j in range(nf))
+    elif spill is not None:
+        source = _prefetch(spill.band(0, nz), depth=2 * bsz)
+    else:
+        source = _prefetch((f.read() for f in files[f0:f1]), depth=2 * bsz)
     bar = progress_bar(count, f"spots d{L + 1}{mine}", "frame", progress)
     pending = None  # (first frame, count, device result): keeps the device one batch ahead
 
@@ -829,23 +990,19 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
             drain(pending)
     finally:
         bar.close()
-    return median
+        if hasattr(source, "close"):
+            source.close()      # its reader thread stops before the spill is closed
 
 
-_warned_decoded_whole = False
+_told_decoded_whole = False
 
 
-def _warn_decoded_whole(path: Path, n_bands: int, need: int) -> None:
-    """Say once per process that the median reads frames that are decoded whole (compressed
-    in one strip, or in tiles) once per row band, and which --max-memory avoids it."""
-    global _warned_decoded_whole
-    if not _warned_decoded_whole:
-        _warned_decoded_whole = True
-        size = (f"{math.ceil(need / (1 << 20))}MB" if need < 1 << 30
-                else f"{math.ceil(10 * need / (1 << 30)) / 10:g}GB")
-        print(f"warning: {path}: compressed in one strip or in tiles, so every frame is "
-              f"decoded whole for each of the median's {n_bands} row bands (slow); "
-              f"--max-memory {size} or more decodes each frame once", file=sys.stderr)
+def _tell_decoded_whole(line: str) -> None:
+    """Print ``line`` (about frames decoded whole) once per process."""
+    global _told_decoded_whole
+    if not _told_decoded_whole:
+        _told_decoded_whole = True
+        print(line, file=sys.stderr)
 
 
 def _clear_bits(words: np.ndarray, k0: int, k1: int) -> None:
@@ -883,7 +1040,7 @@ def process_distance(params, distance_index: int, *, progress: bool | None = Tru
 def process_all(params, distances: Sequence[int] | None = None, max_memory: int | None = None,
                 *, base: observe.ObsVolume | None = None, progress: bool | None = True,
                 median_dir_writer: Callable[[int, np.ndarray], None] | None = None,
-                comm=None) -> observe.ObsVolume:
+                comm=None, scratch: Path | str | None = None) -> observe.ObsVolume:
     """Process the distances (0-based; default all) into one full-shape ObsVolume (host words).
 
     ``base``: an existing volume to update (its other distances are kept, the processed
@@ -892,7 +1049,9 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
     ``comm`` (:class:`nfjax.parallel.Comm`) with several ranks: the ranks share the work
     of every distance (each its block of detector rows for the median, its block of
     frames for the spots), every rank passes the same ``base`` and returns the whole
-    volume; progress is shown by rank 0 only.
+    volume; progress is shown by rank 0 only. ``scratch``: the folder for a temporary copy
+    of frames that are decoded whole (compressed in one strip, or in tiles) when the median
+    reads them in row bands (default: the system's temporary folder).
     """
     nd = int(params.n_distances)
     nf = _frames_per_distance(params)
@@ -916,7 +1075,8 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
     for L in distances:
         _clear_bits(words, L * per_distance_bits, (L + 1) * per_distance_bits)
         median = _process_into(params, L, words, L * nf, progress=progress,
-                               max_memory=budget_left, comm=comm)
+                               max_memory=budget_left, comm=comm,
+                               scratch=None if scratch is None else Path(scratch))
         if median_dir_writer is not None:
             median_dir_writer(L, median)
     if parallel:
@@ -978,7 +1138,7 @@ def run_process(args, params=None) -> int:
 
     t0 = time.perf_counter()
     vol = process_all(params, distances, max_memory, base=base, progress=None,
-                      median_dir_writer=kept.__setitem__, comm=comm)
+                      median_dir_writer=kept.__setitem__, comm=comm, scratch=out.parent)
     if not comm.is_root:
         return 0
     observe.write_spots_info(out, vol)

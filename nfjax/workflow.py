@@ -470,6 +470,7 @@ def _observations(run: Run):
         # rank 0 writes the files.
         root = run.comm.is_root
         vol = process_all(p, None, run.max_memory, progress=run.progress, comm=run.comm,
+                          scratch=path.parent,
                           median_dir_writer=(lambda L, m: write_median_image(
                               median_image_path(p, L), m)) if root else None)
         if root:

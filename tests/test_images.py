@@ -2,6 +2,7 @@
 naming, bad-input errors, and a synthetic frames -> SpotsInfo round trip."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import tifffile
 
 from conftest import need_mpiexec
 from nfjax import images, observe
-from nfjax.chunking import parse_memory
+from nfjax.chunking import format_bytes, parse_memory
 from nfjax.cli import main as cli_main
 from nfjax.errors import InputFileError, ParamError
 
@@ -266,24 +267,67 @@ def test_band_reading_and_compressed_tiffs_agree(tmp_path):
     np.testing.assert_array_equal(observe.lit_indices(one), truth)
 
 
-def test_frames_decoded_whole_warn_once_with_the_budget_that_avoids_it(tmp_path, capsys,
-                                                                       monkeypatch):
-    """Frames compressed in one strip are decoded whole for every row band of the median:
-    one warning names the first frame, the number of bands and a --max-memory with which
-    every frame is decoded once; with that budget each frame is read once, no warning, and
-    the same volume."""
-    params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
+def _single_strip(params):
     for p in images.frame_paths(params, 0):
         tifffile.imwrite(p, tifffile.imread(p), compression="zlib", rowsperstrip=NZ)
-    monkeypatch.setattr(images, "_warned_decoded_whole", False)
+
+
+def _count_decodes(monkeypatch) -> list:
     reads = []
     whole = images._FrameFile.read
     monkeypatch.setattr(images._FrameFile, "read",
                         lambda self: reads.append(self.path) or whole(self))
-    banded = images.process_all(params, progress=False, max_memory=200_000)
+    return reads
+
+
+def test_frames_decoded_whole_are_decoded_once_into_a_temporary_copy(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Frames compressed in one strip, read by the median in several row bands: each frame
+    is decoded once, its rows kept in a temporary file in the scratch folder (one note says
+    so, once per process); the later bands and the spot pass read the copy, the volume is
+    the one of the stack held in memory, and no file is left behind."""
+    params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
+    ref = images.process_all(params, progress=False)
+    _single_strip(params)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(images, "_told_decoded_whole", False)
+    reads = _count_decodes(monkeypatch)
+    made = []
+    create = images._FrameSpill.create.__func__
+    monkeypatch.setattr(images._FrameSpill, "create", classmethod(
+        lambda cls, *a: made.append(create(cls, *a)) or made[-1]))
+    vol = images.process_all(params, progress=False, max_memory=200_000, scratch=scratch)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(
+        f"note: {images.frame_path(params, 0, 0)}: compressed in one strip"), err
+    assert f"temporary file in {scratch} ({format_bytes(2 * NF * NY * NZ)}, deleted" in err
+    n_bands = int(err.split("median's ")[1].split()[0])
+    assert n_bands > 1 and len(reads) == NF                      # once, not bands + 1
+    spill = made[0][0]
+    assert spill.unlinked and spill.fd is None and list(scratch.iterdir()) == []
+    np.testing.assert_array_equal(vol.words, ref.words)
+    np.testing.assert_array_equal(observe.lit_indices(vol), truth)
+    images.process_all(params, progress=False, max_memory=200_000, scratch=scratch)
+    assert capsys.readouterr().err == ""                          # once per process
+
+
+def test_frames_decoded_whole_without_room_warn_once_with_the_budget_that_avoids_it(
+        tmp_path, capsys, monkeypatch):
+    """With no room for the temporary copy, every frame is decoded for each row band: one
+    warning names the first frame, the number of bands, why there is no copy, and a
+    --max-memory with which every frame is decoded once; with that budget each frame is
+    read once, no warning, and the same volume."""
+    params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
+    _single_strip(params)
+    monkeypatch.setattr(images, "_SPILL_MARGIN", 1 << 62)      # no disk has this to spare
+    monkeypatch.setattr(images, "_told_decoded_whole", False)
+    reads = _count_decodes(monkeypatch)
+    banded = images.process_all(params, progress=False, max_memory=200_000, scratch=tmp_path)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(
         f"warning: {images.frame_path(params, 0, 0)}: compressed in one strip"), err
+    assert f"(slow: {tmp_path} has " in err and "free, a temporary copy" in err, err
     n_bands = int(err.split("median's ")[1].split()[0])
     assert n_bands > 1 and len(reads) == NF * (n_bands + 1)      # bands, then the spot pass
     suggested = parse_memory(err.split("--max-memory ")[1].split()[0])
@@ -293,7 +337,7 @@ def test_frames_decoded_whole_warn_once_with_the_budget_that_avoids_it(tmp_path,
     # suggestion rounds up: one byte less still reads bands and warns.
     need = NF * NY * NZ // 8 + 4 * NF * NY * NZ
     assert need <= suggested < need + (1 << 20)
-    monkeypatch.setattr(images, "_warned_decoded_whole", False)
+    monkeypatch.setattr(images, "_told_decoded_whole", False)
     images.process_all(params, progress=False, max_memory=need - 1)
     assert "compressed in one strip" in capsys.readouterr().err
     reads.clear()
@@ -301,6 +345,32 @@ def test_frames_decoded_whole_warn_once_with_the_budget_that_avoids_it(tmp_path,
     assert capsys.readouterr().err == "" and len(reads) == NF
     np.testing.assert_array_equal(once.words, banded.words)
     np.testing.assert_array_equal(observe.lit_indices(once), truth)
+
+
+def test_a_temporary_copy_that_cannot_be_written_is_dropped(tmp_path, capsys, monkeypatch):
+    """A write to the temporary copy that fails (a full disk) drops it with a warning
+    naming it: the remaining bands and the spot pass decode the frames again, and the
+    volume is unchanged."""
+    params, _, _ = make_dataset(tmp_path, n_distances=1, seed=4)
+    ref = images.process_all(params, progress=False)
+    _single_strip(params)
+    writes = []
+    pwrite = os.pwrite
+
+    def full_disk(fd, data, offset):
+        writes.append(offset)
+        if len(writes) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(images.os, "pwrite", full_disk)
+    reads = _count_decodes(monkeypatch)
+    vol = images.process_all(params, progress=False, max_memory=200_000, scratch=tmp_path)
+    err = capsys.readouterr().err
+    assert "writing the temporary copy of the decoded frames failed (No space left" in err
+    assert len(writes) == 4 and len(reads) > 2 * NF
+    np.testing.assert_array_equal(vol.words, ref.words)
+    assert not any(p.name.startswith(".nfjax-frames-") for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("options", [
