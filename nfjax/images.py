@@ -735,6 +735,26 @@ def _batch_size(ny: int, nz: int, budget: int, cfg: dict) -> int:
 _SPILL_MARGIN = 1 << 30
 
 
+def _in_memory_folder(folder: Path, mounts: str = "/proc/self/mounts") -> str | None:
+    """The file system type when ``folder`` is on one held in memory (tmpfs, ramfs), where
+    a temporary copy would take the memory the budget was meant to spare; else None."""
+    try:
+        target = os.path.realpath(folder)
+        best, kind = "", None
+        with open(mounts) as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, parts[2]
+    except OSError:             # not Linux: nothing to tell
+        return None
+    return kind if kind in ("tmpfs", "ramfs") else None
+
+
 class _FrameSpill:
     """A temporary raw copy of rows [z0, z1) of every frame of one distance, for frames that
     can only be decoded whole (compressed in one strip, or in tiles).
@@ -742,85 +762,117 @@ class _FrameSpill:
     The median's first row band decodes each frame once and writes its rows here (native
     uint16, frame after frame); the later bands, and the spot pass when the copy holds
     whole frames, read them back instead of decoding every frame again. The file is
-    unlinked as soon as it is created, so nothing is left behind however the run ends. A
-    write that fails (a full disk) drops the copy with a warning, and the remaining bands
-    decode the frames again.
+    unlinked as soon as it is created, so nothing is left behind however the run ends (on
+    a local disk; NFS keeps a ``.nfs*`` file until the process ends). A write that fails
+    (a full disk) drops the copy with a warning, and the remaining bands decode the frames
+    again. Reads and writes run in reader threads; a lock keeps them off a closed file.
     """
 
-    def __init__(self, fd: int, path: Path, n: int, rows: int, ny: int, unlinked: bool):
+    def __init__(self, fd: int, path: Path, n: int, rows: int, ny: int):
         self.fd: int | None = fd
         self.path, self.n, self.rows, self.ny = path, n, rows, ny
         self.frame_bytes = 2 * rows * ny
-        self.unlinked = unlinked
         self.ready = False      # every frame written
+        self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, folder: Path, n: int, rows: int, ny: int) -> tuple["_FrameSpill | None", str]:
-        """(spill, "") or (None, why not): the folder lacks room (the copy plus 1 GB) or
+    def create(cls, folder: Path, n: int, rows: int, ny: int, *,
+               room: int) -> tuple["_FrameSpill | None", str]:
+        """(spill, "") or (None, why not): the folder lacks ``room`` bytes and 1 GB to spare
+        (``room``: what every rank's copy may need there together), is held in memory, or
         cannot hold a new file."""
         import shutil
         import tempfile
 
         from nfjax.chunking import format_bytes
 
-        need = 2 * n * rows * ny
+        if not hasattr(os, "pwrite"):
+            return None, "this platform has no positional file reads and writes"
+        kind = _in_memory_folder(folder)
+        if kind is not None:
+            return None, f"{folder} is held in memory ({kind})"
         try:
             free = shutil.disk_usage(folder).free
-            if free < need + _SPILL_MARGIN:
+            if free < room + _SPILL_MARGIN:
                 return None, (f"{folder} has {format_bytes(free)} free, a temporary copy "
-                              f"of the frames needs {format_bytes(need)} and 1 GB to spare")
+                              f"of the frames needs {format_bytes(room)} and 1 GB to spare")
             fd, name = tempfile.mkstemp(prefix=".nfjax-frames-", suffix=".raw", dir=folder)
         except OSError as exc:
             return None, f"no temporary file can be made in {folder} ({exc.strerror})"
         try:
             os.unlink(name)
-            unlinked = True
-        except OSError:         # a platform that cannot unlink an open file: at close
-            unlinked = False
-        return cls(fd, Path(name), n, rows, ny, unlinked), ""
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            return None, f"{name} cannot be unlinked while open ({exc.strerror})"
+        return cls(fd, Path(name), n, rows, ny), ""
 
     def filling(self, blocks: Iterable[np.ndarray], r0: int, r1: int) -> Iterator[np.ndarray]:
         """Write each frame's rows (``blocks``: n arrays (rows, NY), in frame order) to the
         copy and yield rows [r0, r1) of each."""
         j = 0
         for block in blocks:
-            if self.fd is not None:
-                self._write(j, np.ascontiguousarray(block, dtype=np.uint16))
+            self._write(j, np.ascontiguousarray(block, dtype=np.uint16))
             yield block[r0:r1].copy()   # not a view: the whole block is freed
             j += 1
-        self.ready = self.fd is not None and j == self.n
+        # Set in the reader thread before it hands over its end mark, so the band's
+        # consumer sees it once the band is done.
+        with self._lock:
+            self.ready = self.fd is not None and j == self.n
 
     def _write(self, j: int, block: np.ndarray) -> None:
         view = memoryview(block).cast("B")
         offset = j * self.frame_bytes
-        try:
-            while len(view):
-                done = os.pwrite(self.fd, view, offset)
-                view, offset = view[done:], offset + done
-        except OSError as exc:
-            print(f"warning: {self.path}: writing the temporary copy of the decoded frames "
-                  f"failed ({exc.strerror}); the median decodes every frame again for each "
-                  "row band", file=sys.stderr)
-            self.close()
+        with self._lock:
+            if self.fd is None:
+                return
+            try:
+                while len(view):
+                    done = os.pwrite(self.fd, view, offset)
+                    view, offset = view[done:], offset + done
+                return
+            except OSError as exc:
+                failure = exc.strerror
+            self._close_locked()
+        _tell_once("spill-write", f"warning: {self.path}: writing the temporary copy of the "
+                   f"decoded frames failed ({failure}); the median decodes every frame again "
+                   "for each row band")
 
     def band(self, r0: int, r1: int) -> Iterator[np.ndarray]:
         """Rows [r0, r1) of each frame, read back from the copy."""
         count = 2 * (r1 - r0) * self.ny
         for j in range(self.n):
-            data = os.pread(self.fd, count, j * self.frame_bytes + 2 * r0 * self.ny)
-            if len(data) != count:
-                raise NfjaxError(f"{self.path}: the temporary copy of the decoded frames "
-                                 f"is short ({len(data)} of {count} bytes of frame {j})")
-            yield np.frombuffer(data, dtype=np.uint16).reshape(r1 - r0, self.ny)
+            buf = bytearray(count)
+            view, offset = memoryview(buf), j * self.frame_bytes + 2 * r0 * self.ny
+            with self._lock:
+                if self.fd is None:
+                    raise NfjaxError(f"{self.path}: the temporary copy of the decoded frames "
+                                     "was closed while being read")
+                while len(view):
+                    got = os.preadv(self.fd, [view], offset) if hasattr(os, "preadv") \
+                        else _pread_into(self.fd, view, offset)
+                    if got == 0:
+                        raise NfjaxError(f"{self.path}: the temporary copy of the decoded "
+                                         f"frames is short (frame {j})")
+                    view, offset = view[got:], offset + got
+            yield np.frombuffer(buf, dtype=np.uint16).reshape(r1 - r0, self.ny)
 
     def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
             self.ready = False
-            if not self.unlinked:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
 
 
 def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: bool | None,
@@ -872,7 +924,7 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
                 spill = _spill_or_warn(files[0].path, scratch, nf, z1 - z0, ny, n_bands,
                                        words.nbytes + (2 * stack_bytes if size == 1
                                                        else 6 * nf * ny * (z1 - z0)),
-                                       rank == 0)
+                                       comm)
 
             def bands(r0, r1):
                 if spill is not None and spill.ready:
@@ -896,31 +948,34 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
 
 
 def _spill_or_warn(first: Path, scratch: Path | None, n: int, rows: int, ny: int,
-                   n_bands: int, need: int, tell: bool) -> _FrameSpill | None:
-    """A :class:`_FrameSpill` in ``scratch`` for ``n`` frames of ``rows`` x ``ny``, with a
-    note saying so; or, when it cannot be made, None and a warning that every frame is
-    decoded once per band, with the --max-memory (``need`` bytes) that avoids it. Both are
-    said once per process, and only where ``tell`` (rank 0)."""
+                   n_bands: int, need: int, comm) -> _FrameSpill | None:
+    """A :class:`_FrameSpill` in ``scratch`` for ``n`` frames of ``rows`` x ``ny`` (this
+    rank's rows), with a note from rank 0 saying so; or, when it cannot be made, None and a
+    warning from this rank that every frame is decoded once per band, why, and the
+    --max-memory (``need`` bytes) that avoids it. Each is said once per process."""
     import tempfile
 
     from nfjax.chunking import format_bytes
 
+    size, rank = (1, 0) if comm is None else (comm.size, comm.rank)
     folder = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
     # an output folder that is not made yet: its first existing parent
     folder = next((p for p in (folder, *folder.parents) if p.is_dir()), folder)
-    spill, why = _FrameSpill.create(folder, n, rows, ny)
-    if tell and spill is not None:
-        _tell_decoded_whole(f"note: {first}: compressed in one strip or in tiles, so each "
-                            f"frame is decoded once into a temporary file in {folder} "
-                            f"({format_bytes(2 * n * rows * ny)}, deleted when done) for the "
-                            f"median's {n_bands} row bands")
-    elif tell:
-        size = (f"{math.ceil(need / (1 << 20))}MB" if need < 1 << 30
-                else f"{math.ceil(10 * need / (1 << 30)) / 10:g}GB")
-        _tell_decoded_whole(f"warning: {first}: compressed in one strip or in tiles, so every "
-                            f"frame is decoded whole for each of the median's {n_bands} row "
-                            f"bands (slow: {why}); --max-memory {size} or more decodes each "
-                            "frame once")
+    # Every rank's copy may go to this folder (a shared output folder): room for them all.
+    spill, why = _FrameSpill.create(folder, n, rows, ny, room=2 * n * rows * ny * size)
+    who = f"rank {rank}: " if size > 1 else ""
+    if spill is not None and rank == 0:
+        copy = format_bytes(2 * n * rows * ny) + (f" on each of {size} ranks" if size > 1
+                                                  else "")
+        _tell_once("spill", f"note: {first}: compressed in one strip or in tiles, so each "
+                   f"frame is decoded once into a temporary file in {folder} ({copy}, "
+                   f"deleted when done) for the median's {n_bands} row bands")
+    elif spill is None:
+        mem = (f"{math.ceil(need / (1 << 20))}MB" if need < 1 << 30
+               else f"{math.ceil(10 * need / (1 << 30)) / 10:g}GB")
+        _tell_once("no-spill", f"warning: {who}{first}: compressed in one strip or in tiles, "
+                   f"so every frame is decoded whole for each of the median's {n_bands} row "
+                   f"bands (slow: {why}); --max-memory {mem} or more decodes each frame once")
     return spill
 
 
@@ -994,14 +1049,13 @@ def _light_frames(params, L: int, files: list, words: np.ndarray, frame0: int,
             source.close()      # its reader thread stops before the spill is closed
 
 
-_told_decoded_whole = False
+_told: set[str] = set()
 
 
-def _tell_decoded_whole(line: str) -> None:
-    """Print ``line`` (about frames decoded whole) once per process."""
-    global _told_decoded_whole
-    if not _told_decoded_whole:
-        _told_decoded_whole = True
+def _tell_once(key: str, line: str) -> None:
+    """Print ``line`` to stderr, the first time only for each ``key`` in this process."""
+    if key not in _told:
+        _told.add(key)
         print(line, file=sys.stderr)
 
 
@@ -1022,18 +1076,20 @@ def _clear_bits(words: np.ndarray, k0: int, k1: int) -> None:
 
 
 def process_distance(params, distance_index: int, *, progress: bool | None = True,
-                     max_memory: int | None = None):
+                     max_memory: int | None = None, scratch: Path | str | None = None):
     """Process one distance (0-based): returns (median image, lit volume).
 
     median image: uint16 (NZ, NY), unflipped (as the TIFF). lit volume: ObsVolume of shape
-    (1, n_frames, NY, NZ) with host words (flipped y/z, SpotsInfo layout).
+    (1, n_frames, NY, NZ) with host words (flipped y/z, SpotsInfo layout). ``scratch`` as
+    in :func:`process_all`.
     """
     nf = _frames_per_distance(params)
     shape = (1, nf, int(params.nr_pixels_y), int(params.nr_pixels_z))
     vol = observe.empty(shape)
     budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
     median = _process_into(params, int(distance_index), vol.words, 0, progress=progress,
-                           max_memory=max(budget - vol.words.nbytes, budget // 4))
+                           max_memory=max(budget - vol.words.nbytes, budget // 4),
+                           scratch=None if scratch is None else Path(scratch))
     return median, vol
 
 
@@ -1051,7 +1107,8 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
     frames for the spots), every rank passes the same ``base`` and returns the whole
     volume; progress is shown by rank 0 only. ``scratch``: the folder for a temporary copy
     of frames that are decoded whole (compressed in one strip, or in tiles) when the median
-    reads them in row bands (default: the system's temporary folder).
+    reads them in row bands (default: the system's temporary folder; never a folder held
+    in memory, such as a tmpfs /tmp).
     """
     nd = int(params.n_distances)
     nf = _frames_per_distance(params)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,12 +293,12 @@ def test_frames_decoded_whole_are_decoded_once_into_a_temporary_copy(tmp_path, c
     _single_strip(params)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr(images, "_told_decoded_whole", False)
+    monkeypatch.setattr(images, "_told", set())
     reads = _count_decodes(monkeypatch)
     made = []
     create = images._FrameSpill.create.__func__
     monkeypatch.setattr(images._FrameSpill, "create", classmethod(
-        lambda cls, *a: made.append(create(cls, *a)) or made[-1]))
+        lambda cls, *a, **k: made.append(create(cls, *a, **k)) or made[-1]))
     vol = images.process_all(params, progress=False, max_memory=200_000, scratch=scratch)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(
@@ -305,7 +307,7 @@ def test_frames_decoded_whole_are_decoded_once_into_a_temporary_copy(tmp_path, c
     n_bands = int(err.split("median's ")[1].split()[0])
     assert n_bands > 1 and len(reads) == NF                      # once, not bands + 1
     spill = made[0][0]
-    assert spill.unlinked and spill.fd is None and list(scratch.iterdir()) == []
+    assert spill.fd is None and list(scratch.iterdir()) == []
     np.testing.assert_array_equal(vol.words, ref.words)
     np.testing.assert_array_equal(observe.lit_indices(vol), truth)
     images.process_all(params, progress=False, max_memory=200_000, scratch=scratch)
@@ -321,7 +323,7 @@ def test_frames_decoded_whole_without_room_warn_once_with_the_budget_that_avoids
     params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
     _single_strip(params)
     monkeypatch.setattr(images, "_SPILL_MARGIN", 1 << 62)      # no disk has this to spare
-    monkeypatch.setattr(images, "_told_decoded_whole", False)
+    monkeypatch.setattr(images, "_told", set())
     reads = _count_decodes(monkeypatch)
     banded = images.process_all(params, progress=False, max_memory=200_000, scratch=tmp_path)
     err = capsys.readouterr().err.strip()
@@ -337,7 +339,7 @@ def test_frames_decoded_whole_without_room_warn_once_with_the_budget_that_avoids
     # suggestion rounds up: one byte less still reads bands and warns.
     need = NF * NY * NZ // 8 + 4 * NF * NY * NZ
     assert need <= suggested < need + (1 << 20)
-    monkeypatch.setattr(images, "_told_decoded_whole", False)
+    monkeypatch.setattr(images, "_told", set())
     images.process_all(params, progress=False, max_memory=need - 1)
     assert "compressed in one strip" in capsys.readouterr().err
     reads.clear()
@@ -364,13 +366,59 @@ def test_a_temporary_copy_that_cannot_be_written_is_dropped(tmp_path, capsys, mo
         return pwrite(fd, data, offset)
 
     monkeypatch.setattr(images.os, "pwrite", full_disk)
+    monkeypatch.setattr(images, "_told", set())
     reads = _count_decodes(monkeypatch)
     vol = images.process_all(params, progress=False, max_memory=200_000, scratch=tmp_path)
     err = capsys.readouterr().err
-    assert "writing the temporary copy of the decoded frames failed (No space left" in err
+    assert err.count("writing the temporary copy of the decoded frames failed (No space "
+                     "left") == 1, err
     assert len(writes) == 4 and len(reads) > 2 * NF
     np.testing.assert_array_equal(vol.words, ref.words)
     assert not any(p.name.startswith(".nfjax-frames-") for p in tmp_path.iterdir())
+    # a second distance that fails too: the warning is not repeated
+    images.process_all(params, progress=False, max_memory=200_000, scratch=tmp_path)
+    assert "writing the temporary copy" not in capsys.readouterr().err
+
+
+def test_no_temporary_copy_in_memory_or_without_room_for_every_rank(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The copy never goes to a folder held in memory (a tmpfs /tmp) and needs room for
+    every rank's share; the note (rank 0) and the warning (any rank, naming it) are told
+    once each, independently."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda1 / ext4 rw 0 0\nnone /scratch\\040x tmpfs rw 0 0\n"
+                      "tmpfs /scratch/disk/x ramfs rw 0 0\n/dev/sdb /scratch/disk ext4 rw 0 0\n")
+    kind = images._in_memory_folder
+    assert kind(Path("/scratch x/a"), str(mounts)) == "tmpfs"
+    assert kind(Path("/scratch/disk/y"), str(mounts)) is None
+    assert kind(Path("/scratch/disk/x/z"), str(mounts)) == "ramfs"
+    assert kind(Path("/scratchy"), str(mounts)) is None
+    assert kind(Path("/srv"), str(tmp_path / "none")) is None      # no mount table
+
+    monkeypatch.setattr(images, "_told", set())
+    args = (Path("f.tif"), tmp_path, 10, 8, 16, 3, 1 << 20)
+    monkeypatch.setattr(images, "_in_memory_folder", lambda folder: "tmpfs")
+    assert images._spill_or_warn(*args, None) is None
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: f.tif: compressed in one strip") and \
+        f"(slow: {tmp_path} is held in memory (tmpfs));" in err, err
+    monkeypatch.setattr(images, "_in_memory_folder", lambda folder: None)
+    monkeypatch.setattr(images, "_told", set())
+    share = 2 * 10 * 8 * 16
+    free = images._SPILL_MARGIN + 3 * share - 1           # room for 2 shares, not 3
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=free))
+    rank = lambda r, n: types.SimpleNamespace(rank=r, size=n)   # noqa: E731
+    spill = images._spill_or_warn(*args, rank(0, 2))             # the note, from rank 0
+    assert spill is not None and "note: f.tif:" in capsys.readouterr().err
+    spill.close()
+    spill = images._spill_or_warn(*args, rank(1, 2))             # no second note
+    assert spill is not None and capsys.readouterr().err == ""
+    spill.close()
+    assert images._spill_or_warn(*args, rank(1, 3)) is None      # three shares: no room
+    err = capsys.readouterr().err
+    assert err.startswith("warning: rank 1: f.tif: compressed") and "free, a temporary " \
+        f"copy of the frames needs {format_bytes(3 * share)} and 1 GB to spare" in err, err
+    assert list(tmp_path.glob(".nfjax-frames-*")) == []
 
 
 @pytest.mark.parametrize("options", [
@@ -566,6 +614,7 @@ def test_process_under_mpiexec_writes_what_one_process_writes(tmp_path, capsys):
 _MPI_EDGE_SCRIPT = """
 import sys
 import types
+from pathlib import Path
 from pathlib import Path
 
 import numpy as np
