@@ -275,8 +275,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _space_group(text: str) -> int:
+    """argparse type: a space group number 1..230."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= 230:
+        raise argparse.ArgumentTypeError(f"expected a space group number 1..230, found {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0 (a random seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the house rule for user errors) that
+    points to ``--help`` instead of printing the usage block; exit status 2 as before."""
+
+    def error(self, message: str):
+        from nfjax.parallel import print_error
+
+        print_error(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="nfjax",
         description="GPU-first JAX near-field HEDM reconstruction (MIDAS-compatible).",
     )
@@ -313,10 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_uni = seeds_sub.add_parser(
         "uniform", help="near-uniform orientations in the fundamental zone")
-    p_uni.add_argument("--space-group", type=int, required=True, help="space group number")
+    p_uni.add_argument("--space-group", type=_space_group, required=True, help="space group number")
     p_uni.add_argument("--resolution", type=float, default=1.5,
                        help="approximate spacing in degrees (default 1.5)")
-    p_uni.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_uni.add_argument("--seed", type=_count, default=0, help="random seed (default 0)")
     p_uni.add_argument("-o", "--output", default="seeds.csv", help="output (default seeds.csv)")
     p_uni.set_defaults(func=_cmd_seeds_uniform)
 
@@ -328,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cl.add_argument("--max-angle", type=float, default=None, help="degrees (default 1.0)")
     p_cl.add_argument("--min-confidence", type=float, default=None,
                       help="minimum voxel confidence (default 0.04)")
-    p_cl.add_argument("--space-group", type=int, default=None, help="default 225")
+    p_cl.add_argument("--space-group", type=_space_group, default=None, help="default 225")
     p_cl.add_argument("--lattice", type=float, nargs=6, default=None,
                       metavar=("A", "B", "C", "ALPHA", "BETA", "GAMMA"),
                       help="lattice columns of the output, Å and degrees (default: "
@@ -342,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot.add_argument("-o", "--output", default="map.png",
                         help="output image (default map.png; the suffix picks the format, "
                              "e.g. .png, .jpg, .svg, .pdf)")
-    p_plot.add_argument("--space-group", type=int, default=225, help="default 225")
+    p_plot.add_argument("--space-group", type=_space_group, default=225, help="default 225")
     p_plot.add_argument("--min-confidence", type=float, default=0.0,
                         help="draw voxels below this confidence grey in the orientation map "
                              "(default 0: none)")
@@ -355,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="per-voxel misorientation between two mic files matched by position")
     p_cmp.add_argument("a", help="mic file to evaluate (text or binary)")
     p_cmp.add_argument("b", help="reference mic file (text or binary), e.g. ground truth")
-    p_cmp.add_argument("--space-group", type=int, default=225,
+    p_cmp.add_argument("--space-group", type=_space_group, default=225,
                        help="space group for crystal symmetry (default 225)")
     p_cmp.add_argument("--nearest", type=float, default=None, metavar="UM",
                        help="pair each reference voxel with the nearest voxel of A within UM "
@@ -384,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
     p_sim.add_argument("--tiff-dir", default=None,
                        help="also write raw-like TIFF frames (MIDAS naming) into this folder")
-    p_sim.add_argument("--seed", type=int, default=0, help="noise seed for --tiff-dir")
+    p_sim.add_argument("--seed", type=_count, default=0, help="noise seed for --tiff-dir")
     p_sim.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
     p_sim.set_defaults(func=_cmd_simulate)
 

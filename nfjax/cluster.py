@@ -129,10 +129,12 @@ def cluster_settings(params, max_angle=None, min_confidence=None, space_group=No
     else:
         lattice = np.zeros(6, dtype=np.float64)
     angle, thr = float(angle), float(thr)
+    source = getattr(params, "source", "the parameter file")
     if not math.isfinite(angle) or angle <= 0:
-        raise NfjaxError(f"cluster: max angle must be a positive number of degrees, "
-                         f"found {angle!r}")
-    check_fraction(thr, "cluster: min confidence")
+        where = "--max-angle" if max_angle is not None else f"MaxAngle in {source}"
+        raise NfjaxError(f"{where}: expected a positive number of degrees, found {angle!r}")
+    check_fraction(thr, "--min-confidence" if min_confidence is not None
+                   else f"MinConfidence/MinFracAccept in {source}")
     return int(sg), angle, thr, lattice
 
 

@@ -77,10 +77,10 @@ class Manifest:
         self.stages: dict[str, dict] = {}
         if resume and self.path.exists():
             try:
-                self.stages = json.loads(self.path.read_text())["stages"]
-            except (ValueError, KeyError) as exc:
+                self.stages = _manifest_stages(json.loads(self.path.read_text()))
+            except ValueError as exc:
                 raise NfjaxError(f"{self.path}: not a valid nfjax manifest ({exc}); delete it "
-                                 "or run without --resume") from exc
+                                 "or run without --resume") from None
 
     def is_done(self, name: str, inputs: str) -> bool:
         entry = self.stages.get(name)
@@ -103,6 +103,25 @@ class Manifest:
         }
         with atomic_write(self.path, "w") as fh:
             json.dump({"version": 1, "stages": self.stages}, fh, indent=1, sort_keys=True)
+
+
+def _manifest_stages(data) -> dict[str, dict]:
+    """The ``stages`` of a manifest's JSON, checked: {name: {"inputs": str, "outputs":
+    {path: str}}}; ValueError naming what is wrong otherwise."""
+    if not isinstance(data, dict) or "stages" not in data:
+        raise ValueError("expected an object with \"stages\", found "
+                         f"{type(data).__name__ if not isinstance(data, dict) else 'none'}")
+    stages = data["stages"]
+    if not isinstance(stages, dict):
+        raise ValueError(f"\"stages\": expected an object, found {type(stages).__name__}")
+    for name, entry in stages.items():
+        ok = (isinstance(entry, dict) and isinstance(entry.get("inputs"), str)
+              and isinstance(entry.get("outputs", {}), dict)
+              and all(isinstance(v, str) for v in entry.get("outputs", {}).values()))
+        if not ok:
+            raise ValueError(f"stage {name!r}: expected {{\"inputs\": text, \"outputs\": "
+                             f"{{file: fingerprint}}}}, found {json.dumps(entry)[:60]}")
+    return stages
 
 
 def array_hash(a) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from nfjax.cluster import cluster_mic, write_grains_csv
+from nfjax.cluster import cluster_mic, cluster_settings, write_grains_csv
 from nfjax.errors import NfjaxError
 from nfjax.io.grains import read_grains_csv
 from nfjax.io.mic import MicData, read_mic, write_binary_mic
@@ -207,12 +207,24 @@ def test_equal_confidences_keep_file_order_and_holes_are_skipped(tmp_path):
 
 
 def test_bad_max_angle_is_a_user_error(au):
-    with pytest.raises(NfjaxError, match="max angle"):
+    with pytest.raises(NfjaxError, match=r"^--max-angle: expected a positive number of "
+                                         r"degrees, found 0.0$"):
         cluster_mic(au[0], max_angle=0.0)
     for value in (2.0, -0.1, float("nan")):
-        with pytest.raises(NfjaxError, match=rf"^cluster: min confidence: expected a number "
+        with pytest.raises(NfjaxError, match=rf"^--min-confidence: expected a number "
                                              rf"between 0 and 1, found {value!r}$"):
             cluster_mic(au[0], min_confidence=value)
+    # from the parameter file: the key and the file are named
+    from types import SimpleNamespace
+    params = SimpleNamespace(space_group=225, max_angle=-1.0, min_frac_accept=None,
+                             min_confidence=0.5, lines={"MinConfidence": (3,)},
+                             lattice_parameter=None, source="ps.txt")
+    with pytest.raises(NfjaxError, match=r"^MaxAngle in ps.txt: expected a positive"):
+        cluster_settings(params)
+    params.max_angle, params.min_confidence = 1.0, 1.5
+    with pytest.raises(NfjaxError, match=r"^MinConfidence/MinFracAccept in ps.txt: expected "
+                                         r"a number between 0 and 1, found 1.5$"):
+        cluster_settings(params)
 
 
 def test_cli_cluster_neighbours_on_a_sparse_probe_says_why(midas_au, tmp_path, capsys):

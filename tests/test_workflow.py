@@ -858,3 +858,30 @@ def test_demo_prints_accuracy_and_draws_the_four_grains(tmp_path, capsys):
     assert np.all(counts > 20 * voxels), counts
     share = counts / counts.sum()
     np.testing.assert_allclose(share, voxels / voxels.sum(), atol=0.05)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{garbage", "Expecting property name"),
+    ("[]", 'expected an object with "stages", found list'),
+    ("null", 'expected an object with "stages", found NoneType'),
+    ('{"version": 99}', 'expected an object with "stages", found none'),
+    ('{"stages": []}', '"stages": expected an object, found list'),
+    ('{"stages": {"fit": 3}}', "stage 'fit': expected"),
+    ('{"stages": {"fit": {"inputs": "a", "outputs": {"x": 1}}}}', "stage 'fit': expected"),
+])
+def test_a_malformed_manifest_is_a_one_line_error(tmp_path, text, why):
+    """--resume on a manifest that is not JSON, or JSON of another shape: a one-line error
+    naming the file and what is wrong, not a TypeError from deep in the run."""
+    from nfjax.errors import NfjaxError
+    from nfjax.workflow import MANIFEST, Manifest
+
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(NfjaxError) as info:
+        Manifest(tmp_path, resume=True)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / MANIFEST}: not a valid nfjax manifest (") and \
+        why in msg and "\n" not in msg, msg
+    good = '{"version": 1, "stages": {"fit": {"inputs": "a", "outputs": {"x": "b"}}}}'
+    (tmp_path / MANIFEST).write_text(good)
+    assert Manifest(tmp_path, resume=True).stages == {"fit": {"inputs": "a",
+                                                              "outputs": {"x": "b"}}}
