@@ -1,6 +1,8 @@
 """Mic files (binary, text, AllMatches): byte parity with MIDAS's FitOrientationOMP/ParseMic."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -197,6 +199,30 @@ def test_non_finite_mic_values_are_refused(tmp_path, column, name, value):
     write_text_mic(tmp_path / "t.mic", rec)
     with pytest.raises(InputFileError, match=rf"^{tmp_path}/t.mic:7: {name} must be a finite "
                        rf"number, found {value!r}$"):
+        read_mic(tmp_path / "t.mic")
+
+
+@pytest.mark.parametrize("column, name, value, limit", [
+    (3, "X", 1e300, "1e+06"), (4, "Y", -2e6, "1e+06"), (5, "TriEdgeSize", 1.5e6, "1e+06"),
+    (9, "Eul3", -1e30, "1000")])
+def test_implausible_mic_values_are_refused(tmp_path, column, name, value, limit):
+    """A position or edge beyond 1 m, an Euler angle beyond 1000 rad: a corrupt or non-mic
+    file (random bytes read as float64), refused on reading with the record and column,
+    instead of overflowing later (a map crashed on one voxel at X = 1e300)."""
+    rec = np.zeros((3, 11))
+    rec[:, 5], rec[:, 10] = 1.0, 0.5
+    rec[1, 3:5] = 9.9e5, -9.9e5                  # within the limits: fine
+    rec[1, 7:10] = 999.0
+    write_binary_mic(tmp_path / "ok.mic", rec)
+    assert read_mic(tmp_path / "ok.mic").records[1, 3] == 9.9e5
+    rec[2, column] = value
+    write_binary_mic(tmp_path / "b.mic", rec)
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/b.mic: record 2 \(byte 176\): "
+                       rf"{name}: expected a magnitude below {re.escape(limit)} .*, found "
+                       rf"{re.escape(repr(value))}: not a mic file, or corrupt$"):
+        read_mic(tmp_path / "b.mic")
+    write_text_mic(tmp_path / "t.mic", rec)
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/t.mic:7: {name}: expected"):
         read_mic(tmp_path / "t.mic")
 
 

@@ -131,14 +131,31 @@ def read_binary_mic(path: str | os.PathLike) -> MicData:
                    kind="binary", path=str(path))
 
 
+# Bounds no real record reaches: positions and edges beyond 1 m, Euler angles beyond 1000
+# rad. A value past them means the file is not a mic file or is corrupt (random bytes read
+# as float64 give such values), and would otherwise overflow in the maps and comparisons.
+_MIC_LIMITS = ((slice(3, 6), 1e6, "µm, beyond any sample"),
+               (slice(7, 10), 1e3, "rad, beyond any Euler angle"))
+
+
 def _reject_non_finite(path: Path, table: np.ndarray, where) -> None:
-    """InputFileError at the first NaN or infinity of ``table``; ``where(row)`` places it."""
+    """InputFileError at the first NaN or infinity of ``table``, or the first position,
+    edge or Euler angle past :data:`_MIC_LIMITS` (a corrupt file); ``where(row)`` places
+    it."""
     bad = ~np.isfinite(table)
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
         name = (MIC_COLUMNS + ("PhaseNr",))[col]
         raise InputFileError(f"{path}{where(row)}: {name} must be a finite number, found "
                              f"{float(table[row, col])!r}")
+    for cols, limit, unit in _MIC_LIMITS:
+        far = np.abs(table[:, cols]) > limit
+        if far.any():
+            row, k = (int(v) for v in np.argwhere(far)[0])
+            col = cols.start + k
+            raise InputFileError(f"{path}{where(row)}: {MIC_COLUMNS[col]}: expected a "
+                                 f"magnitude below {limit:g} ({unit}), found "
+                                 f"{float(table[row, col])!r}: not a mic file, or corrupt")
 
 
 def _as_records(records, width: int | None = 11) -> np.ndarray:
