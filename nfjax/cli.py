@@ -556,7 +556,9 @@ def _main(argv: list[str] | None) -> int:
         if os.environ.get("NFJAX_DEBUG"):
             raise
         name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print_error(f"nfjax: error: {name}{exc.strerror or exc}")
+        what = ("is a directory, expected a file" if isinstance(exc, IsADirectoryError)
+                else exc.strerror or exc)
+        print_error(f"nfjax: error: {name}{what}")
         abort_other_ranks(2)
         return 2
     except Terminated:

@@ -276,9 +276,9 @@ def validate(params, ff_seeds: bool) -> None:
             raise ParamError(f"{src}: SeedOrientationsAll must differ from SeedOrientations "
                              f"(both are {params.seed_orientations}): each multi-resolution "
                              "loop rewrites SeedOrientations")
-        if not params.resolve(params.seed_orientations_all).is_file():
-            raise ParamError(f"{src}: SeedOrientationsAll file not found: "
-                             f"{params.resolve(params.seed_orientations_all)}")
+        library = params.resolve(params.seed_orientations_all)
+        if not library.is_file():
+            raise ParamError(f"{src}: SeedOrientationsAll {_not_a_file(library)}")
     if ff_seeds:
         params.require("GrainsFile", why="by --ff-seeds")
         path = params.resolve(params.grains_file)
@@ -287,14 +287,21 @@ def validate(params, ff_seeds: bool) -> None:
     elif params.grid_refactor is None:
         params.require("SeedOrientations", why="for the orientations to search")
         if not params.resolve(params.seed_orientations).is_file():
-            raise ParamError(f"{src}: SeedOrientations file not found: "
-                             f"{params.resolve(params.seed_orientations)} (make one with "
-                             "'nfjax seeds uniform' or use --ff-seeds)")
+            raise ParamError(f"{src}: SeedOrientations "
+                             f"{_not_a_file(params.resolve(params.seed_orientations))} (make "
+                             "one with 'nfjax seeds uniform' or use --ff-seeds)")
     elif not params.seed_orientations or not params.resolve(params.seed_orientations).is_file():
         if not params.resolve(params.seed_orientations_all).is_file():
             raise ParamError(f"{src}: loop 0 needs SeedOrientations or SeedOrientationsAll")
     params.require("MinFracAccept", "OrientTol", "GridSize", "Rsample", "MicFileBinary",
                    "MicFileText", why="by nfjax reconstruct")
+
+
+def _not_a_file(path: Path) -> str:
+    """'file not found: PATH', or what is there instead of a file."""
+    if path.is_dir():
+        return f"is a directory, expected a file: {path}"
+    return f"file not found: {path}"
 
 
 def _loop_params(params, k: int):

@@ -43,3 +43,13 @@ def test_python_dash_m_nfjax_runs_the_command():
     proc = subprocess.run([sys.executable, "-m", "nfjax", "--version"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"nfjax {__version__}", proc
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["seeds", "from-grains", "{d}"], "{d}: is a directory, expected a grains file"),
+    (["plot", "{d}"], "{d}: is a directory, expected a mic file"),
+])
+def test_a_directory_given_for_a_file_says_so(tmp_path, capsys, argv, says):
+    rc = main([a.format(d=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"nfjax: error: {says.format(d=tmp_path)}\n", err

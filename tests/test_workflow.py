@@ -290,6 +290,8 @@ def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
     ({"GridRefactor": (5.0, 2.0, 2), "SeedOrientationsAll": "./sub/../seeds.csv"},
      "SeedOrientationsAll must differ from SeedOrientations"),
     ({"OutputDirectory": "seeds.csv"}, "OutputDirectory: expected a directory, found a file"),
+    ({"GridRefactor": (5.0, 2.0, 2), "SeedOrientationsAll": "."},
+     "SeedOrientationsAll is a directory, expected a file: "),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, spotsinfo, capsys, changes, message):
     out = tmp_path / "run"

@@ -83,6 +83,8 @@ def read_grains_csv(path: str | os.PathLike) -> Grains:
         text = path.read_text(encoding=TEXT_ENCODING)
     except FileNotFoundError:
         raise InputFileError(f"{path}: grains file not found") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: is a directory, expected a grains file") from None
     except UnicodeDecodeError:
         raise InputFileError(f"{path}: not a text Grains.csv (undecodable bytes)") from None
     headers: list[str] = []

@@ -31,6 +31,9 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding=TEXT_ENCODING)
     except FileNotFoundError:
         raise InputFileError(f"{path}: seed orientation file not found") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: is a directory, expected a seed orientation file") \
+            from None
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
         raise InputFileError(f"{path}: not a text seed file (expected lines 'w,x,y,z')") from None
 
