@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfjax import observe
-from nfjax.chunking import _pad_to, chunk_size, map_chunked, progress_bar
+from nfjax.chunking import _pad_to, chunk_size, map_chunked, parse_memory, progress_bar
 from nfjax.errors import InputFileError, NfjaxError
 from nfjax.forward import bragg_v, box_pixels, fit_box, predict_spots
 from nfjax.geometry import Geometry, geometry_from_params, tilt_matrix
@@ -1245,11 +1245,21 @@ def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
 
 def _merge_block(path: Path, rows: np.ndarray, start: int, n_total: int) -> np.ndarray:
     """Full-length records: this block's ``rows`` at ``start``, the other rows from an
-    existing file of the right length (another block's results), else zeros."""
+    existing file of the right length (another block's results), else zeros. When this is
+    one block of several and an existing file has another length (a file from another grid
+    or SaveNSolutions), a warning says its rows are not kept."""
+    import sys
+
     width = rows.shape[1]
     full = np.zeros((n_total, width))
-    if path.exists() and path.stat().st_size == n_total * width * 8:
+    size = path.stat().st_size if path.exists() else None
+    if size == n_total * width * 8:
         full[:] = np.fromfile(path, dtype="<f8").reshape(n_total, width)
+    elif size is not None and rows.shape[0] < n_total:
+        print(f"warning: {path}: {size} bytes, not the {n_total} x {width} float64 records "
+              f"of this grid ({n_total * width * 8} bytes): a file from another grid or "
+              "SaveNSolutions; its rows are not kept, and the rows of the other blocks stay "
+              "zero until they run", file=sys.stderr)
     full[start:start + rows.shape[0]] = rows
     return full
 
@@ -1286,7 +1296,7 @@ def run_fit(args, params=None) -> int:
 
         ctx = jax.default_device(bind_device(None, device)[0])
     out = params.output_dir
-    max_memory = getattr(args, "max_memory", None)
+    max_memory = parse_memory(getattr(args, "max_memory", None))    # before any loading
     progress = None
     # The outputs are checked before the fit, so an unwritable one fails first.
     bin_path = out / params.mic_file_binary            # an absolute name stays absolute
@@ -1304,6 +1314,9 @@ def run_fit(args, params=None) -> int:
         nblocks = getattr(args, "nblocks", None)
         start, stop = block_range(grid.shape[0], int(getattr(args, "block", 0) or 0),
                                   1 if nblocks is None else int(nblocks))
+        if stop <= start:
+            raise NfjaxError(f"--block {args.block} of --nblocks {args.nblocks}: no grid "
+                             f"rows left for this block ({grid.shape[0]} rows in total)")
         hk_path = out / "hkls.csv"
         hkls = hkls_from_params(params)
         if hk_path.exists():
@@ -1322,9 +1335,6 @@ def run_fit(args, params=None) -> int:
         spots_path = Path(spots_path) if spots_path else out / "SpotsInfo.bin"
         obs = _load_observations(spots_path, geom.shape)
         table = _load_spot_table(params, out, hkls, geom, max_memory, progress)
-        if stop <= start:
-            raise NfjaxError(f"--block {args.block} of --nblocks {args.nblocks}: no grid "
-                             f"rows left for this block ({grid.shape[0]} rows in total)")
         result = fit_grid(params, grid[start:stop], table, obs, hkls=hkls,
                           max_memory=max_memory, polish=bool(getattr(args, "polish", False)),
                           progress=progress, block_nr=int(getattr(args, "block", 0) or 0),

@@ -736,3 +736,35 @@ def test_unseeded48_best_orientation_matches_midas():
     assert sure.sum() >= 10
     d = _miso_deg(res.records[sure, 7:10], ref[sure, 7:10])
     assert np.all(d < 0.25), d
+
+
+def test_merge_block_keeps_other_blocks_and_warns_on_a_foreign_file(tmp_path, capsys):
+    """A block's rows go in at their place; a file of the grid's length keeps its other
+    rows; one of another length is not kept (zeros), with a warning when this is one block
+    of several (a whole-grid fit replaces any file silently, as it should)."""
+    from nfjax.fit import _merge_block
+
+    path = tmp_path / "m.bin"
+    rows = np.full((2, 3), 7.0)
+    other = np.arange(15, dtype="<f8").reshape(5, 3)
+    other.tofile(path)
+    merged = _merge_block(path, rows, 1, 5)
+    assert np.array_equal(merged[[0, 3, 4]], other[[0, 3, 4]]) and np.all(merged[1:3] == 7)
+    assert capsys.readouterr().err == ""
+    np.arange(12, dtype="<f8").tofile(path)                  # 4 records: another grid
+    merged = _merge_block(path, rows, 1, 5)
+    assert np.all(merged[[0, 3, 4]] == 0) and np.all(merged[1:3] == 7)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {path}: 96 bytes, not the 5 x 3 float64 records of "
+                          "this grid (120 bytes)") and err.count("\n") == 1, err
+    assert np.all(_merge_block(path, np.ones((5, 3)), 0, 5) == 1)   # the whole grid
+    assert capsys.readouterr().err == ""
+
+
+def test_run_fit_checks_max_memory_before_loading(tmp_path, monkeypatch):
+    from nfjax import fit as fitmod
+
+    params = _job(tmp_path, n_rows=4)
+    monkeypatch.setattr(fitmod, "_load_observations", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(NfjaxError, match=r"^--max-memory: expected"):
+        fitmod.run_fit(_args(params, max_memory="abc"))
