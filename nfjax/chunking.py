@@ -97,14 +97,14 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
     if multiple > 1:
         n = max(multiple, (n // multiple) * multiple)
     if max_memory is not None and n * bytes_per_item > budget:
-        _warn_below_budget(budget, n * bytes_per_item)
+        warn_below_budget(budget, n * bytes_per_item)
     return int(n)
 
 
 _warned_below_budget = False
 
 
-def _warn_below_budget(budget: int, smallest: int) -> None:
+def warn_below_budget(budget: int, smallest: int) -> None:
     """Say once per process that ``--max-memory`` is below the smallest chunk of some work,
     which then runs one unit at a time above the budget (slowly)."""
     global _warned_below_budget

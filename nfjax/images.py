@@ -724,11 +724,15 @@ def _config(params) -> dict:
                 log_passes=passes)
 
 
-def _batch_size(ny: int, nz: int, budget: int, cfg: dict) -> int:
+def _frame_work_bytes(ny: int, nz: int, cfg: dict) -> int:
     # Per frame in flight: raw + a few int32/int64/bool temporaries (~40 bytes per pixel with
-    # the LoG, ~16 without); keep the batch to 1/8 of the budget and at most 16 frames.
-    per = ny * nz * (48 if cfg["do_log_filter"] else 16)
-    return int(max(1, min(16, (budget // 8) // per)))
+    # the LoG, ~16 without).
+    return ny * nz * (48 if cfg["do_log_filter"] else 16)
+
+
+def _batch_size(ny: int, nz: int, budget: int, cfg: dict) -> int:
+    # Keep the batch to 1/8 of the budget and at most 16 frames.
+    return int(max(1, min(16, (budget // 8) // _frame_work_bytes(ny, nz, cfg))))
 
 
 # Room left beside a temporary copy of decoded frames, so that it never fills a disk.
@@ -1075,6 +1079,21 @@ def _clear_bits(words: np.ndarray, k0: int, k1: int) -> None:
     words[w1] &= hi_mask
 
 
+def _check_smallest(params, budget: int, volume_bytes: int) -> None:
+    """Warn (once, :func:`nfjax.chunking.warn_below_budget`) when a --max-memory of
+    ``budget`` is below the smallest unit of the work beside the volume: one detector row
+    of every frame for the median (a third of what is left), one frame for the filters
+    (an eighth)."""
+    from nfjax.chunking import warn_below_budget
+
+    nf = _frames_per_distance(params)
+    ny, nz = int(params.nr_pixels_y), int(params.nr_pixels_z)
+    frame = _frame_work_bytes(ny, nz, _config(params))
+    smallest = volume_bytes + max(3 * 2 * nf * ny, 8 * frame)
+    if budget < smallest:
+        warn_below_budget(budget, smallest)
+
+
 def process_distance(params, distance_index: int, *, progress: bool | None = True,
                      max_memory: int | None = None, scratch: Path | str | None = None):
     """Process one distance (0-based): returns (median image, lit volume).
@@ -1087,6 +1106,8 @@ def process_distance(params, distance_index: int, *, progress: bool | None = Tru
     shape = (1, nf, int(params.nr_pixels_y), int(params.nr_pixels_z))
     vol = observe.empty(shape)
     budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
+    if max_memory is not None:
+        _check_smallest(params, budget, vol.words.nbytes)
     median = _process_into(params, int(distance_index), vol.words, 0, progress=progress,
                            max_memory=max(budget - vol.words.nbytes, budget // 4),
                            scratch=None if scratch is None else Path(scratch))
@@ -1122,6 +1143,8 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
     words = np.array(base.words, dtype=np.uint32, copy=True) if base is not None \
         else np.zeros(observe.n_words(shape), dtype=np.uint32)
     budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
+    if max_memory is not None:
+        _check_smallest(params, budget, words.nbytes)
     # The volume itself lives in host memory for the whole run: the rest of the budget is
     # what the median bands and batches may use.
     budget_left = max(budget - words.nbytes, budget // 4)

@@ -16,7 +16,7 @@ import scipy.ndimage as ndi
 import tifffile
 
 from conftest import need_mpiexec
-from nfjax import images, observe
+from nfjax import chunking, images, observe
 from nfjax.chunking import format_bytes, parse_memory
 from nfjax.cli import main as cli_main
 from nfjax.errors import InputFileError, ParamError
@@ -288,6 +288,7 @@ def test_frames_decoded_whole_are_decoded_once_into_a_temporary_copy(tmp_path, c
     is decoded once, its rows kept in a temporary file in the scratch folder (one note says
     so, once per process); the later bands and the spot pass read the copy, the volume is
     the one of the stack held in memory, and no file is left behind."""
+    monkeypatch.setattr(chunking, "_warned_below_budget", True)  # a tiny budget on purpose
     params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
     ref = images.process_all(params, progress=False)
     _single_strip(params)
@@ -320,6 +321,7 @@ def test_frames_decoded_whole_without_room_warn_once_with_the_budget_that_avoids
     warning names the first frame, the number of bands, why there is no copy, and a
     --max-memory with which every frame is decoded once; with that budget each frame is
     read once, no warning, and the same volume."""
+    monkeypatch.setattr(chunking, "_warned_below_budget", True)  # a tiny budget on purpose
     params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
     _single_strip(params)
     monkeypatch.setattr(images, "_SPILL_MARGIN", 1 << 62)      # no disk has this to spare
@@ -353,6 +355,7 @@ def test_a_temporary_copy_that_cannot_be_written_is_dropped(tmp_path, capsys, mo
     """A write to the temporary copy that fails (a full disk) drops it with a warning
     naming it: the remaining bands and the spot pass decode the frames again, and the
     volume is unchanged."""
+    monkeypatch.setattr(chunking, "_warned_below_budget", True)  # a tiny budget on purpose
     params, _, _ = make_dataset(tmp_path, n_distances=1, seed=4)
     ref = images.process_all(params, progress=False)
     _single_strip(params)
@@ -847,3 +850,22 @@ def test_bad_distance_option(tmp_path, capsys):
     pfile = _write_params(tmp_path)
     assert cli_main(["process", str(pfile), "--distance", "3"]) == 2
     assert "--distance 3: expected 1..2" in capsys.readouterr().err
+
+
+def test_a_budget_below_one_unit_of_processing_warns_once(tmp_path, capsys):
+    """--max-memory below the volume plus one frame's filter temporaries (8 of them: a
+    batch gets an eighth) or one detector row of every frame (3: the median gets a third):
+    the once-per-process warning gives that figure; at that figure, no warning. The work
+    is the same either way."""
+    params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=7)
+    volume = NF * NY * NZ // 8
+    need = volume + max(3 * 2 * NF * NY, 8 * NY * NZ * 16)   # DoLoGFilter 0
+    small = images.process_all(params, progress=False, max_memory=need - 1)
+    err = capsys.readouterr().err
+    assert err == (f"warning: --max-memory {format_bytes(need - 1)} is below the smallest "
+                   f"chunk of this work ({format_bytes(need)}): it runs one unit at a time, "
+                   "above the budget; give at least that\n"), err
+    chunking._warned_below_budget = False
+    enough = images.process_all(params, progress=False, max_memory=need)
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(small.words, enough.words)
