@@ -480,8 +480,13 @@ def _observations(run: Run):
     path = run.out / "SpotsInfo.bin"
     shape = observe.spots_info_shape(p)
     if not run.image_processing:      # preflight checked that it is there
-        return _on_device(run.comm.share(observe.read_spots_info(path, shape)
-                                         if run.comm.is_root else None))
+        # Seconds for a large volume (1.5 GB for the Au example): say what the wait is.
+        t0 = time.perf_counter()
+        vol = _on_device(run.comm.share(observe.read_spots_info(path, shape)
+                                        if run.comm.is_root else None))
+        run.log.info("observations   %s (%.2f GB) read in %.1f s", path,
+                     vol.words.size * 4 / 1e9, time.perf_counter() - t0)
+        return vol
     from nfjax.images import (frame_paths, lit_per_distance, lit_warnings, median_image_path,
                               process_all, write_median_image)
 

@@ -225,6 +225,9 @@ def test_resume_after_kill_gives_identical_files(tmp_path, spotsinfo, monkeypatc
     log = (out / "midas_log" / "midas_nf_workflow_multires.log").read_text()
     for stage in ("hkls", "seeds", "grid", "spots"):
         assert f"stage {stage:<14s} skipped" in log, stage
+    # the seconds spent reading the observations are accounted for, between the stages
+    assert re.search(rf"observations   {re.escape(str(out))}/SpotsInfo.bin \(\d+\.\d\d GB\) "
+                     r"read in \d+\.\d s\n.* stage fit            started", log), log
     assert _final_bytes(out) == _final_bytes(tmp_path / "ref")
     del logger
 
