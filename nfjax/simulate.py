@@ -235,7 +235,9 @@ def write_tiff_frames(params, vol: observe.ObsVolume, directory: str | Path, *,
     axes as the detector records them (reduction flips them back).
 
     Each frame is a Poisson background of mean ``background`` plus, on lit pixels, a
-    Poisson signal of mean ``intensity``. Returns the written paths.
+    Poisson signal of mean ``intensity``. Returns the written paths. A failure or an
+    interruption part way removes the frames already written (an incomplete stack would
+    pass for a scan), says so, and re-raises.
     """
     import tifffile
 
@@ -253,19 +255,28 @@ def write_tiff_frames(params, vol: observe.ObsVolume, directory: str | Path, *,
     starts = np.searchsorted(key, np.arange(n_dist * n_frames + 1))
     paths = []
     directory = Path(directory)
-    with progress_bar(n_dist * n_frames, "render tiff", "frame", progress) as bar:
-        for L in range(n_dist):
-            for f in range(n_frames):
-                img = rng.poisson(background, size=(nz, ny)).astype(np.float64)
-                s, e = starts[L * n_frames + f], starts[L * n_frames + f + 1]
-                rows = nz - 1 - zz[s:e]
-                cols = ny - 1 - yy[s:e]
-                img[rows, cols] += rng.poisson(intensity, size=e - s)
-                path = directory / frame_path(params, L, f).name
-                buf = io.BytesIO()     # tifffile wants a named file; encode in memory first
-                tifffile.imwrite(buf, np.clip(img, 0, 65535).astype(np.uint16))
-                with atomic_write(path, "wb") as fh:
-                    fh.write(buf.getvalue())
-                paths.append(path)
-                bar.update(1)
+    try:
+        with progress_bar(n_dist * n_frames, "render tiff", "frame", progress) as bar:
+            for L in range(n_dist):
+                for f in range(n_frames):
+                    img = rng.poisson(background, size=(nz, ny)).astype(np.float64)
+                    s, e = starts[L * n_frames + f], starts[L * n_frames + f + 1]
+                    rows = nz - 1 - zz[s:e]
+                    cols = ny - 1 - yy[s:e]
+                    img[rows, cols] += rng.poisson(intensity, size=e - s)
+                    path = directory / frame_path(params, L, f).name
+                    buf = io.BytesIO()  # tifffile wants a named file; encode in memory first
+                    tifffile.imwrite(buf, np.clip(img, 0, 65535).astype(np.uint16))
+                    with atomic_write(path, "wb") as fh:
+                        fh.write(buf.getvalue())
+                    paths.append(path)
+                    bar.update(1)
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        if paths:
+            import sys
+            print(f"removed the {len(paths)} frame(s) of {n_dist * n_frames} written to "
+                  f"{directory} before the failure (an incomplete stack)", file=sys.stderr)
+        raise
     return paths

@@ -500,12 +500,13 @@ def _observations(run: Run):
         # Under MPI the ranks share every distance's work and all end with the volume;
         # rank 0 writes the files.
         root = run.comm.is_root
+        kept = {}   # the median images are written after SpotsInfo.bin, as nfjax process
         vol = process_all(p, None, run.max_memory, progress=run.progress, comm=run.comm,
-                          scratch=path.parent,
-                          median_dir_writer=(lambda L, m: write_median_image(
-                              median_image_path(p, L), m)) if root else None)
+                          scratch=path.parent, median_dir_writer=kept.__setitem__)
         if root:
             observe.write_spots_info(path, vol)
+            for L, median in kept.items():
+                write_median_image(median_image_path(p, L), median)
             # The same warnings nfjax process prints.
             for warning in lit_warnings(p, vol.shape, lit_per_distance(vol)):
                 run.log.info("warning: %s", warning)

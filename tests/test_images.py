@@ -869,3 +869,33 @@ def test_a_budget_below_one_unit_of_processing_warns_once(tmp_path, capsys):
     enough = images.process_all(params, progress=False, max_memory=need)
     assert capsys.readouterr().err == ""
     np.testing.assert_array_equal(small.words, enough.words)
+
+
+def test_simulated_frames_interrupted_part_way_are_removed(tmp_path, capsys, monkeypatch):
+    """``write_tiff_frames`` (``nfjax simulate --tiff-dir``) interrupted after 3 frames
+    removes them and says so: an incomplete stack would pass for a scan. Other files in
+    the folder stay."""
+    from nfjax.simulate import write_tiff_frames
+
+    params, _, _ = make_dataset(tmp_path, n_distances=1, seed=1)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    calls = []
+    imwrite = tifffile.imwrite
+
+    def stop_at_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return imwrite(*a, **k)
+
+    monkeypatch.setattr(tifffile, "imwrite", stop_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        write_tiff_frames(params, observe.empty((1, NF, NY, NZ)), folder, progress=False)
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+    assert capsys.readouterr().err == (f"removed the 3 frame(s) of {NF} written to {folder} "
+                                       "before the failure (an incomplete stack)\n")
+    monkeypatch.undo()
+    paths = write_tiff_frames(params, observe.empty((1, NF, NY, NZ)), folder, progress=False)
+    assert len(paths) == NF and all(p.exists() for p in paths)
