@@ -31,6 +31,13 @@ from nfjax.observe import lookup
 Array = Any
 
 
+def _tapered(d: Array, sigma: float, radius: float) -> Array:
+    """A Gaussian of width ``sigma`` times the taper ``(1 - (d/radius)^2)^2``: zero, with a
+    zero slope, from ``|d| = radius`` on (C1 everywhere)."""
+    x = jnp.clip(d / radius, -1.0, 1.0)
+    return jnp.exp(-0.5 * (d / sigma) ** 2) * (1.0 - x * x) ** 2
+
+
 def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: Geometry,
                      words: Array, shape: tuple, *, sigma: float = 1.0,
                      sigma_frame: float = 0.5, window: int = 5,
@@ -39,21 +46,28 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
 
     ``verts (3,2)`` µm probe triangle; ``orient (3,3)`` orientation matrix; ``g (R,3)``,
     ``theta (R,)`` reflections; ``words``/``shape`` the bit-packed observation volume.
-    ``sigma`` (px) is the width of the splat of each projected vertex, ``sigma_frame``
-    (frames) the width of the ω weighting; ``window``/``frame_window`` (static, odd) the
-    pixel and frame neighbourhoods read.
+    Each projected vertex is splatted on the ``window`` x ``window`` pixels around it
+    (static, odd) with a Gaussian of width ``sigma`` (px) tapered to zero at
+    ``window/2`` px, and ω is weighted over ``frame_window`` frames (static, odd) with a
+    Gaussian of width ``sigma_frame`` (frames) tapered to zero at ``frame_window/2``
+    frames. The tapers make the neighbourhoods' moves (they follow the spot pixel by
+    pixel) invisible: the score is continuous, with a continuous gradient, in every
+    input, except where a spot enters or leaves the scan (the hard score's rule).
     Returns ``(score (2R,), valid (2R,))``: per spot the product over distances of the
     splat-weighted mean of the observed bits (the soft "lit at every distance"), and
     whether the spot counts: predicted and inside the scan (:func:`nfjax.forward.frame_of`,
     the rule of the hard score, wedge correction included).
     """
+    _check_soft_inputs(verts, g, theta, geom, words, shape, window, frame_window)
     v = bragg_v(g, theta)
     sp = predict_spots(orient, g, theta, geom, v=v)
     rt = tilt_matrix(geom.tilts)
     half, fhalf = window // 2, frame_window // 2
+    radius, fradius = half + 0.5, fhalf + 0.5
     offs = jnp.arange(-half, half + 1)
     foffs = jnp.arange(-fhalf, fhalf + 1)
     dtype = sp.yl.dtype
+    L = jnp.arange(geom.n_distances)
 
     def one_spot(yl, zl, omega):
         Y, Z = displace(verts, yl, zl, omega, geom.lsd[0])
@@ -65,32 +79,56 @@ def soft_spot_scores(verts: Array, orient: Array, g: Array, theta: Array, geom: 
         w, in_range = corrected_omega(omega, yl, zl, geom)   # as frame_of: wedge, wrap
         _, in_scan = frame_bin(w, in_range, geom)
         fpos = (w - geom.omega_start) / geom.omega_step       # continuous frame coordinate
-        f0 = jnp.floor(fpos)
-        frames = f0 + foffs                                   # (F,)
-        fw = jnp.exp(-0.5 * ((frames + 0.5 - fpos) / sigma_frame) ** 2)
+        frames = jax.lax.stop_gradient(jnp.floor(fpos)) + foffs            # (F,)
+        fw = _tapered(frames + 0.5 - fpos, sigma_frame, fradius)
         fw = fw * ((frames >= 0) & (frames < geom.n_frames))
-        # Pixel neighbourhood around the rounded vertex centroid, per distance.
-        py0 = jnp.floor(jnp.mean(vy, axis=1))                  # (D,)
-        pz0 = jnp.floor(jnp.mean(vz, axis=1))
-        py = jax.lax.stop_gradient(py0)[:, None] + offs[None, :]   # (D, W)
-        pz = jax.lax.stop_gradient(pz0)[:, None] + offs[None, :]
-        dy = (py[:, :, None] + 0.5 - vy[:, None, :])          # (D, W, 3)
-        dz = (pz[:, :, None] + 0.5 - vz[:, None, :])
-        wy = jnp.exp(-0.5 * (dy / sigma) ** 2)                # separable Gaussian per vertex
-        wz = jnp.exp(-0.5 * (dz / sigma) ** 2)
-        w = jnp.einsum("dav,dbv->dab", wy, wz)                # (D, Wy, Wz)
-        L = jnp.arange(geom.n_distances)
-        lit = lookup(words, shape, L[:, None, None, None],
-                     jax.lax.stop_gradient(frames).astype(jnp.int32)[None, :, None, None],
-                     py.astype(jnp.int32)[:, None, :, None],
-                     pz.astype(jnp.int32)[:, None, None, :]).astype(dtype)  # (D, F, Wy, Wz)
-        num = jnp.einsum("f,dab,dfab->d", fw, w, lit)
-        den = jnp.sum(fw) * jnp.sum(w, axis=(1, 2))
+        # Each vertex's own pixel neighbourhood, per distance: the pixel under it and
+        # ``half`` on each side. Its splat is zero at every pixel outside.
+        py = jax.lax.stop_gradient(jnp.floor(vy))[..., None] + offs     # (D, 3, W)
+        pz = jax.lax.stop_gradient(jnp.floor(vz))[..., None] + offs
+        wy = _tapered(py + 0.5 - vy[..., None], sigma, radius)            # (D, 3, W)
+        wz = _tapered(pz + 0.5 - vz[..., None], sigma, radius)
+        lit = lookup(words, shape, L[:, None, None, None, None],
+                     frames.astype(jnp.int32)[None, :, None, None, None],
+                     py.astype(jnp.int32)[:, None, :, :, None],
+                     pz.astype(jnp.int32)[:, None, :, None, :]).astype(dtype)  # (D,F,3,W,W)
+        num = jnp.einsum("f,dva,dvb,dfvab->d", fw, wy, wz, lit)
+        den = jnp.sum(fw) * jnp.einsum("dva,dvb->d", wy, wz)
         per_dist = num / jnp.where(den > 0, den, 1.0)
         return jnp.prod(per_dist), in_scan
 
     scores, in_scan = jax.vmap(one_spot)(sp.yl, sp.zl, sp.omega)
     return scores, sp.valid & in_scan
+
+
+def _check_soft_inputs(verts, g, theta, geom: Geometry, words, shape, window: int,
+                       frame_window: int) -> None:
+    """Shapes and dtypes of :func:`soft_spot_scores`' inputs, checked when it is traced
+    (they are static): a ValueError naming the argument, instead of an error from deep in
+    a JAX primitive or, for words that do not fit ``shape``, a silently wrong score."""
+    from nfjax.observe import file_words
+
+    if jnp.shape(verts) != (3, 2):
+        raise ValueError(f"verts must be one probe triangle (3, 2) in µm, got shape "
+                         f"{jnp.shape(verts)}; use jax.vmap for a batch of voxels")
+    if jnp.ndim(g) != 2 or jnp.shape(g)[1] != 3:
+        raise ValueError(f"g must be reflections (R, 3), got shape {jnp.shape(g)}")
+    if jnp.shape(theta) != (jnp.shape(g)[0],):
+        raise ValueError(f"theta must be ({jnp.shape(g)[0]},), one Bragg angle per "
+                         f"reflection of g, got shape {jnp.shape(theta)}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4 or shape != tuple(int(s) for s in geom.shape):
+        raise ValueError(f"shape must be the observation volume's (distances, frames, Y, Z) "
+                         f"= geom.shape {tuple(geom.shape)}, got {shape}")
+    counts = sorted(set(file_words(shape)))   # a MIDAS file may drop the last part-word
+    if jnp.ndim(words) != 1 or jnp.shape(words)[0] not in counts or \
+            jnp.result_type(words) != jnp.uint32:
+        raise ValueError(f"words must be the volume's bit-packed uint32 words "
+                         f"({' or '.join(map(str, counts))},) for shape {shape}, got "
+                         f"{jnp.result_type(words)} {jnp.shape(words)}")
+    for name, n in (("window", window), ("frame_window", frame_window)):
+        if int(n) < 1 or int(n) % 2 == 0:
+            raise ValueError(f"{name} must be a positive odd number, got {n}")
 
 
 def soft_overlap(verts: Array, orient: Array, g: Array, theta: Array, geom: Geometry,

@@ -18,14 +18,15 @@ def _example(name: str) -> str:
 
 def test_soft_refine_example(capsys):
     """Eight Au voxels turned 0.3 deg off their true orientations come back to within
-    0.1 deg (README: 0.300 -> 0.044 deg mean) under 40 Adam steps on the soft score."""
+    0.15 deg, 0.06 deg on average (README: 0.300 -> 0.048 deg mean) under 40 Adam steps on
+    the soft score."""
     pytest.importorskip("optax")
     namespace: dict = {}
     exec(compile(_example("soft-refine"), str(README), "exec"), namespace)
     before, after = namespace["before"], namespace["after"]
     assert before.shape == after.shape == (8,)
     np.testing.assert_allclose(before, 0.3, atol=1e-6)
-    assert after.max() < 0.1 and after.mean() < 0.06, after
+    assert after.max() < 0.15 and after.mean() < 0.06, after
     assert capsys.readouterr().out == f"0.300 -> {after.mean():.3f} deg\n"
     # the figure the README quotes, to within what another CPU's rounding may move it
     quoted = float(_example("soft-refine").split("# 0.300 -> ", 1)[1].split()[0])
