@@ -362,10 +362,12 @@ def candidate_reflections(euler0: np.ndarray, g: np.ndarray, theta: np.ndarray,
     ``euler0 (U,3)`` rad. Returns ``idx (U,K)`` int32 and ``mask (U,K)`` bool, K a
     multiple of ``multiple``.
     """
-    g_j = jnp.asarray(g, jnp.float64)
-    th_j = jnp.asarray(theta, jnp.float64)
+    # float64, or float32 under NFJAX_NO_X64 (asking for float64 there only warns)
+    wide = jax.dtypes.canonicalize_dtype(jnp.float64)
+    g_j = jnp.asarray(g, wide)
+    th_j = jnp.asarray(theta, wide)
     v_j = bragg_v(g_j, th_j)
-    geom64 = geom.astype(jnp.float64)
+    geom64 = geom.astype(wide)
     steps = jnp.asarray(np.stack(np.meshgrid(*[[-1.25, 0.0, 1.25]] * 3, indexing="ij"),
                                  -1).reshape(-1, 3) * tol_rad)
 

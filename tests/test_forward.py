@@ -334,3 +334,35 @@ def test_rectangular_box_takes_the_same_pixels(tilts):
         big, small = pixels(square), pixels(rect)
         assert sum(len(b) for b in big) > n
         assert small == big, edge
+
+
+def test_candidate_reflections_in_32_bit_mode_without_warnings():
+    """The README's float32 route (NFJAX_NO_X64=1, geometry_from_params(dtype=float32))
+    runs candidate_reflections without JAX's 'float64 truncated to float32' warnings
+    (three came from inside nfjax), and finds the reflections the 64-bit mode finds."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    code = ("import warnings, sys, numpy as np\n"
+            "warnings.simplefilter('error')\n"
+            "import jax.numpy as jnp, nfjax\n"
+            "from nfjax.data import au_example\n"
+            "from nfjax.params import read_params\n"
+            "from nfjax.crystal import hkls_from_params, select_rings\n"
+            "from nfjax.geometry import geometry_from_params\n"
+            "from nfjax.fit import candidate_reflections\n"
+            "p = read_params(au_example()['params'])\n"
+            "r = select_rings(hkls_from_params(p), p.rings_to_use)\n"
+            "dt = jnp.float32 if sys.argv[1] == '32' else jnp.float64\n"
+            "idx, mask = candidate_reflections(np.array([[0.1, 0.2, 0.3], [1.0, 0.5, 2.0]]),"
+            " r.g, r.theta, geometry_from_params(p, dtype=dt), np.radians(1.0))\n"
+            "print(sorted(np.asarray(idx)[np.asarray(mask)].tolist()))\n")
+    found = {}
+    for bits, env in (("32", {"NFJAX_NO_X64": "1"}), ("64", {})):
+        out = subprocess.run([sys.executable, "-c", code, bits], capture_output=True,
+                             text=True, cwd=ROOT, timeout=300,
+                             env={**__import__("os").environ, **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        found[bits] = out.stdout
+    assert found["32"] == found["64"] and len(found["32"]) > 10
