@@ -567,6 +567,12 @@ def test_non_finite_or_degenerate_inputs_are_errors(ix, data):
             ix.run(d.spots, bad)
         with pytest.raises(ValueError, match="^input cell 0 is degenerate"):
             ix.run_batch([d.spots], bad)
+    # one frame's array where a batch (a sequence of arrays) is expected: said so, not
+    # "spots array must be 2 dimensional" about its first row
+    with pytest.raises(TypeError, match=r"^run_batch\(\) spot_arrays: expected a sequence of "
+                                        r"spot arrays, one per frame, found one array of "
+                                        rf"shape {re.escape(str(d.spots.shape))}; use run\(\)"):
+        ix.run_batch(d.spots, d.cell)
 
 
 def test_crystals_singular_cell_covers_nothing(ix, data):

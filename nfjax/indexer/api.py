@@ -369,6 +369,11 @@ class Indexer:
         params.update(kwargs)
         cfg = RunConfig(method, **params)
         self._check_live()
+        if isinstance(spot_arrays, np.ndarray) or hasattr(spot_arrays, "shape"):
+            raise TypeError(f"run_batch() spot_arrays: expected a sequence of spot arrays, "
+                            f"one per frame, found one array of shape "
+                            f"{tuple(np.shape(spot_arrays))}; use run() for one frame, or "
+                            "run_batch([spots]) for a batch of one")
         rows = [spots_rows(s) for s in spot_arrays]
         _check_input_cells(cell_rows(input_cells), self.max_input_cells)
         n_out = cfg.device_checks(self)
