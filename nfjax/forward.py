@@ -121,6 +121,12 @@ def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
     if jnp.shape(orient) != (3, 3):
         raise ValueError(f"predict_spots: orient must be one (3, 3) matrix, got shape "
                          f"{jnp.shape(orient)}; use jax.vmap for a batch of orientations")
+    if jnp.ndim(g) != 2 or jnp.shape(g)[1] != 3:
+        raise ValueError(f"predict_spots: g must be reflections (R, 3), got shape "
+                         f"{jnp.shape(g)}")
+    if jnp.shape(theta) != (jnp.shape(g)[0],):
+        raise ValueError(f"predict_spots: theta must be ({jnp.shape(g)[0]},), one Bragg angle "
+                         f"per reflection of g, got shape {jnp.shape(theta)}")
     dtype = jnp.result_type(orient, g)
     omega, eta, ok = spot_angles(orient, g, theta, v)
     yl, zl, valid = spot_positions(omega, eta, ok, theta, geom)

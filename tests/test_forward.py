@@ -272,6 +272,12 @@ def test_predict_spots_names_a_batched_orientation():
     with pytest.raises(ValueError, match=r"orient must be one \(3, 3\) matrix, got shape "
                                          r"\(2, 3, 3\); use jax.vmap"):
         predict_spots(jnp.stack([jnp.eye(3)] * 2), g, th, geom)
+    with pytest.raises(ValueError, match=r"^predict_spots: g must be reflections \(R, 3\), "
+                                         r"got shape \(3, 4\)$"):
+        predict_spots(jnp.eye(3), g.T, th, geom)
+    with pytest.raises(ValueError, match=r"^predict_spots: theta must be \(4,\), one Bragg "
+                                         r"angle per reflection of g, got shape \(2,\)$"):
+        predict_spots(jnp.eye(3), g, th[:2], geom)
 
 
 def test_bit_indices_refuse_32_bit_mode_for_a_large_volume():
