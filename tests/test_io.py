@@ -253,6 +253,30 @@ def test_atomic_write_names_the_target_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "ro"]
 
 
+def test_a_failed_write_removes_the_folders_it_made(tmp_path):
+    """A write into folders that did not exist, failing (a full disk, an error in the
+    writer): the folders it made are removed too, not only the temporary; a folder that
+    was there, or that holds something else by then, stays."""
+    import errno
+
+    from nfjax.errors import NfjaxError
+    from nfjax.io.atomic import atomic_write, atomic_write_many
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(NfjaxError, match=r"cannot write \(no space left on device\)$"):
+        with atomic_write(tmp_path / "kept" / "a" / "b" / "x.bin", "wb"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["kept"]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write_many([tmp_path / "s" / "1", tmp_path / "s" / "2"]):
+            (tmp_path / "s" / "other").write_text("not ours")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["other"]
+    with atomic_write(tmp_path / "n" / "m" / "ok.txt") as fh:       # success keeps them
+        fh.write("x")
+    assert (tmp_path / "n" / "m" / "ok.txt").read_text() == "x"
+
+
 def test_atomic_write_goes_through_links_and_into_devices(tmp_path):
     """A symbolic link is written through (the link stays, its file is replaced); a device
     or FIFO is written in place, never replaced by a regular file."""

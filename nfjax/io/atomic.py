@@ -99,10 +99,14 @@ def _resolve(path: Path) -> Path:
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
-def _temporary(path: Path) -> tuple[int, str]:
+def _temporary(path: Path, made: list[Path]) -> tuple[int, str]:
+    """A temporary file beside ``path``; the folders it had to make are appended to
+    ``made`` (outermost first), so that a failed write can remove them again."""
     directory = path.parent if str(path.parent) else Path(".")
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        made.extend(reversed(missing))
         return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
     except OSError as exc:
         check_target(path)   # names a folder that became a file since the first check
@@ -116,7 +120,8 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
 
     Yields the open files in the order of ``paths``. ``mode`` is ``"w"`` (text) or ``"wb"``
     (binary). Nothing is renamed until every file is written and synced; on any exception
-    all temporaries are removed and every target is left untouched.
+    all temporaries, and any folder made for them, are removed and every target is left
+    untouched.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
@@ -125,6 +130,7 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
     streams = [_is_stream(t) for t in targets]
     temps: list[str | None] = []
     handles: list[IO] = []
+    made: list[Path] = []      # folders made for the targets: removed again on failure
     try:
         for target, stream in zip(targets, streams):
             if stream:
@@ -134,7 +140,7 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
                 except OSError as exc:
                     raise _cannot_write(target, exc) from None
                 continue
-            fd, tmp = _temporary(target)
+            fd, tmp = _temporary(target, made)
             temps.append(tmp)
             try:
                 handles.append(os.fdopen(fd, mode, **open_kwargs))
@@ -175,6 +181,9 @@ def atomic_write_many(paths: Sequence[str | os.PathLike], mode: str = "w",
             if tmp is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+        for folder in reversed(made):          # innermost first; only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 
