@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_uni = seeds_sub.add_parser(
         "uniform", help="near-uniform orientations in the fundamental zone")
-    p_uni.add_argument("--space-group", type=_space_group, required=True, help="space group number")
+    p_uni.add_argument("--space-group", type=_space_group, required=True,
+                       help="space group number")
     p_uni.add_argument("--resolution", type=float, default=1.5,
                        help="approximate spacing in degrees (default 1.5)")
     p_uni.add_argument("--seed", type=_count, default=0, help="random seed (default 0)")
