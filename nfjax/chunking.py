@@ -101,18 +101,14 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
     return int(n)
 
 
-_warned_below_budget = False
-
-
 def warn_below_budget(budget: int, smallest: int) -> None:
     """Say once per process that ``--max-memory`` is below the smallest chunk of some work,
     which then runs one unit at a time above the budget (slowly)."""
-    global _warned_below_budget
-    if not _warned_below_budget:
-        _warned_below_budget = True
-        print(f"warning: --max-memory {format_bytes(budget)} is below the smallest chunk of "
-              f"this work ({format_bytes(smallest)}): it runs one unit at a time, above the "
-              "budget; give at least that", file=sys.stderr)
+    from nfjax.errors import warn_once
+
+    warn_once("below-budget", f"warning: --max-memory {format_bytes(budget)} is below the "
+              f"smallest chunk of this work ({format_bytes(smallest)}): it runs one unit at "
+              "a time, above the budget; give at least that")
 
 
 def format_bytes(n: int) -> str:

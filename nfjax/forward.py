@@ -108,6 +108,16 @@ def solve_omega(G: Array, v: Array) -> tuple[Array, Array]:
     return jnp.rad2deg(w), jnp.stack([ok, ok], axis=-1)
 
 
+def check_reflections(g: Array, theta: Array, where: str = "") -> None:
+    """ValueError (prefixed by ``where``) unless ``g`` is (R, 3) and ``theta`` (R,): checked
+    when traced (shapes are static), instead of an error from inside a JAX primitive."""
+    if jnp.ndim(g) != 2 or jnp.shape(g)[1] != 3:
+        raise ValueError(f"{where}g must be reflections (R, 3), got shape {jnp.shape(g)}")
+    if jnp.shape(theta) != (jnp.shape(g)[0],):
+        raise ValueError(f"{where}theta must be ({jnp.shape(g)[0]},), one Bragg angle per "
+                         f"reflection of g, got shape {jnp.shape(theta)}")
+
+
 def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
                   v: Array | None = None) -> Spots:
     """Spots of one orientation (MakeDiffrSpots / CalcDiffractionSpots, §5.1).
@@ -121,12 +131,7 @@ def predict_spots(orient: Array, g: Array, theta: Array, geom: Geometry,
     if jnp.shape(orient) != (3, 3):
         raise ValueError(f"predict_spots: orient must be one (3, 3) matrix, got shape "
                          f"{jnp.shape(orient)}; use jax.vmap for a batch of orientations")
-    if jnp.ndim(g) != 2 or jnp.shape(g)[1] != 3:
-        raise ValueError(f"predict_spots: g must be reflections (R, 3), got shape "
-                         f"{jnp.shape(g)}")
-    if jnp.shape(theta) != (jnp.shape(g)[0],):
-        raise ValueError(f"predict_spots: theta must be ({jnp.shape(g)[0]},), one Bragg angle "
-                         f"per reflection of g, got shape {jnp.shape(theta)}")
+    check_reflections(g, theta, "predict_spots: ")
     dtype = jnp.result_type(orient, g)
     omega, eta, ok = spot_angles(orient, g, theta, v)
     yl, zl, valid = spot_positions(omega, eta, ok, theta, geom)

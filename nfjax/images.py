@@ -48,7 +48,7 @@ import numpy as np
 
 from nfjax import observe
 from nfjax.chunking import progress_bar
-from nfjax.errors import InputFileError, NfjaxError, ParamError
+from nfjax.errors import InputFileError, NfjaxError, ParamError, warn_once
 from nfjax.io.atomic import atomic_write
 
 __all__ = [
@@ -839,7 +839,7 @@ class _FrameSpill:
             except OSError as exc:
                 failure = exc.strerror
             self._close_locked()
-        _tell_once("spill-write", f"warning: {self.path}: writing the temporary copy of the "
+        warn_once("spill-write", f"warning: {self.path}: writing the temporary copy of the "
                    f"decoded frames failed ({failure}); the median decodes every frame again "
                    "for each row band")
 
@@ -854,8 +854,9 @@ class _FrameSpill:
                     raise NfjaxError(f"{self.path}: the temporary copy of the decoded frames "
                                      "was closed while being read")
                 while len(view):
-                    got = os.preadv(self.fd, [view], offset) if hasattr(os, "preadv") \
-                        else _pread_into(self.fd, view, offset)
+                    data = os.pread(self.fd, len(view), offset)
+                    got = len(data)
+                    view[:got] = data
                     if got == 0:
                         raise NfjaxError(f"{self.path}: the temporary copy of the decoded "
                                          f"frames is short (frame {j})")
@@ -873,14 +874,9 @@ class _FrameSpill:
             self.ready = False
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    data = os.pread(fd, len(view), offset)
-    view[:len(data)] = data
-    return len(data)
-
-
 def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: bool | None,
-                  max_memory: int | None, comm=None, scratch: Path | None = None) -> np.ndarray:
+                  max_memory: int | None, comm=None,
+                  scratch: Path | str | None = None) -> np.ndarray:
     """Process distance L (0-based); OR its lit bits into ``words`` with frame f at volume
     frame ``frame0 + f`` (the caller clears the range first). Returns the median image.
 
@@ -951,7 +947,7 @@ def _process_into(params, L: int, words: np.ndarray, frame0: int, *, progress: b
     return median
 
 
-def _spill_or_warn(first: Path, scratch: Path | None, n: int, rows: int, ny: int,
+def _spill_or_warn(first: Path, scratch: Path | str | None, n: int, rows: int, ny: int,
                    n_bands: int, need: int, comm) -> _FrameSpill | None:
     """A :class:`_FrameSpill` in ``scratch`` for ``n`` frames of ``rows`` x ``ny`` (this
     rank's rows), with a note from rank 0 saying so; or, when it cannot be made, None and a
@@ -971,13 +967,13 @@ def _spill_or_warn(first: Path, scratch: Path | None, n: int, rows: int, ny: int
     if spill is not None and rank == 0:
         copy = format_bytes(2 * n * rows * ny) + (f" on each of {size} ranks" if size > 1
                                                   else "")
-        _tell_once("spill", f"note: {first}: compressed in one strip or in tiles, so each "
+        warn_once("spill", f"note: {first}: compressed in one strip or in tiles, so each "
                    f"frame is decoded once into a temporary file in {folder} ({copy}, "
                    f"deleted when done) for the median's {n_bands} row bands")
     elif spill is None:
         mem = (f"{math.ceil(need / (1 << 20))}MB" if need < 1 << 30
                else f"{math.ceil(10 * need / (1 << 30)) / 10:g}GB")
-        _tell_once("no-spill", f"warning: {who}{first}: compressed in one strip or in tiles, "
+        warn_once("no-spill", f"warning: {who}{first}: compressed in one strip or in tiles, "
                    f"so every frame is decoded whole for each of the median's {n_bands} row "
                    f"bands (slow: {why}); --max-memory {mem} or more decodes each frame once")
     return spill
@@ -1053,16 +1049,6 @@ def _light_frames(params, L: int, files: list, words: np.ndarray, frame0: int,
             source.close()      # its reader thread stops before the spill is closed
 
 
-_told: set[str] = set()
-
-
-def _tell_once(key: str, line: str) -> None:
-    """Print ``line`` to stderr, the first time only for each ``key`` in this process."""
-    if key not in _told:
-        _told.add(key)
-        print(line, file=sys.stderr)
-
-
 def _clear_bits(words: np.ndarray, k0: int, k1: int) -> None:
     """Zero bits [k0, k1) of ``words`` in place."""
     if k1 <= k0:
@@ -1079,19 +1065,24 @@ def _clear_bits(words: np.ndarray, k0: int, k1: int) -> None:
     words[w1] &= hi_mask
 
 
-def _check_smallest(params, budget: int, volume_bytes: int) -> None:
-    """Warn (once, :func:`nfjax.chunking.warn_below_budget`) when a --max-memory of
-    ``budget`` is below the smallest unit of the work beside the volume: one detector row
-    of every frame for the median (a third of what is left), one frame for the filters
-    (an eighth)."""
+def _budget_beside(params, max_memory: int | None, volume_bytes: int) -> int:
+    """What the median bands and filter batches may use of ``max_memory`` (default
+    :data:`_DEFAULT_MAX_MEMORY`) beside the volume, which lives in host memory for the
+    whole run. An explicit ``max_memory`` below the smallest unit of the work beside the
+    volume (one detector row of every frame for the median, which gets a third; one frame
+    for the filters, which get an eighth) warns once
+    (:func:`nfjax.chunking.warn_below_budget`)."""
     from nfjax.chunking import warn_below_budget
 
-    nf = _frames_per_distance(params)
-    ny, nz = int(params.nr_pixels_y), int(params.nr_pixels_z)
-    frame = _frame_work_bytes(ny, nz, _config(params))
-    smallest = volume_bytes + max(3 * 2 * nf * ny, 8 * frame)
-    if budget < smallest:
-        warn_below_budget(budget, smallest)
+    budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
+    if max_memory is not None:
+        nf = _frames_per_distance(params)
+        ny, nz = int(params.nr_pixels_y), int(params.nr_pixels_z)
+        frame = _frame_work_bytes(ny, nz, _config(params))
+        smallest = volume_bytes + max(3 * 2 * nf * ny, 8 * frame)
+        if budget < smallest:
+            warn_below_budget(budget, smallest)
+    return max(budget - volume_bytes, budget // 4)
 
 
 def process_distance(params, distance_index: int, *, progress: bool | None = True,
@@ -1105,12 +1096,9 @@ def process_distance(params, distance_index: int, *, progress: bool | None = Tru
     nf = _frames_per_distance(params)
     shape = (1, nf, int(params.nr_pixels_y), int(params.nr_pixels_z))
     vol = observe.empty(shape)
-    budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
-    if max_memory is not None:
-        _check_smallest(params, budget, vol.words.nbytes)
     median = _process_into(params, int(distance_index), vol.words, 0, progress=progress,
-                           max_memory=max(budget - vol.words.nbytes, budget // 4),
-                           scratch=None if scratch is None else Path(scratch))
+                           max_memory=_budget_beside(params, max_memory, vol.words.nbytes),
+                           scratch=scratch)
     return median, vol
 
 
@@ -1142,12 +1130,7 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
         raise ValueError(f"base volume shape {base.shape} != {shape}")
     words = np.array(base.words, dtype=np.uint32, copy=True) if base is not None \
         else np.zeros(observe.n_words(shape), dtype=np.uint32)
-    budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
-    if max_memory is not None:
-        _check_smallest(params, budget, words.nbytes)
-    # The volume itself lives in host memory for the whole run: the rest of the budget is
-    # what the median bands and batches may use.
-    budget_left = max(budget - words.nbytes, budget // 4)
+    budget_left = _budget_beside(params, max_memory, words.nbytes)
     per_distance_bits = nf * shape[2] * shape[3]
     parallel = comm is not None and comm.size > 1
     if parallel and not comm.is_root:
@@ -1155,8 +1138,7 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
     for L in distances:
         _clear_bits(words, L * per_distance_bits, (L + 1) * per_distance_bits)
         median = _process_into(params, L, words, L * nf, progress=progress,
-                               max_memory=budget_left, comm=comm,
-                               scratch=None if scratch is None else Path(scratch))
+                               max_memory=budget_left, comm=comm, scratch=scratch)
         if median_dir_writer is not None:
             median_dir_writer(L, median)
     if parallel:

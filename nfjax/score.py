@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nfjax.forward import (SpotTerms, box_pixels, bragg_v, corrected_omega, displace,
-                           distance_centres, footprint_pixels, frame_bin, on_detector,
+from nfjax.forward import (SpotTerms, box_pixels, bragg_v, check_reflections, corrected_omega,
+                           displace, distance_centres, footprint_pixels, frame_bin, on_detector,
                            predict_spots, project, spot_terms)
 from nfjax.geometry import Geometry, tilt_matrix
 from nfjax.observe import lookup
@@ -111,11 +111,7 @@ def _check_soft_inputs(verts, g, theta, geom: Geometry, words, shape, window: in
     if jnp.shape(verts) != (3, 2):
         raise ValueError(f"verts must be one probe triangle (3, 2) in µm, got shape "
                          f"{jnp.shape(verts)}; use jax.vmap for a batch of voxels")
-    if jnp.ndim(g) != 2 or jnp.shape(g)[1] != 3:
-        raise ValueError(f"g must be reflections (R, 3), got shape {jnp.shape(g)}")
-    if jnp.shape(theta) != (jnp.shape(g)[0],):
-        raise ValueError(f"theta must be ({jnp.shape(g)[0]},), one Bragg angle per "
-                         f"reflection of g, got shape {jnp.shape(theta)}")
+    check_reflections(g, theta)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4 or shape != tuple(int(s) for s in geom.shape):
         raise ValueError(f"shape must be the observation volume's (distances, frames, Y, Z) "

@@ -64,7 +64,6 @@ def _once_per_process_messages_start_untold(monkeypatch):
     """Warnings told once per process (a budget below the smallest chunk, frames decoded
     whole) start untold in every test, so that what a test sees does not depend on which
     tests ran before it in the same worker."""
-    from nfjax import chunking, images
+    from nfjax import errors
 
-    monkeypatch.setattr(chunking, "_warned_below_budget", False)
-    monkeypatch.setattr(images, "_told", set())
+    monkeypatch.setattr(errors, "_said", set())

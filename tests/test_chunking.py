@@ -35,9 +35,9 @@ def test_chunk_size_budget_multiple_maximum():
 
 
 def test_budget_below_one_unit_warns_once(capsys, monkeypatch):
-    import nfjax.chunking as chunking
+    import nfjax.errors as errors
 
-    monkeypatch.setattr(chunking, "_warned_below_budget", False)
+    monkeypatch.setattr(errors, "_said", set())
     assert chunk_size(10, 3 << 20, "1MiB") == 1                  # one unit of 3 MB
     err = capsys.readouterr().err
     assert err.strip() == ("warning: --max-memory 1 MB is below the smallest chunk of this "

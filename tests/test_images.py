@@ -16,7 +16,7 @@ import scipy.ndimage as ndi
 import tifffile
 
 from conftest import need_mpiexec
-from nfjax import chunking, images, observe
+from nfjax import errors, images, observe
 from nfjax.chunking import format_bytes, parse_memory
 from nfjax.cli import main as cli_main
 from nfjax.errors import InputFileError, ParamError
@@ -274,6 +274,12 @@ def _single_strip(params):
         tifffile.imwrite(p, tifffile.imread(p), compression="zlib", rowsperstrip=NZ)
 
 
+def _forget_spill_warnings() -> None:
+    """Let the once-per-process notes and warnings about frames decoded whole be said
+    again (a tiny budget's own warning stays said)."""
+    errors._said.intersection_update({"below-budget"})
+
+
 def _count_decodes(monkeypatch) -> list:
     reads = []
     whole = images._FrameFile.read
@@ -288,13 +294,13 @@ def test_frames_decoded_whole_are_decoded_once_into_a_temporary_copy(tmp_path, c
     is decoded once, its rows kept in a temporary file in the scratch folder (one note says
     so, once per process); the later bands and the spot pass read the copy, the volume is
     the one of the stack held in memory, and no file is left behind."""
-    monkeypatch.setattr(chunking, "_warned_below_budget", True)  # a tiny budget on purpose
+    errors._said.add("below-budget")            # a tiny budget on purpose
     params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
     ref = images.process_all(params, progress=False)
     _single_strip(params)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr(images, "_told", set())
+    _forget_spill_warnings()
     reads = _count_decodes(monkeypatch)
     made = []
     create = images._FrameSpill.create.__func__
@@ -321,11 +327,11 @@ def test_frames_decoded_whole_without_room_warn_once_with_the_budget_that_avoids
     warning names the first frame, the number of bands, why there is no copy, and a
     --max-memory with which every frame is decoded once; with that budget each frame is
     read once, no warning, and the same volume."""
-    monkeypatch.setattr(chunking, "_warned_below_budget", True)  # a tiny budget on purpose
+    errors._said.add("below-budget")            # a tiny budget on purpose
     params, truth, _ = make_dataset(tmp_path, n_distances=1, seed=2)
     _single_strip(params)
     monkeypatch.setattr(images, "_SPILL_MARGIN", 1 << 62)      # no disk has this to spare
-    monkeypatch.setattr(images, "_told", set())
+    _forget_spill_warnings()
     reads = _count_decodes(monkeypatch)
     banded = images.process_all(params, progress=False, max_memory=200_000, scratch=tmp_path)
     err = capsys.readouterr().err.strip()
@@ -341,7 +347,7 @@ def test_frames_decoded_whole_without_room_warn_once_with_the_budget_that_avoids
     # suggestion rounds up: one byte less still reads bands and warns.
     need = NF * NY * NZ // 8 + 4 * NF * NY * NZ
     assert need <= suggested < need + (1 << 20)
-    monkeypatch.setattr(images, "_told", set())
+    _forget_spill_warnings()
     images.process_all(params, progress=False, max_memory=need - 1)
     assert "compressed in one strip" in capsys.readouterr().err
     reads.clear()
@@ -355,7 +361,7 @@ def test_a_temporary_copy_that_cannot_be_written_is_dropped(tmp_path, capsys, mo
     """A write to the temporary copy that fails (a full disk) drops it with a warning
     naming it: the remaining bands and the spot pass decode the frames again, and the
     volume is unchanged."""
-    monkeypatch.setattr(chunking, "_warned_below_budget", True)  # a tiny budget on purpose
+    errors._said.add("below-budget")            # a tiny budget on purpose
     params, _, _ = make_dataset(tmp_path, n_distances=1, seed=4)
     ref = images.process_all(params, progress=False)
     _single_strip(params)
@@ -369,7 +375,7 @@ def test_a_temporary_copy_that_cannot_be_written_is_dropped(tmp_path, capsys, mo
         return pwrite(fd, data, offset)
 
     monkeypatch.setattr(images.os, "pwrite", full_disk)
-    monkeypatch.setattr(images, "_told", set())
+    _forget_spill_warnings()
     reads = _count_decodes(monkeypatch)
     vol = images.process_all(params, progress=False, max_memory=200_000, scratch=tmp_path)
     err = capsys.readouterr().err
@@ -398,7 +404,7 @@ def test_no_temporary_copy_in_memory_or_without_room_for_every_rank(tmp_path, ca
     assert kind(Path("/scratchy"), str(mounts)) is None
     assert kind(Path("/srv"), str(tmp_path / "none")) is None      # no mount table
 
-    monkeypatch.setattr(images, "_told", set())
+    _forget_spill_warnings()
     args = (Path("f.tif"), tmp_path, 10, 8, 16, 3, 1 << 20)
     monkeypatch.setattr(images, "_in_memory_folder", lambda folder: "tmpfs")
     assert images._spill_or_warn(*args, None) is None
@@ -406,7 +412,7 @@ def test_no_temporary_copy_in_memory_or_without_room_for_every_rank(tmp_path, ca
     assert err.startswith("warning: f.tif: compressed in one strip") and \
         f"(slow: {tmp_path} is held in memory (tmpfs));" in err, err
     monkeypatch.setattr(images, "_in_memory_folder", lambda folder: None)
-    monkeypatch.setattr(images, "_told", set())
+    _forget_spill_warnings()
     share = 2 * 10 * 8 * 16
     free = images._SPILL_MARGIN + 3 * share - 1           # room for 2 shares, not 3
     monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=free))
@@ -865,7 +871,7 @@ def test_a_budget_below_one_unit_of_processing_warns_once(tmp_path, capsys):
     assert err == (f"warning: --max-memory {format_bytes(need - 1)} is below the smallest "
                    f"chunk of this work ({format_bytes(need)}): it runs one unit at a time, "
                    "above the budget; give at least that\n"), err
-    chunking._warned_below_budget = False
+    errors._said.discard("below-budget")
     enough = images.process_all(params, progress=False, max_memory=need)
     assert capsys.readouterr().err == ""
     np.testing.assert_array_equal(small.words, enough.words)

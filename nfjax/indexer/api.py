@@ -369,7 +369,7 @@ class Indexer:
         params.update(kwargs)
         cfg = RunConfig(method, **params)
         self._check_live()
-        if isinstance(spot_arrays, np.ndarray) or hasattr(spot_arrays, "shape"):
+        if hasattr(spot_arrays, "shape"):       # one array (NumPy or JAX), not a sequence
             raise TypeError(f"run_batch() spot_arrays: expected a sequence of spot arrays, "
                             f"one per frame, found one array of shape "
                             f"{tuple(np.shape(spot_arrays))}; use run() for one frame, or "

@@ -123,7 +123,7 @@ def read_binary_mic(path: str | os.PathLike) -> MicData:
         raise InputFileError(f"{path}: binary mic size must be a multiple of {RECORD_BYTES} "
                              f"bytes (11 float64 per record), found {size} bytes")
     records = np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(-1, 11)
-    _reject_non_finite(path, records, lambda i: f": record {i} (byte {i * RECORD_BYTES})")
+    _reject_bad_values(path, records, lambda i: f": record {i} (byte {i * RECORD_BYTES})")
     filled = np.flatnonzero(records.any(axis=1))
     tri_edge = float(records[filled[0], 5]) if filled.size else 0.0
     return MicData(records=records, phase_nr=np.ones(records.shape[0], dtype=np.int64),
@@ -138,7 +138,7 @@ _MIC_LIMITS = ((slice(3, 6), 1e6, "µm, beyond any sample"),
                (slice(7, 10), 1e3, "rad, beyond any Euler angle"))
 
 
-def _reject_non_finite(path: Path, table: np.ndarray, where) -> None:
+def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
     """InputFileError at the first NaN or infinity of ``table``, or the first position,
     edge or Euler angle past :data:`_MIC_LIMITS` (a corrupt file); ``where(row)`` places
     it."""
@@ -312,7 +312,7 @@ def read_text_mic(path: str | os.PathLike) -> MicData:
             table = np.array(rows, dtype=np.float64)
     else:
         table = np.zeros((0, 12), dtype=np.float64)
-    _reject_non_finite(path, table, lambda i: f":{data_lines[i][0]}")
+    _reject_bad_values(path, table, lambda i: f":{data_lines[i][0]}")
     phase = table[:, 11]
     if not np.all(phase == np.round(phase)):
         bad = int(np.argmax(phase != np.round(phase)))
