@@ -135,6 +135,35 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- maps
+def _cmd_maps(args: argparse.Namespace) -> int:
+    from nfjax.io.atomic import check_target
+    from nfjax.io.mic import read_mic
+    from nfjax.maps import map_paths, map_symmetry, pixel_maps, write_maps
+
+    params = _read_params(args.params, required=False) if args.params else None
+    mic = read_mic(args.mic)
+    base = args.output or args.mic
+    for path in map_paths(base):
+        check_target(path)
+    sg = args.space_group or map_symmetry(params)
+    gb = args.gb_angle if args.gb_angle is not None else (params.gb_angle if params else 5.0)
+    phase = args.phase_nr if args.phase_nr is not None else (
+        (params.phase_nr if params else None) or (int(mic.phase_nr[0]) if len(mic) else 1))
+    # ParseMic's edge is field 5 of binary record 0; a text mic carries it as %TriEdgeSize.
+    edge = float(mic.records[0, 5]) if mic.kind == "binary" and len(mic) else \
+        float(mic.tri_edge_size)
+    maps = pixel_maps(mic.records, edge, space_group=sg, gb_angle=gb)
+    if maps is None:
+        raise NfjaxError(f"{args.mic}: no voxel has a nonzero confidence: there is nothing "
+                         "to map")
+    paths = write_maps(base, maps, mic.records, phase_nr=phase)
+    print(f"{maps.n_grains} grain(s) at GBAngle {gb:g} deg (space group {sg}) on "
+          f"{maps.x_size} x {maps.y_size} pixels of 1 um -> "
+          + ", ".join(str(p) for p in paths))
+    return 0
+
+
 # --------------------------------------------------------------------------- compare
 def _cmd_compare(args: argparse.Namespace) -> int:
     from nfjax.compare import compare_mics, format_comparison
@@ -286,6 +315,17 @@ def _space_group(text: str) -> int:
     return value
 
 
+def _degrees(text: str) -> float:
+    """argparse type: an angle in degrees > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of degrees > 0, found {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     """argparse type: an integer >= 0 (a random seed)."""
     try:
@@ -384,6 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draw boundaries between neighbours misoriented by more than "
                              "DEG (default 5; 0: none)")
     p_plot.set_defaults(func=_cmd_plot)
+
+    p_maps = sub.add_parser(
+        "maps", help="ParseMic's 1 um pixel maps of a mic: .map, .map.kam, .map.grainId, .map.grod")
+    p_maps.add_argument("mic", help="mic file (text or binary)")
+    p_maps.add_argument("-o", "--output", default=None, metavar="BASE",
+                        help="write BASE.map, BASE.map.kam, BASE.map.grainId, BASE.map.grod "
+                             "(default: beside the mic, as ParseMic)")
+    p_maps.add_argument("--params", default=None,
+                        help="parameter file for SGNr/SpaceGroup, GBAngle and PhaseNr")
+    p_maps.add_argument("--space-group", type=_space_group, default=None,
+                        help="crystal symmetry of the misorientations (default: SGNr, else "
+                             "SpaceGroup of --params, else 225)")
+    p_maps.add_argument("--gb-angle", type=_degrees, default=None, metavar="DEG",
+                        help="grain boundary misorientation for .map.grainId (default: GBAngle "
+                             "of --params, else 5)")
+    p_maps.add_argument("--phase-nr", type=_count, default=None,
+                        help="PhaseNr plane of .map (default: --params, else the mic's)")
+    p_maps.set_defaults(func=_cmd_maps)
 
     p_cmp = sub.add_parser(
         "compare", help="per-voxel misorientation between two mic files matched by position")

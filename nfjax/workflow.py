@@ -10,9 +10,12 @@ Stages and their inputs (a stage reruns when the hash of its inputs changes):
 ``hkls`` (lattice, space group, λ, Lsd, ring cut) → ``seeds`` (GrainsFile or seed file)
 → ``grid`` (GridSize, EdgeLength, Rsample, masks) → ``spots`` (hkls, seeds, geometry)
 → ``images`` (image keys, frame files) → ``fit`` (grid, spots, observations, fit keys)
-→ ``map``. Multi-resolution runs ``grid0``/``spots_all``/``fit0``, then per loop K
-``clusterK``, ``seedsK``, ``gridK``, ``spotsK``, ``seededK`` and ``unseededK``; the merge
-is recomputed from the two passes. Every fit pass writes its own binary
+→ ``parse`` (the fit's records, SGNr/SpaceGroup, GBAngle, PhaseNr: ParseMic's pixel maps
+``.map``, ``.map.kam``, ``.map.grainId``, ``.map.grod`` beside the text mic) → ``map``
+(the PNG). Multi-resolution runs ``grid0``/``spots_all``/``fit0``/``parse0``, then per
+loop K ``clusterK``, ``seedsK``, ``gridK``, ``spotsK``, ``seededK``/``parseK`` and
+``unseededK``/``parse_allK``; the merge is recomputed from the two passes, its maps are
+``parse_mergedK``. Every fit pass writes its own binary
 (``MicFileBinary.0``, ``.seededK``, ``.unseededK``) and every loop its own grid
 (``grid.txt.K``), which is what a resumed run reloads; ``MicFileBinary`` and ``grid.txt``
 themselves hold the latest result, as in MIDAS, and are rewritten by every loop. A
@@ -203,10 +206,11 @@ class Run:
 def midas_log_name(stage: str, rank: int = 0) -> str:
     """The MIDAS log a stage's lines go to (the manual's ``midas_log/`` map): ``hkls``,
     ``seed``, ``hex`` (grids), ``spots``, ``image0``, ``fit{rank}`` (every fit pass; MIDAS
-    numbers these by block, nfjax's blocks are the MPI ranks) and ``mic2grains_{k}`` (the
-    clustering that seeds loop k). Each line starts with nfjax's stage name."""
+    numbers these by block, nfjax's blocks are the MPI ranks), ``parse`` (the pixel maps
+    of every text mic) and ``mic2grains_{k}`` (the clustering that seeds loop k). Each
+    line starts with nfjax's stage name."""
     for prefix, log in (("hkls", "hkls"), ("seeds", "seed"), ("grid", "hex"),
-                        ("spots", "spots"), ("images", "image0")):
+                        ("spots", "spots"), ("images", "image0"), ("parse", "parse")):
         if stage.startswith(prefix):
             return log
     if stage.startswith("cluster"):
@@ -528,11 +532,11 @@ def _on_device(vol):
 
 
 def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
-         text_path: Path, *, seeded: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic.
-    ``seeded``: the orientations are grains' (FF or clustered), not a library (see
-    :func:`nfjax.fit.refinement_options`). Returns the records (every rank) and the
-    ``.AllMatches`` rows (rank 0; ``None`` elsewhere)."""
+         text_path: Path, *, seeded: bool, parse: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic, then
+    the text mic's pixel maps (stage ``parse``). ``seeded``: the orientations are grains'
+    (FF or clustered), not a library (see :func:`nfjax.fit.refinement_options`). Returns
+    the records (every rank) and the ``.AllMatches`` rows (rank 0; ``None`` elsewhere)."""
     from nfjax.fit import fit_grid, refinement_options, unresolved_below
     from nfjax.io.mic import (allmatches_path, read_allmatches, read_binary_mic,
                               write_allmatches, write_binary_mic, write_text_mic)
@@ -587,8 +591,10 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
         return read_binary_mic(bin_path).records, read_allmatches(am_path, n_sol)
 
     # A resumed stage: the other ranks need the records, not the AllMatches (rank 0 writes).
-    return run.stage(name, inputs, [bin_path, am_path, text_path], compute, load,
-                     shared=lambda value: (value[0], None))
+    records, allm = run.stage(name, inputs, [bin_path, am_path, text_path], compute, load,
+                              shared=lambda value: (value[0], None))
+    _pixel_maps(run, parse, text_path, records, params)
+    return records, allm
 
 
 def quality_line(records: np.ndarray, min_confidence: float | None) -> tuple[str, int]:
@@ -620,6 +626,39 @@ def _report_quality(run: Run, name: str, records: np.ndarray, params) -> None:
                         name, what)
 
 
+def _pixel_maps(run: Run, name: str, mic_path: Path, records: np.ndarray, params) -> None:
+    """The stage that writes ParseMic's pixel maps of a text mic (``.map``, ``.map.kam``,
+    ``.map.grainId``, ``.map.grod``; :mod:`nfjax.maps`) from its binary records: MIDAS
+    runs ParseMic after every fit, so every text mic of a run has them."""
+    from nfjax.maps import map_paths, map_symmetry, pixel_maps, write_maps
+
+    sg, gb, phase = map_symmetry(params), float(params.gb_angle), int(params.phase_nr or 1)
+    edge = float(records[0, 5]) if len(records) else 0.0
+    found = bool(np.any(records[:, 10] != 0))
+    paths = map_paths(mic_path)
+
+    def compute():
+        if not run.comm.is_root:
+            return
+        if not found:
+            for stale in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+            run.log.info("stage %-14s no voxel has an orientation: no maps of %s", name,
+                         mic_path.name)
+            return
+        maps = pixel_maps(records, edge, space_group=sg, gb_angle=gb)
+        write_maps(mic_path, maps, records, phase_nr=phase)
+        line = (f"{maps.n_grains} grain(s) at GBAngle {gb:g} deg (space group {sg}) on "
+                f"{maps.x_size} x {maps.y_size} pixels of 1 um -> {mic_path.name}.map, "
+                ".map.kam, .map.grainId, .map.grod")
+        run.log.info("stage %-14s %s", name, line)
+        _stage_log(run.out, name, f"{name}: {line}\n")
+
+    run.stage(name, value_hash(array_hash(records), sg, gb, phase, edge),
+              paths if found else [], compute, lambda: None)
+
+
 def _map(run: Run, name: str, mic_path: Path) -> None:
     if not run.comm.is_root:
         return
@@ -644,7 +683,7 @@ def _single(run: Run, hkls, quats) -> tuple[Path, np.ndarray]:
     bin_path = run.out / p.mic_file_binary
     text_path = run.out / p.mic_file_text
     records, _ = _fit(run, "fit", p, grid, spots, obs, hkls, bin_path, text_path,
-                      seeded=run.ff_seeds)
+                      seeded=run.ff_seeds, parse="parse")
     _map(run, "map", text_path)
     return text_path, records
 
@@ -699,7 +738,7 @@ def _multi(run: Run, hkls, quats0, quats_all) -> tuple[Path, np.ndarray]:
     current = run.out / f"{base}.0"
     bin0 = run.out / f"{p.mic_file_binary}.0"
     records, allmatches = _fit(run, "fit0", p0, grid, spots_all, obs, hkls, bin0, current,
-                               seeded=run.ff_seeds)
+                               seeded=run.ff_seeds, parse="parse0")
     _publish(run, records, allmatches)
     if not np.array_equal(quats0, quats_all):
         spots_all = _spots(run, "spots_library", hkls, quats_all, run.out / "library")
@@ -736,14 +775,16 @@ def _multi(run: Run, hkls, quats0, quats_all) -> tuple[Path, np.ndarray]:
         spots_k = _spots(run, f"spots{k}", hkls, seeds_k, run.out / f"seeded{k}")
         seeded_bin = run.out / f"{p.mic_file_binary}.seeded{k}"
         seeded, allmatches = _fit(run, f"seeded{k}", pk, grid, spots_k, obs, hkls,
-                                  seeded_bin, run.out / f"{base}.{k}", seeded=True)
+                                  seeded_bin, run.out / f"{base}.{k}", seeded=True,
+                                  parse=f"parse{k}")
         bad = np.flatnonzero(seeded[:, 10] < min_conf)
         merged_path = run.out / f"{base}_merged.{k}"
         if bad.size:
             unseeded_bin = run.out / f"{p.mic_file_binary}.unseeded{k}"
             unseeded, unseeded_am = _fit(run, f"unseeded{k}", pk, grid[bad], spots_all, obs,
                                          hkls, unseeded_bin,
-                                         run.out / f"{base}_all_solutions.{k}", seeded=False)
+                                         run.out / f"{base}_all_solutions.{k}", seeded=False,
+                                         parse=f"parse_all{k}")
             better = unseeded[:, 10] > seeded[bad, 10]
             n_better = int(np.count_nonzero(better))
             records = _merge(seeded, unseeded, bad, better)
@@ -757,6 +798,7 @@ def _multi(run: Run, hkls, quats0, quats_all) -> tuple[Path, np.ndarray]:
             write_text_mic(merged_path, records, phase_nr=p.phase_nr or 1,
                            num_phases=p.num_phases or 1,
                            global_position=p.global_position or 0.0)
+        _pixel_maps(run, f"parse_merged{k}", merged_path, records, p)
         run.log.info("loop %d: GridSize %.6f, %d voxels, %d below MinConfidence %.2f retried "
                      "unseeded; the retry was better for %d of them (kept), the seeded result "
                      "stays for the rest -> %s: %s", k, pk.grid_size, len(grid), bad.size,

@@ -26,8 +26,8 @@ from nfjax.cli import main
     (["simulate", "p.txt", "m.mic", "--seed", "-1"], "nfjax simulate",
      "argument --seed: expected an integer >= 0, found '-1'"),
     (["bogus"], "nfjax", "argument COMMAND: invalid choice: 'bogus' (choose from 'params', "
-     "'hkls', 'grid', 'seeds', 'cluster', 'plot', 'compare', 'spots', 'simulate', "
-     "'reconstruct', 'fit', 'index', 'process', 'demo')"),
+     "'hkls', 'grid', 'seeds', 'cluster', 'plot', 'maps', 'compare', 'spots', "
+     "'simulate', 'reconstruct', 'fit', 'index', 'process', 'demo')"),
 ])
 def test_usage_errors_are_one_line(argv, prog, says, capsys):
     """A bad option is the house's one-line error (what, where, and where to look), with

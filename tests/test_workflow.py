@@ -18,6 +18,7 @@ from nfjax.cli import main
 from nfjax.compare import compare_records
 from nfjax.data import au_example
 from nfjax.io.mic import read_mic
+from nfjax.maps import MAP_SUFFIXES, read_map_file
 from nfjax.params import read_params, update_param_text
 from nfjax.workflow import reconstruct
 
@@ -62,7 +63,8 @@ MIDAS_FILES = ["hkls.csv", "grid.txt", "seeds.csv", "Key.bin", "DiffractionSpots
                "OrientMat.bin", "Au_bin_Reconstructed.mic", "Au_bin_Reconstructed.mic.AllMatches",
                "Au_txt_Reconstructed.mic", "midas_log/hkls_out.csv", "midas_log/hex_out.csv",
                "midas_log/seed_out.csv", "midas_log/spots_out.csv", "midas_log/fit0_out.csv",
-               "midas_log/midas_nf_workflow_multires.log"]
+               "midas_log/parse_out.csv", "midas_log/midas_nf_workflow_multires.log"] + [
+               f"Au_txt_Reconstructed.mic{s}" for s in MAP_SUFFIXES]
 
 
 def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
@@ -74,6 +76,16 @@ def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
         assert (out / name).exists(), name
     rec = read_mic(out / "Au_bin_Reconstructed.mic").records
     assert rec.shape == (3456, 11)
+    # ParseMic's pixel maps of the text mic: the four grains of the sample hold most of
+    # the pixels (the rest: low-confidence voxels at the sample's edge that got other
+    # orientations).
+    _, planes = read_map_file(out / "Au_txt_Reconstructed.mic.map")
+    hit = planes[0] != -15
+    assert set(np.unique(planes[0][hit])) <= set(rec[:, 10])
+    _, grain = read_map_file(out / "Au_txt_Reconstructed.mic.map.grainId")
+    sizes = np.sort(np.bincount(grain[0][hit].astype(np.int64)))[::-1]
+    assert sizes[:4].sum() >= 0.8 * hit.sum(), sizes[:8]
+    assert "parse: " in (out / "midas_log" / "parse_out.csv").read_text()
     # The fit stage's log line: the work done and its timings.
     fit_log = (out / "midas_log" / "fit0_out.csv").read_text()
     m = re.search(r"fit: (\d+) of 3456 voxels fitted; (\d+) winners .* tied voxels decided .*"
@@ -125,9 +137,10 @@ def test_midas_log_names():
 
     assert [midas_log_name(s) for s in ("hkls", "seeds", "seeds2", "grid", "grid1", "spots",
                                         "spots_all", "images", "fit", "fit0", "seeded1",
-                                        "unseeded2", "cluster2", "map")] == [
+                                        "unseeded2", "cluster2", "parse", "parse_merged2",
+                                        "map")] == [
         "hkls", "seed", "seed", "hex", "hex", "spots", "spots", "image0", "fit0", "fit0",
-        "fit0", "fit0", "mic2grains_2", "map"]
+        "fit0", "fit0", "mic2grains_2", "parse", "parse", "map"]
     assert midas_log_name("seeded1", rank=3) == "fit3"
 
 
@@ -254,19 +267,19 @@ def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
     out = tmp_path / "run"
     reconstruct(params, ff_seeds=True, image_processing=False, progress=False)
     reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
-    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit"}
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit", "parse"}
     # MinConfidence reaches a fit only through a library pass's near misses: a seeded fit
     # (--ff-seeds) does not rerun.
     params.write_text(update_param_text(params.read_text(), {"MinConfidence": 0.6}))
     reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
-    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit"}
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit", "parse"}
     params.write_text(update_param_text(params.read_text(), {"OrientTol": 1.5}))
     reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
-    assert _skipped(out) == {"hkls", "seeds", "grid", "spots"}       # only the fit reran
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots"}       # the fit and its maps
     params.write_text(update_param_text(params.read_text(), {"GridMask": (-8.0, 10.0, -10.0,
                                                                           10.0)}))
     reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
-    assert _skipped(out) == {"hkls", "seeds", "spots"}               # grid and fit reran
+    assert _skipped(out) == {"hkls", "seeds", "spots"}               # grid, fit, maps
     # The wavelength moves every Bragg angle: hkls, spots and fit rerun, and the result is
     # the one a fresh run gives.
     params.write_text(update_param_text(params.read_text(), {"Wavelength": 0.1725}))
@@ -276,11 +289,16 @@ def test_changed_parameter_invalidates_dependent_stages(tmp_path, spotsinfo):
     fresh.write_text(params.read_text())
     reconstruct(fresh, ff_seeds=True, image_processing=False, progress=False)
     assert _final_bytes(out) == _final_bytes(tmp_path / "fresh")
+    # GBAngle reaches only the maps.
+    params.write_text(update_param_text(params.read_text(), {"GBAngle": 8.0}))
+    reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "fit"}
     # A renamed output reruns the stage that writes it instead of failing on the old path.
     params.write_text(update_param_text(params.read_text(),
                                         {"MicFileBinary": "renamed_bin.mic"}))
     reconstruct(params, ff_seeds=True, image_processing=False, resume=True, progress=False)
-    assert _skipped(out) == {"hkls", "seeds", "grid", "spots"}
+    # (the same records: their maps stand)
+    assert _skipped(out) == {"hkls", "seeds", "grid", "spots", "parse"}
     assert (out / "renamed_bin.mic").exists()
 
 
@@ -635,7 +653,9 @@ MULTI_FILES = ["MyMic.0", "MyMic.1", "MyMic.2", "MyMic_merged.1", "MyMic_merged.
                "grid.txt", "hkls.csv", "Au_bin_Reconstructed.mic",
                "Au_bin_Reconstructed.mic.AllMatches", "Au_bin_Reconstructed.mic.0",
                "Au_bin_Reconstructed.mic.0.AllMatches", "Au_bin_Reconstructed.mic.seeded2",
-               "Au_bin_Reconstructed.mic.unseeded2.AllMatches"]
+               "Au_bin_Reconstructed.mic.unseeded2.AllMatches"] + [
+               f"{mic}{s}" for mic in ("MyMic.0", "MyMic.2", "MyMic_all_solutions.2",
+                                       "MyMic_merged.2") for s in MAP_SUFFIXES]
 
 
 def test_multi_resolution_small_window(multi_small):
@@ -723,9 +743,9 @@ def test_multi_resolution_resume_after_kill(tmp_path, spotsinfo, multi_small, mo
     # Resumed again with nothing changed: no stage runs, not even a grid (each loop's grid
     # is kept in grid.txt.K; grid.txt holds the last one, as in MIDAS).
     reconstruct(params, image_processing=False, resume=True, progress=False)
-    stages = {"hkls", "grid0", "spots_all", "fit0", "spots_library"} | {
+    stages = {"hkls", "grid0", "spots_all", "fit0", "parse0", "spots_library"} | {
         f"{s}{k}" for k in (1, 2) for s in ("cluster", "seeds", "grid", "spots", "seeded",
-                                            "unseeded")}
+                                            "unseeded", "parse", "parse_all", "parse_merged")}
     assert _skipped(out) == stages & _ran(out)
     assert (out / "grid.txt").read_bytes() == (out / "grid.txt.2").read_bytes()
     # A clustering setting reruns the clustering of both loops (and what it feeds), not
