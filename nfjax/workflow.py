@@ -10,8 +10,9 @@ Stages and their inputs (a stage reruns when the hash of its inputs changes):
 ``hkls`` (lattice, space group, λ, Lsd, ring cut) → ``seeds`` (GrainsFile or seed file)
 → ``grid`` (GridSize, EdgeLength, Rsample, masks) → ``spots`` (hkls, seeds, geometry)
 → ``images`` (image keys, frame files) → ``fit`` (grid, spots, observations, fit keys)
-→ ``parse`` (the fit's records, SGNr/SpaceGroup, GBAngle, PhaseNr: ParseMic's pixel maps
-``.map``, ``.map.kam``, ``.map.grainId``, ``.map.grod`` beside the text mic) → ``map``
+→ ``parse`` (the fit's records, SGNr/SpaceGroup, GBAngle, PhaseNr: the rest of ParseMic's
+output beside the text mic, its text ``.AllMatches`` and the pixel maps ``.map``,
+``.map.kam``, ``.map.grainId``, ``.map.grod``) → ``map``
 (the PNG). Multi-resolution runs ``grid0``/``spots_all``/``fit0``/``parse0``, then per
 loop K ``clusterK``, ``seedsK``, ``gridK``, ``spotsK``, ``seededK``/``parseK`` and
 ``unseededK``/``parse_allK``; the merge is recomputed from the two passes, its maps are
@@ -206,8 +207,8 @@ class Run:
 def midas_log_name(stage: str, rank: int = 0) -> str:
     """The MIDAS log a stage's lines go to (the manual's ``midas_log/`` map): ``hkls``,
     ``seed``, ``hex`` (grids), ``spots``, ``image0``, ``fit{rank}`` (every fit pass; MIDAS
-    numbers these by block, nfjax's blocks are the MPI ranks), ``parse`` (the pixel maps
-    of every text mic) and ``mic2grains_{k}`` (the clustering that seeds loop k). Each
+    numbers these by block, nfjax's blocks are the MPI ranks), ``parse`` (ParseMic's
+    companions of every text mic) and ``mic2grains_{k}`` (the clustering that seeds loop k). Each
     line starts with nfjax's stage name."""
     for prefix, log in (("hkls", "hkls"), ("seeds", "seed"), ("grid", "hex"),
                         ("spots", "spots"), ("images", "image0"), ("parse", "parse")):
@@ -534,9 +535,10 @@ def _on_device(vol):
 def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
          text_path: Path, *, seeded: bool, parse: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Fit ``grid`` (all ranks share the rows), write the binary/AllMatches/text mic, then
-    the text mic's pixel maps (stage ``parse``). ``seeded``: the orientations are grains'
-    (FF or clustered), not a library (see :func:`nfjax.fit.refinement_options`). Returns
-    the records (every rank) and the ``.AllMatches`` rows (rank 0; ``None`` elsewhere)."""
+    ParseMic's text AllMatches and pixel maps (stage ``parse``). ``seeded``: the
+    orientations are grains' (FF or clustered), not a library (see
+    :func:`nfjax.fit.refinement_options`). Returns the records (every rank) and the
+    ``.AllMatches`` rows (rank 0; ``None`` elsewhere)."""
     from nfjax.fit import fit_grid, refinement_options, unresolved_below
     from nfjax.io.mic import (allmatches_path, read_allmatches, read_binary_mic,
                               write_allmatches, write_binary_mic, write_text_mic)
@@ -593,7 +595,7 @@ def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,
     # A resumed stage: the other ranks need the records, not the AllMatches (rank 0 writes).
     records, allm = run.stage(name, inputs, [bin_path, am_path, text_path], compute, load,
                               shared=lambda value: (value[0], None))
-    _pixel_maps(run, parse, text_path, records, params)
+    _parse(run, parse, text_path, records, allm, params)
     return records, allm
 
 
@@ -626,20 +628,28 @@ def _report_quality(run: Run, name: str, records: np.ndarray, params) -> None:
                         name, what)
 
 
-def _pixel_maps(run: Run, name: str, mic_path: Path, records: np.ndarray, params) -> None:
-    """The stage that writes ParseMic's pixel maps of a text mic (``.map``, ``.map.kam``,
-    ``.map.grainId``, ``.map.grod``; :mod:`nfjax.maps`) from its binary records: MIDAS
-    runs ParseMic after every fit, so every text mic of a run has them."""
+def _parse(run: Run, name: str, mic_path: Path, records: np.ndarray,
+           allmatches: np.ndarray | None, params) -> None:
+    """The stage that writes the rest of what MIDAS's ParseMic writes beside a text mic:
+    the text ``<mic>.AllMatches`` of the binary ``.AllMatches`` rows and the pixel maps
+    (``.map``, ``.map.kam``, ``.map.grainId``, ``.map.grod``; :mod:`nfjax.maps`). MIDAS
+    runs ParseMic after every fit, so every text mic of a run has them. ``allmatches`` is
+    needed on rank 0 only."""
+    from nfjax.io.mic import write_text_allmatches
     from nfjax.maps import map_paths, map_symmetry, pixel_maps, write_maps
 
     sg, gb, phase = map_symmetry(params), float(params.gb_angle), int(params.phase_nr or 1)
     edge = float(records[0, 5]) if len(records) else 0.0
     found = bool(np.any(records[:, 10] != 0))
+    text_am = Path(str(mic_path) + ".AllMatches")
     paths = map_paths(mic_path)
+    header = dict(tri_edge_size=edge, phase_nr=phase, num_phases=params.num_phases or 1,
+                  global_position=params.global_position or 0.0)
 
     def compute():
         if not run.comm.is_root:
             return
+        write_text_allmatches(text_am, allmatches, **header)
         if not found:
             for stale in paths:
                 with contextlib.suppress(FileNotFoundError):
@@ -651,12 +661,13 @@ def _pixel_maps(run: Run, name: str, mic_path: Path, records: np.ndarray, params
         write_maps(mic_path, maps, records, phase_nr=phase)
         line = (f"{maps.n_grains} grain(s) at GBAngle {gb:g} deg (space group {sg}) on "
                 f"{maps.x_size} x {maps.y_size} pixels of 1 um -> {mic_path.name}.map, "
-                ".map.kam, .map.grainId, .map.grod")
+                ".map.kam, .map.grainId, .map.grod, .AllMatches")
         run.log.info("stage %-14s %s", name, line)
         _stage_log(run.out, name, f"{name}: {line}\n")
 
-    run.stage(name, value_hash(array_hash(records), sg, gb, phase, edge),
-              paths if found else [], compute, lambda: None)
+    inputs = "" if not run.comm.is_root else value_hash(
+        array_hash(records), array_hash(allmatches), sg, gb, sorted(header.items()))
+    run.stage(name, inputs, [text_am] + (paths if found else []), compute, lambda: None)
 
 
 def _map(run: Run, name: str, mic_path: Path) -> None:
@@ -798,7 +809,7 @@ def _multi(run: Run, hkls, quats0, quats_all) -> tuple[Path, np.ndarray]:
             write_text_mic(merged_path, records, phase_nr=p.phase_nr or 1,
                            num_phases=p.num_phases or 1,
                            global_position=p.global_position or 0.0)
-        _pixel_maps(run, f"parse_merged{k}", merged_path, records, p)
+        _parse(run, f"parse_merged{k}", merged_path, records, allmatches, p)
         run.log.info("loop %d: GridSize %.6f, %d voxels, %d below MinConfidence %.2f retried "
                      "unseeded; the retry was better for %d of them (kept), the seeded result "
                      "stays for the rest -> %s: %s", k, pk.grid_size, len(grid), bad.size,

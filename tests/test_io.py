@@ -9,7 +9,8 @@ import pytest
 from nfjax.errors import InputFileError
 from nfjax.grid import make_hex_grid, up_down
 from nfjax.io.mic import (MicData, read_allmatches, read_binary_mic, read_mic, read_text_mic,
-                          write_allmatches, write_binary_mic, write_text_mic)
+                          write_allmatches, write_binary_mic, write_text_allmatches,
+                          write_text_mic)
 
 
 # --------------------------------------------------------------------------- binary
@@ -88,6 +89,30 @@ def test_text_mic_tri_edge_from_record0_and_hole(tmp_path):
     assert back.kind == "text" and back.phase_nr.tolist() == [2, 3]
     assert np.array_equal(back.records, rec[1:])
     assert back.global_position == -7.5 and back.num_phases == 3
+
+
+def test_text_allmatches_as_parsemic(tmp_path):
+    """ParseMic's text .AllMatches (reference §6.6): the text mic's three lines, its own
+    column header with six '...' whatever SaveNSolutions is, and the rows whose column 10
+    (the best confidence) is not 0, each (7 + 4n) x %lf then PhaseNr."""
+    rows = np.zeros((3, 15))                 # SaveNSolutions 2
+    rows[0] = [0, 3, 0, 1.25, -2.5, 2.0, 1, 0.1, 0.2, 0.3, 0.9, 0.4, 0.5, 0.6, 0.8]
+    rows[2] = [0, 1, 0, 2.5, -2.5, 2.0, -1, 1.1, 1.2, 1.3, 0.5, 0, 0, 0, 0]
+    write_text_allmatches(tmp_path / "m.mic.AllMatches", rows, tri_edge_size=2.0,
+                          phase_nr=4, num_phases=2, global_position=1.5)
+    lines = (tmp_path / "m.mic.AllMatches").read_text().splitlines()
+    assert lines == [
+        "%TriEdgeSize 2.000000", "%NumPhases 2", "%GlobalPosition 1.500000",
+        "%OrientationRowNr\tNrMatches\tRunTime\tX\tY\tTriEdgeSize\tUpDown\tEul1\tEul2\t"
+        "Eul3\tConfidence\t...\t...\t...\t...\t...\t...\tPhaseNr",
+        "0.000000\t3.000000\t0.000000\t1.250000\t-2.500000\t2.000000\t1.000000\t"
+        "0.100000\t0.200000\t0.300000\t0.900000\t0.400000\t0.500000\t0.600000\t"
+        "0.800000\t4",
+        "0.000000\t1.000000\t0.000000\t2.500000\t-2.500000\t2.000000\t-1.000000\t"
+        "1.100000\t1.200000\t1.300000\t0.500000\t0.000000\t0.000000\t0.000000\t"
+        "0.000000\t4"]
+    with pytest.raises(ValueError, match="7 \\+ 4n columns"):
+        write_text_allmatches(tmp_path / "bad", np.zeros((2, 12)), tri_edge_size=1.0)
 
 
 # --------------------------------------------------------------------------- AllMatches

@@ -64,7 +64,7 @@ MIDAS_FILES = ["hkls.csv", "grid.txt", "seeds.csv", "Key.bin", "DiffractionSpots
                "Au_txt_Reconstructed.mic", "midas_log/hkls_out.csv", "midas_log/hex_out.csv",
                "midas_log/seed_out.csv", "midas_log/spots_out.csv", "midas_log/fit0_out.csv",
                "midas_log/parse_out.csv", "midas_log/midas_nf_workflow_multires.log"] + [
-               f"Au_txt_Reconstructed.mic{s}" for s in MAP_SUFFIXES]
+               f"Au_txt_Reconstructed.mic{s}" for s in MAP_SUFFIXES + (".AllMatches",)]
 
 
 def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
@@ -86,6 +86,14 @@ def test_single_resolution_au_from_parameter_file(tmp_path, spotsinfo):
     sizes = np.sort(np.bincount(grain[0][hit].astype(np.int64)))[::-1]
     assert sizes[:4].sum() >= 0.8 * hit.sum(), sizes[:8]
     assert "parse: " in (out / "midas_log" / "parse_out.csv").read_text()
+    # ParseMic's text .AllMatches: a row for each binary .AllMatches row with a solution.
+    from nfjax.io.mic import read_allmatches
+
+    n_sol = read_params(out / "params.txt").save_n_solutions
+    am = read_allmatches(out / "Au_bin_Reconstructed.mic.AllMatches", n_sol)
+    text_am = (out / "Au_txt_Reconstructed.mic.AllMatches").read_text().splitlines()
+    assert len(text_am) == 4 + np.count_nonzero(am[:, 10])
+    assert text_am[4].split("\t")[:11] == ["%f" % v for v in am[am[:, 10] != 0][0, :11]]
     # The fit stage's log line: the work done and its timings.
     fit_log = (out / "midas_log" / "fit0_out.csv").read_text()
     m = re.search(r"fit: (\d+) of 3456 voxels fitted; (\d+) winners .* tied voxels decided .*"
@@ -655,7 +663,8 @@ MULTI_FILES = ["MyMic.0", "MyMic.1", "MyMic.2", "MyMic_merged.1", "MyMic_merged.
                "Au_bin_Reconstructed.mic.0.AllMatches", "Au_bin_Reconstructed.mic.seeded2",
                "Au_bin_Reconstructed.mic.unseeded2.AllMatches"] + [
                f"{mic}{s}" for mic in ("MyMic.0", "MyMic.2", "MyMic_all_solutions.2",
-                                       "MyMic_merged.2") for s in MAP_SUFFIXES]
+                                       "MyMic_merged.2")
+               for s in MAP_SUFFIXES + (".AllMatches",)]
 
 
 def test_multi_resolution_small_window(multi_small):

@@ -1,13 +1,14 @@
 """Mic files: the reconstructed microstructure, in MIDAS's binary and text layouts.
 
-This module owns the conversion between arrays and the three files a MIDAS NF fit leaves
-(reference §6.4–6.5): the binary ``MicFileBinary`` (11 little-endian float64 per grid row,
-88 bytes), its ``.AllMatches`` companion ((7 + 4·SaveNSolutions) float64 per row) and the
-text mic ``ParseMic`` writes (3 ``%`` header lines, a column header line, then the rows with
-non-zero confidence as ``%lf\\t`` × 11 + ``%d``). Records are always ``(N, 11)`` float64 in
-the binary column order: OrientationRowNr, OrientationID, RunTime, X (µm), Y (µm),
-TriEdgeSize (µm), UpDown, Eul1, Eul2, Eul3 (rad, Bunge ZXZ), Confidence. It never
-interprets orientations (see :mod:`nfjax.orientation`) and writes every file atomically.
+This module owns the conversion between arrays and the files a MIDAS NF fit leaves
+(reference §6.4–6.6): the binary ``MicFileBinary`` (11 little-endian float64 per grid row,
+88 bytes), its ``.AllMatches`` companion ((7 + 4·SaveNSolutions) float64 per row), and the
+text mic and text ``.AllMatches`` that ``ParseMic`` writes (3 ``%`` header lines, a column
+header line, then the rows with non-zero confidence as ``%lf\\t`` per column + ``%d``).
+Records are always ``(N, 11)`` float64 in the binary column order: OrientationRowNr,
+OrientationID, RunTime, X (µm), Y (µm), TriEdgeSize (µm), UpDown, Eul1, Eul2, Eul3 (rad,
+Bunge ZXZ), Confidence. It never interprets orientations (see :mod:`nfjax.orientation`)
+and writes every file atomically.
 
 Differences from MIDAS, on purpose: ``write_binary_mic`` writes the full file, one record per
 grid row, with voxels that have no solution as all-zero records, where MIDAS's fitter
@@ -39,12 +40,17 @@ __all__ = [
     "write_binary_mic",
     "read_allmatches",
     "write_allmatches",
+    "write_text_allmatches",
 ]
 
 MIC_COLUMNS = ("OrientationRowNr", "OrientationID", "RunTime", "X", "Y", "TriEdgeSize",
                "UpDown", "Eul1", "Eul2", "Eul3", "Confidence")
 RECORD_BYTES = 8 * len(MIC_COLUMNS)  # 88
 _TEXT_HEADER = "%" + "\t".join(MIC_COLUMNS + ("PhaseNr",))
+# ParseMic's header of the text .AllMatches: column 1 is NrMatches there, and the solution
+# columns are six "..." whatever SaveNSolutions is.
+_ALLMATCHES_HEADER = "%" + "\t".join(("OrientationRowNr", "NrMatches") + MIC_COLUMNS[2:]
+                                      + ("...",) * 6 + ("PhaseNr",))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -214,6 +220,25 @@ def write_allmatches(path: str | os.PathLike, records) -> None:
 
 
 # --------------------------------------------------------------------------- text
+def _write_text_table(path, arr: np.ndarray, phase_nr, header: str, *, num_phases: int,
+                      global_position: float, tri_edge_size: float) -> None:
+    """ParseMic's text layout: three ``%`` lines, ``header``, then each row with column 10
+    != 0 as ``%lf\\t`` per column and PhaseNr ``%d``."""
+    phases = np.broadcast_to(np.asarray(phase_nr, dtype=np.int64), (arr.shape[0],))
+    keep = arr[:, 10] != 0
+    kept = arr[keep]
+    kept_phase = phases[keep]
+    head = ("%%TriEdgeSize %f\n%%NumPhases %d\n%%GlobalPosition %f\n%s\n"
+            % (tri_edge_size, int(num_phases), float(global_position), header))
+    cols = [format_f_column(kept[:, k]) for k in range(arr.shape[1])]
+    cols.append([str(int(p)) for p in kept_phase.tolist()])
+    with atomic_write(path, "w", newline="\n") as fh:
+        fh.write(head)
+        if kept.shape[0]:
+            fh.write("\n".join("\t".join(row) for row in zip(*cols)))
+            fh.write("\n")
+
+
 def write_text_mic(path: str | os.PathLike, records, *, phase_nr=1, num_phases: int = 1,
                    global_position: float = 0.0, tri_edge_size: float | None = None) -> None:
     """Write a text mic exactly as MIDAS ``ParseMic`` does.
@@ -224,21 +249,25 @@ def write_text_mic(path: str | os.PathLike, records, *, phase_nr=1, num_phases: 
     does, unless ``tri_edge_size`` is given. ``phase_nr`` is one int or an ``(N,)`` array.
     """
     arr = _as_records(records)
-    phases = np.broadcast_to(np.asarray(phase_nr, dtype=np.int64), (arr.shape[0],))
     if tri_edge_size is None:
         tri_edge_size = float(arr[0, 5]) if arr.shape[0] else 0.0
-    keep = arr[:, 10] != 0
-    kept = arr[keep]
-    kept_phase = phases[keep]
-    header = ("%%TriEdgeSize %f\n%%NumPhases %d\n%%GlobalPosition %f\n%s\n"
-              % (tri_edge_size, int(num_phases), float(global_position), _TEXT_HEADER))
-    cols = [format_f_column(kept[:, k]) for k in range(11)]
-    cols.append([str(int(p)) for p in kept_phase.tolist()])
-    with atomic_write(path, "w", newline="\n") as fh:
-        fh.write(header)
-        if kept.shape[0]:
-            fh.write("\n".join("\t".join(row) for row in zip(*cols)))
-            fh.write("\n")
+    _write_text_table(path, arr, phase_nr, _TEXT_HEADER, num_phases=num_phases,
+                      global_position=global_position, tri_edge_size=tri_edge_size)
+
+
+def write_text_allmatches(path: str | os.PathLike, rows, *, tri_edge_size: float,
+                          phase_nr=1, num_phases: int = 1,
+                          global_position: float = 0.0) -> None:
+    """Write ParseMic's text ``<MicFileText>.AllMatches``: the text mic's three ``%`` lines
+    (``tri_edge_size`` is the binary mic's record-0 field 5, as in the text mic), its
+    column header with six ``...`` for the solution columns (whatever SaveNSolutions is),
+    then each ``(7 + 4n)``-column row whose column 10 (the best confidence) is not 0, as
+    ``%lf\\t`` per column and PhaseNr ``%d``."""
+    arr = _as_records(rows, width=None)
+    if arr.shape[1] < 11 or (arr.shape[1] - 7) % 4:
+        raise ValueError(f"AllMatches rows must have 7 + 4n columns (n >= 1), not {arr.shape[1]}")
+    _write_text_table(path, arr, phase_nr, _ALLMATCHES_HEADER, num_phases=num_phases,
+                      global_position=global_position, tri_edge_size=tri_edge_size)
 
 
 def _header_value(path: Path, lineno: int, line: str, key: str, kind: type):
