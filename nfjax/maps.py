@@ -29,12 +29,13 @@ nearest voxel takes the pixel; on a tie the earlier record keeps it.
 
 Misorientations are MIDAS's (:func:`nfjax.orientation.misorientation`, 5-decimal symmetry
 tables). Differences from ParseMic, on purpose: the crystal symmetry is ``SGNr`` when the
-parameter file sets it, else ``SpaceGroup`` (ParseMic reads only ``SGNr``, default 225, so
-a hexagonal run without it gets cubic KAM and grains); grain membership uses one
-misorientation per pair of neighbouring voxels (MIDAS computes it from each side, which
-can differ in the last bit exactly at ``GBAngle``); PhaseNr is 1 when unset (ParseMic's
-is uninitialised); a mic without a voxel of nonzero confidence gets no maps (ParseMic
-writes a map of its 1e10 sentinels).
+parameter file sets it, else ``SpaceGroup`` (ParseMic reads only ``SGNr``, default 225, so a
+hexagonal run without it gets cubic KAM and grains); KAM, grain membership and GROD use one
+misorientation per pair of voxels (MIDAS computes it from each side, which can differ in the
+last bit, and sums KAM in another order: the values agree to rounding, and a grain can
+differ only for a misorientation equal to ``GBAngle`` to the last bit); PhaseNr is 1 when
+unset (ParseMic's is uninitialised); a mic without a voxel of nonzero confidence gets no
+maps (ParseMic writes a map of its 1e10 sentinels).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nfjax.chunking import format_bytes, host_available_bytes
 from nfjax.errors import NfjaxError
 
 __all__ = ["MAP_SUFFIXES", "MicMaps", "pixel_maps", "write_maps", "read_map_file",
@@ -62,6 +64,11 @@ _NEIGHBOURS = _FORWARD + tuple((-dy, -dx) for dy, dx in _FORWARD)
 # misorientation call (always this many, padded: one compiled shape).
 _RASTER_BATCH = 2_000_000
 _PAIR_BATCH = 8192
+# Peak host memory of the maps per map pixel (the neighbour pairs of four directions, the
+# grain labelling and the seven planes; measured ~400 B on a filled map), and per
+# candidate (pixel, voxel) pair of one voxel's window.
+_BYTES_PER_PIXEL = 500
+_BYTES_PER_CANDIDATE = 48
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,10 +156,15 @@ def _raster(records: np.ndarray, edge: float):
     max_y = float(y.max()) + (edge + _MARGIN)
     x_size = int(math.ceil(max_x) - math.floor(min_x) + 1)
     y_size = int(math.ceil(max_y) - math.floor(min_y) + 1)
-    if x_size * y_size > 2**31 - 1:
-        raise NfjaxError(f"the map would be {x_size} x {y_size} pixels of 1 µm: the voxels "
-                         f"span x {x.min():g}..{x.max():g}, y {y.min():g}..{y.max():g} µm")
     win = _window(edge)
+    need = _BYTES_PER_PIXEL * x_size * y_size + _BYTES_PER_CANDIDATE * win.size ** 2
+    have = host_available_bytes()
+    if need > have:
+        raise NfjaxError(
+            f"the maps would be {x_size} x {y_size} pixels of 1 µm with a {win.size} x "
+            f"{win.size} pixel window per voxel (edge {edge:g} µm), about {format_bytes(need)}"
+            f" of memory where {format_bytes(have)} is available: the voxels span x "
+            f"{x.min():g}..{x.max():g}, y {y.min():g}..{y.max():g} µm")
     jj, kk = np.meshgrid(win, win, indexing="ij")      # j (x) outer, k (y) inner
     jj = jj.ravel().astype(np.float64)
     kk = kk.ravel().astype(np.float64)
@@ -279,6 +291,11 @@ def _kam(size: int, pairs) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
+def _gb_limit(gb_angle: float) -> float:
+    """GBAngle in radians: neighbours misoriented by at most this are one grain."""
+    return math.radians(float(gb_angle))
+
+
 def _components(size: int, assigned: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Connected components of the pixels joined by edges ``u``–``v``: each assigned pixel
     gets the smallest flat index of its component (-1 where unassigned)."""
@@ -317,8 +334,13 @@ def pixel_maps(records, edge: float, *, space_group: int = 225,
     if not (np.isfinite(gb_angle) and gb_angle > 0):
         raise NfjaxError(f"the grain boundary angle (GBAngle) must be a number of degrees "
                          f"> 0, found {gb_angle!r}")
-    if not np.any(rec[:, 10] != 0):
+    valid = rec[:, 10] != 0
+    if not np.any(valid):
         return None
+    if not np.all(np.isfinite(rec[valid][:, 3:5])):
+        bad = int(np.flatnonzero(valid & ~np.isfinite(rec[:, 3:5]).all(axis=1))[0])
+        raise NfjaxError(f"mic record {bad}: expected a finite X and Y (µm), found "
+                         f"{float(rec[bad, 3])!r}, {float(rec[bad, 4])!r}")
     x_size, y_size, min_x, min_y, owner, dist = _raster(rec, float(edge))
     shape = (y_size, x_size)
     size = x_size * y_size
@@ -327,7 +349,7 @@ def pixel_maps(records, edge: float, *, space_group: int = 225,
     pairs = _neighbour_misorientation(owner2, mis, rec.shape[0])
     kam = _kam(size, pairs)
 
-    limit = math.radians(float(gb_angle))
+    limit = _gb_limit(gb_angle)
     u = np.concatenate([pa[m <= limit] for pa, _, m in pairs])
     v = np.concatenate([pb[m <= limit] for _, pb, m in pairs])
     assigned = owner >= 0
@@ -393,12 +415,12 @@ def read_map_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise InputFileError(f"{p}: expected a 32-byte header and float64 planes, found "
                              f"{len(raw)} bytes")
     data = np.frombuffer(raw, dtype="<f8")
-    xs, ys = data[0], data[1]
-    if not (xs >= 1 and ys >= 1 and xs == int(xs) and ys == int(ys)):
-        raise InputFileError(f"{p}: the header's map size must be two whole numbers >= 1, "
-                             f"found {xs!r} x {ys!r}")
-    size = int(xs) * int(ys)
+    xs, ys = float(data[0]), float(data[1])
     body = data.size - 4
+    if not (1 <= xs <= body and 1 <= ys <= body and xs.is_integer() and ys.is_integer()):
+        raise InputFileError(f"{p}: the header's map size must be two whole numbers >= 1 "
+                             f"that fit the {body} values after it, found {xs!r} x {ys!r}")
+    size = int(xs) * int(ys)
     if body % size:
         raise InputFileError(f"{p}: {body} values after the header are not whole planes of "
                              f"{int(xs)} x {int(ys)}")

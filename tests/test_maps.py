@@ -264,9 +264,10 @@ def test_files_have_parsemic_layout(tmp_path):
         np.testing.assert_array_equal(head, raw[:4])
         np.testing.assert_array_equal(body[0], plane)
         assert np.all(body[0][~hit] == 0)
-    (tmp_path / "short.map").write_bytes(raw[:4].tobytes() + b"\0" * 16)
-    with pytest.raises(NfjaxError, match=r"short.map: 2 values after the header are not "
-                                         r"whole planes of \d+ x \d+"):
+    (tmp_path / "short.map").write_bytes(raw[:4 + size + 3].tobytes())
+    with pytest.raises(NfjaxError, match=rf"short.map: {size + 3} values after the header "
+                                         rf"are not whole planes of {maps.x_size} x "
+                                         rf"{maps.y_size}"):
         read_map_file(tmp_path / "short.map")
 
 
@@ -320,3 +321,105 @@ def test_maps_cli_on_text_and_binary_mic(tmp_path):
     assert run.stderr.strip() == (f"nfjax: error: {tmp_path / 'empty.bin'}: no voxel has a "
                                   "nonzero confidence: there is nothing to map")
     assert not (tmp_path / "empty.bin.map").exists()
+
+
+def _two_grains(confidence_right: float = 0.8):
+    """The closed-form sample of test_closed_form_kam_and_grod: left and right grains 10
+    deg apart about z, every voxel of the left at 0.9 (one at 0.95 unless told)."""
+    gx, gy = np.meshgrid(np.arange(-5, 5) * 2.5, np.arange(-4, 4) * 2.5)
+    x, y = gx.ravel() + 0.25, gy.ravel() + 0.25
+    base = np.array([0.2, 0.9, 0.5])
+    rec = np.zeros((x.size, 11))
+    rec[:, 3], rec[:, 4], rec[:, 5] = x, y, 2.0
+    rec[:, 7:10] = np.where((x < 0)[:, None], base, _rotated_about_z(base, 10.0))
+    rec[:, 10] = np.where(x < 0, 0.9, confidence_right)
+    return rec, x
+
+
+def test_grain_boundary_at_exactly_gbangle_joins(monkeypatch):
+    """ParseMic joins a neighbour whose misorientation is <= GBAngle: with the limit equal
+    to the pair's misorientation to the last bit the grains join, one float below they do
+    not."""
+    import nfjax.maps
+
+    rec, x = _two_grains()
+    m = pixel_maps(rec, 2.0, gb_angle=12.0)
+    right = (m.owner >= 0) & (x[np.maximum(m.owner, 0)] > 0)
+    angle = float(m.grod[right][0])          # the one left-right misorientation, as used
+    assert angle == pytest.approx(math.radians(10.0), abs=1e-7)
+    limits = {1.0: angle, 2.0: float(np.nextafter(angle, -np.inf))}
+    monkeypatch.setattr(nfjax.maps, "_gb_limit", lambda gb: limits[gb])
+    assert pixel_maps(rec, 2.0, gb_angle=1.0).n_grains == 1
+    assert pixel_maps(rec, 2.0, gb_angle=2.0).n_grains == 2
+
+
+def test_grod_reference_is_the_first_most_confident_pixel():
+    """Equal confidences everywhere: the grain's reference is its first pixel in raster
+    order (the bottom-left corner, in the left grain), so the right grain carries the
+    10 deg."""
+    rec, x = _two_grains(confidence_right=0.9)
+    m = pixel_maps(rec, 2.0, gb_angle=12.0)
+    hit = m.owner >= 0
+    right = hit & (x[np.maximum(m.owner, 0)] > 0)
+    assert x[m.owner[hit][0]] < 0
+    np.testing.assert_allclose(m.grod[right], math.radians(10.0), atol=1e-7)
+    np.testing.assert_allclose(m.grod[hit & ~right], 0.0, atol=1e-7)
+
+
+def test_components_match_breadth_first_search():
+    """The union-find labelling against a plain BFS on random graphs (long chains and
+    isolated nodes included): every node gets the smallest index of its component."""
+    from nfjax.maps import _components
+
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        n = int(rng.integers(2, 400))
+        m = int(rng.integers(0, 2 * n))
+        u = rng.integers(0, n, m)
+        v = rng.integers(0, n, m)
+        if trial % 3 == 0:                       # a shuffled chain: many hooking rounds
+            order = rng.permutation(n)
+            u, v = order[:-1], order[1:]
+        assigned = rng.random(n) < 0.9
+        keep = assigned[u] & assigned[v]
+        u, v = u[keep], v[keep]
+        got = _components(n, assigned, u.astype(np.int64), v.astype(np.int64))
+        adj = [[] for _ in range(n)]
+        for a, b in zip(u.tolist(), v.tolist()):
+            adj[a].append(b)
+            adj[b].append(a)
+        want = np.full(n, -1)
+        for s in range(n):
+            if assigned[s] and want[s] < 0:
+                want[s] = s
+                todo = deque([s])
+                while todo:
+                    p = todo.popleft()
+                    for q in adj[p]:
+                        if want[q] < 0:
+                            want[q] = s
+                            todo.append(q)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_bad_positions_headers_and_sizes(tmp_path, monkeypatch):
+    rec = _synthetic()
+    rec[3, 4] = np.nan
+    with pytest.raises(NfjaxError, match=r"mic record 3: expected a finite X and Y \(µm\), "
+                                         r"found .*, nan"):
+        pixel_maps(rec, 1.3)
+    for header in ([np.inf, 1, 0, 0, 0], [1e200, 1e200, 0, 0], [2.5, 2, 0, 0, 0, 0, 0, 0, 0]):
+        (tmp_path / "bad.map").write_bytes(np.array(header, "<f8").tobytes())
+        with pytest.raises(NfjaxError, match="the header's map size must be two whole "
+                                             "numbers >= 1 that fit the"):
+            read_map_file(tmp_path / "bad.map")
+    import nfjax.maps
+
+    monkeypatch.setattr(nfjax.maps, "host_available_bytes", lambda: 1 << 20)
+    far = _synthetic()
+    far[0, 3] = 9e5
+    with pytest.raises(NfjaxError, match=r"the maps would be \d+ x \d+ pixels of 1 µm with a "
+                                         r"13 x 13 pixel window per voxel \(edge 1.3 µm\), "
+                                         r"about .* of memory where 1 MB is available: the "
+                                         r"voxels span x .*\.\.900000"):
+        pixel_maps(far, 1.3)
