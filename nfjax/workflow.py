@@ -6,21 +6,20 @@ manifest, logs in ``midas_log/``, and splitting the fit across MPI ranks. The ph
 elsewhere; in-memory objects flow from stage to stage, files are written for compatibility
 and for ``--resume`` only.
 
-Stages and their inputs (a stage reruns when the hash of its inputs changes):
-``hkls`` (lattice, space group, λ, Lsd, ring cut) → ``seeds`` (GrainsFile or seed file)
-→ ``grid`` (GridSize, EdgeLength, Rsample, masks) → ``spots`` (hkls, seeds, geometry)
-→ ``images`` (image keys, frame files) → ``fit`` (grid, spots, observations, fit keys)
-→ ``parse`` (the fit's records, SGNr/SpaceGroup, GBAngle, PhaseNr: the rest of ParseMic's
-output beside the text mic, its text ``.AllMatches`` and the pixel maps ``.map``,
-``.map.kam``, ``.map.grainId``, ``.map.grod``) → ``map``
-(the PNG). Multi-resolution runs ``grid0``/``spots_all``/``fit0``/``parse0``, then per
-loop K ``clusterK``, ``seedsK``, ``gridK``, ``spotsK``, ``seededK``/``parseK`` and
-``unseededK``/``parse_allK``; the merge is recomputed from the two passes, its maps are
-``parse_mergedK``. Every fit pass writes its own binary
-(``MicFileBinary.0``, ``.seededK``, ``.unseededK``) and every loop its own grid
+Stages and their inputs (a stage reruns when the hash of its inputs changes): ``hkls``
+(lattice, space group, λ, Lsd, ring cut) → ``seeds`` (GrainsFile or seed file) → ``grid``
+(GridSize, EdgeLength, Rsample, masks) → ``spots`` (hkls, seeds, geometry) → ``images``
+(image keys, frame files) → ``fit`` (grid, spots, observations, fit keys) → ``parse`` (the
+fit's records, SGNr/SpaceGroup, GBAngle, PhaseNr: the rest of ParseMic's output beside the
+text mic, its text ``.AllMatches`` and the pixel maps ``.map``, ``.map.kam``,
+``.map.grainId``, ``.map.grod``) → ``map`` (the PNG). Multi-resolution runs
+``grid0``/``spots_all``/``fit0``/``parse0``, then per loop K ``clusterK``, ``seedsK``,
+``gridK``, ``spotsK``, ``seededK``/``parseK`` and ``unseededK``/``parse_allK``; the merge is
+recomputed from the two passes, its maps are ``parse_mergedK``. Every fit pass writes its
+own binary (``MicFileBinary.0``, ``.seededK``, ``.unseededK``) and every loop its own grid
 (``grid.txt.K``), which is what a resumed run reloads; ``MicFileBinary`` and ``grid.txt``
-themselves hold the latest result, as in MIDAS, and are rewritten by every loop. A
-stage's inputs include the paths it writes, so renaming an output reruns it.
+themselves hold the latest result, as in MIDAS, and are rewritten by every loop. A stage's
+inputs include the paths it writes, so renaming an output reruns it.
 
 Differences from MIDAS (also in docs/midas-differences.md): the merge keeps, per voxel, the
 better of the seeded and unseeded results (MIDAS overwrites unconditionally, so an empty
@@ -205,11 +204,11 @@ class Run:
 
 
 def midas_log_name(stage: str, rank: int = 0) -> str:
-    """The MIDAS log a stage's lines go to (the manual's ``midas_log/`` map): ``hkls``,
-    ``seed``, ``hex`` (grids), ``spots``, ``image0``, ``fit{rank}`` (every fit pass; MIDAS
-    numbers these by block, nfjax's blocks are the MPI ranks), ``parse`` (ParseMic's
-    companions of every text mic) and ``mic2grains_{k}`` (the clustering that seeds loop k). Each
-    line starts with nfjax's stage name."""
+    """The MIDAS log a stage's lines go to (the manual's ``midas_log/`` map): ``hkls``, ``seed``,
+    ``hex`` (grids), ``spots``, ``image0``, ``fit{rank}`` (every fit pass; MIDAS numbers
+    these by block, nfjax's blocks are the MPI ranks), ``parse`` (ParseMic's companions of
+    every text mic) and ``mic2grains_{k}`` (the clustering that seeds loop k). Each line
+    starts with nfjax's stage name."""
     for prefix, log in (("hkls", "hkls"), ("seeds", "seed"), ("grid", "hex"),
                         ("spots", "spots"), ("images", "image0"), ("parse", "parse")):
         if stage.startswith(prefix):
