@@ -214,7 +214,8 @@ def test_hexagonal_titanium_end_to_end(tmp_path):
 def _final_bytes(out: Path) -> dict[str, bytes]:
     names = ["Au_bin_Reconstructed.mic", "Au_bin_Reconstructed.mic.AllMatches",
              "Au_txt_Reconstructed.mic", "grid.txt", "hkls.csv", "seeds.csv", "Key.bin",
-             "DiffractionSpots.bin", "OrientMat.bin"]
+             "DiffractionSpots.bin", "OrientMat.bin"] + [
+        f"Au_txt_Reconstructed.mic{s}" for s in MAP_SUFFIXES + (".AllMatches",)]
     return {n: (out / n).read_bytes() for n in names}
 
 
