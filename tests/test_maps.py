@@ -146,13 +146,15 @@ def _assert_like_oracle(maps, ref):
     np.testing.assert_allclose(maps.grod, ref["grod"], rtol=1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("gb", [5.0, 2.0, 35.0])
-def test_pixel_maps_follow_parsemic_rules(gb):
+@pytest.mark.parametrize("gb, sg", [(5.0, 225), (2.0, 225), (35.0, 225), (5.0, 194),
+                                    (25.0, 194)])
+def test_pixel_maps_follow_parsemic_rules(gb, sg):
     rec = _synthetic()
-    mis = _pair_matrix(rec)
-    maps = pixel_maps(rec, 1.3, gb_angle=gb)
+    mis = _pair_matrix(rec, sg)
+    maps = pixel_maps(rec, 1.3, gb_angle=gb, space_group=sg)
     ref = _oracle(rec, 1.3, mis, gb)
     _assert_like_oracle(maps, ref)
+    assert maps.space_group == sg
     # The duplicated voxel (same position, later record) never owns a pixel.
     assert not np.any(maps.owner == len(rec) - 1) and np.any(maps.owner == 20)
     assert not np.isin(maps.owner, [5, 17, 40]).any()
@@ -423,3 +425,22 @@ def test_bad_positions_headers_and_sizes(tmp_path, monkeypatch):
                                          r"about .* of memory where 1 MB is available: the "
                                          r"voxels span x .*\.\.900000"):
         pixel_maps(far, 1.3)
+
+
+def test_crystal_symmetry_of_the_maps():
+    """The right grain is the left one turned 90 deg about its crystal x axis: the same
+    orientation for a cubic crystal (one grain, KAM ~0), 90 deg apart for a hexagonal one
+    (two grains, 90 deg GROD on the grain without the reference)."""
+    from nfjax.orientation import euler_to_matrix, matrix_to_euler
+
+    rec, x = _two_grains()
+    u = np.asarray(euler_to_matrix(jnp.asarray(rec[0, 7:10])))
+    rx = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])
+    rec[x > 0, 7:10] = np.asarray(matrix_to_euler(jnp.asarray(u @ rx)))
+    cubic = pixel_maps(rec, 2.0, space_group=225, gb_angle=5.0)
+    hexagonal = pixel_maps(rec, 2.0, space_group=194, gb_angle=5.0)
+    assert cubic.n_grains == 1 and np.degrees(cubic.kam.max()) < 1e-3
+    assert hexagonal.n_grains == 2
+    joined = pixel_maps(rec, 2.0, space_group=194, gb_angle=95.0)
+    right = (joined.owner >= 0) & (x[np.maximum(joined.owner, 0)] > 0)
+    np.testing.assert_allclose(np.degrees(joined.grod[right]), 90.0, atol=1e-6)
