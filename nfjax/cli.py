@@ -158,9 +158,7 @@ def _cmd_maps(args: argparse.Namespace) -> int:
         raise NfjaxError(f"{args.mic}: no voxel has a nonzero confidence: there is nothing "
                          "to map")
     paths = write_maps(base, maps, mic.records, phase_nr=phase)
-    print(f"{maps.n_grains} grain(s) at GBAngle {gb:g} deg (space group {sg}) on "
-          f"{maps.x_size} x {maps.y_size} pixels of 1 um -> "
-          + ", ".join(str(p) for p in paths))
+    print(f"{maps.summary()} -> " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -304,37 +302,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-def _space_group(text: str) -> int:
-    """argparse type: a space group number 1..230."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not 1 <= value <= 230:
-        raise argparse.ArgumentTypeError(f"expected a space group number 1..230, found {text!r}")
-    return value
+def _checked(convert, ok, expected: str):
+    """An argparse type: ``convert(text)`` when it parses and ``ok`` holds for it, else the
+    one-line "expected ..., found ..." error."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+        return value
+    return parse
 
 
-def _degrees(text: str) -> float:
-    """argparse type: an angle in degrees > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number of degrees > 0, found {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 0 (a random seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
-    return value
+_space_group = _checked(int, lambda v: 1 <= v <= 230, "a space group number 1..230")
+_degrees = _checked(float, lambda v: 0 < v < float("inf"), "a number of degrees > 0")
+_count = _checked(int, lambda v: v >= 0, "an integer >= 0")   # a random seed, PhaseNr
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -103,6 +103,11 @@ class MicMaps:
     space_group: int
     gb_angle: float
 
+    def summary(self) -> str:
+        """``"G grain(s) at GBAngle A deg (space group S) on X x Y pixels of 1 um"``."""
+        return (f"{self.n_grains} grain(s) at GBAngle {self.gb_angle:g} deg (space group "
+                f"{self.space_group}) on {self.x_size} x {self.y_size} pixels of 1 um")
+
     @property
     def header(self) -> np.ndarray:
         return np.array([self.x_size, self.y_size, self.min_x, self.min_y], dtype=np.float64)
@@ -402,15 +407,10 @@ def read_map_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read one ParseMic map file: ``(header [xSize, ySize, minX, minY], planes (P, ySize,
     xSize))``, P = 7 for ``.map`` and 1 for the others."""
     from nfjax.errors import InputFileError
+    from nfjax.io import read_bytes
 
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except IsADirectoryError:
-        raise InputFileError(f"{p}: is a directory, expected a ParseMic map file") from None
-    except OSError as exc:
-        raise InputFileError(f"{p}: cannot read the map file ({exc.strerror or exc})") \
-            from None
+    raw = read_bytes(p, "ParseMic map file")
     if len(raw) < 32 or len(raw) % 8:
         raise InputFileError(f"{p}: expected a 32-byte header and float64 planes, found "
                              f"{len(raw)} bytes")

@@ -658,9 +658,8 @@ def _parse(run: Run, name: str, mic_path: Path, records: np.ndarray,
             return
         maps = pixel_maps(records, edge, space_group=sg, gb_angle=gb)
         write_maps(mic_path, maps, records, phase_nr=phase)
-        line = (f"{maps.n_grains} grain(s) at GBAngle {gb:g} deg (space group {sg}) on "
-                f"{maps.x_size} x {maps.y_size} pixels of 1 um -> {mic_path.name}.map, "
-                ".map.kam, .map.grainId, .map.grod, .AllMatches")
+        line = (f"{maps.summary()} -> {mic_path.name}.map, .map.kam, .map.grainId, "
+                ".map.grod, .AllMatches")
         run.log.info("stage %-14s %s", name, line)
         _stage_log(run.out, name, f"{name}: {line}\n")
 

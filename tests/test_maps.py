@@ -179,17 +179,25 @@ def test_pixel_maps_on_the_au_ground_truth():
     assert np.degrees(maps.kam.max()) > 20            # a grain boundary runs through it
 
 
-def test_closed_form_kam_and_grod():
-    """Two grains 10 deg apart about the sample z axis, each of one orientation: KAM is
-    10 deg x the share of neighbours across the boundary, GROD 10 deg on the grain without
-    the reference pixel when GBAngle joins them, 0 (to rounding) when it does not."""
+def _two_grains(confidence_right: float = 0.8):
+    """Two grains of one orientation each on a 10 x 8 grid of 2.5 um voxels: the left
+    (x < 0) and the right, 10 deg apart about the sample z; confidence 0.9 on the left,
+    ``confidence_right`` on the right. Returns the records and the voxels' x."""
     gx, gy = np.meshgrid(np.arange(-5, 5) * 2.5, np.arange(-4, 4) * 2.5)
     x, y = gx.ravel() + 0.25, gy.ravel() + 0.25
     base = np.array([0.2, 0.9, 0.5])
     rec = np.zeros((x.size, 11))
     rec[:, 3], rec[:, 4], rec[:, 5] = x, y, 2.0
     rec[:, 7:10] = np.where((x < 0)[:, None], base, _rotated_about_z(base, 10.0))
-    rec[:, 10] = np.where(x < 0, 0.9, 0.8)
+    rec[:, 10] = np.where(x < 0, 0.9, confidence_right)
+    return rec, x
+
+
+def test_closed_form_kam_and_grod():
+    """Two grains 10 deg apart about the sample z axis, each of one orientation: KAM is
+    10 deg x the share of neighbours across the boundary, GROD 10 deg on the grain without
+    the reference pixel when GBAngle joins them, 0 (to rounding) when it does not."""
+    rec, x = _two_grains()
     rec[0, 10] = 0.95                                   # the reference: left grain
     ten = math.radians(10.0)
     joined = pixel_maps(rec, 2.0, gb_angle=12.0)
@@ -323,19 +331,6 @@ def test_maps_cli_on_text_and_binary_mic(tmp_path):
     assert run.stderr.strip() == (f"nfjax: error: {tmp_path / 'empty.bin'}: no voxel has a "
                                   "nonzero confidence: there is nothing to map")
     assert not (tmp_path / "empty.bin.map").exists()
-
-
-def _two_grains(confidence_right: float = 0.8):
-    """The closed-form sample of test_closed_form_kam_and_grod: left and right grains 10
-    deg apart about z, every voxel of the left at 0.9 (one at 0.95 unless told)."""
-    gx, gy = np.meshgrid(np.arange(-5, 5) * 2.5, np.arange(-4, 4) * 2.5)
-    x, y = gx.ravel() + 0.25, gy.ravel() + 0.25
-    base = np.array([0.2, 0.9, 0.5])
-    rec = np.zeros((x.size, 11))
-    rec[:, 3], rec[:, 4], rec[:, 5] = x, y, 2.0
-    rec[:, 7:10] = np.where((x < 0)[:, None], base, _rotated_about_z(base, 10.0))
-    rec[:, 10] = np.where(x < 0, 0.9, confidence_right)
-    return rec, x
 
 
 def test_grain_boundary_at_exactly_gbangle_joins(monkeypatch):

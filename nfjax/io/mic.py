@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from nfjax.errors import InputFileError
-from nfjax.io import TEXT_ENCODING, is_number
+from nfjax.io import TEXT_ENCODING, is_number, read_bytes
 from nfjax.io.atomic import atomic_write
 from nfjax.io.gridfile import format_f_column
 
@@ -108,19 +108,10 @@ class MicData:
 
 
 # --------------------------------------------------------------------------- binary
-def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise InputFileError(f"{path}: is a directory, expected a {what}") from None
-
-
 def read_binary_mic(path: str | os.PathLike) -> MicData:
     """Read a binary ``MicFileBinary``: ``(size/88, 11)`` little-endian float64 records."""
     path = Path(path)
-    raw = _read_bytes(path, "binary mic file")
+    raw = read_bytes(path, "binary mic file")
     size = len(raw)
     if size == 0:
         raise InputFileError(f"{path}: binary mic file is empty (0 bytes); expected "
@@ -174,6 +165,14 @@ def _as_records(records, width: int | None = 11) -> np.ndarray:
     return arr
 
 
+def _allmatches_rows(rows) -> np.ndarray:
+    """``rows`` as a float64 array of ``7 + 4n`` columns (n >= 1), else ValueError."""
+    arr = _as_records(rows, width=None)
+    if arr.shape[1] < 11 or (arr.shape[1] - 7) % 4:
+        raise ValueError(f"AllMatches rows must have 7 + 4n columns (n >= 1), not {arr.shape[1]}")
+    return arr
+
+
 def write_binary_mic(path: str | os.PathLike, records) -> None:
     """Write ``(N, 11)`` records as a binary mic: 88 bytes per row, little-endian float64.
 
@@ -200,7 +199,7 @@ def read_allmatches(path: str | os.PathLike, n_solutions: int) -> np.ndarray:
         raise InputFileError(f"SaveNSolutions must be >= 1 to read {path}, found {n_solutions}")
     width = 7 + 4 * n_solutions
     path = Path(path)
-    raw = _read_bytes(path, "AllMatches file")
+    raw = read_bytes(path, "AllMatches file")
     size = len(raw)
     if size % (8 * width):
         raise InputFileError(
@@ -212,9 +211,7 @@ def read_allmatches(path: str | os.PathLike, n_solutions: int) -> np.ndarray:
 
 def write_allmatches(path: str | os.PathLike, records) -> None:
     """Write ``(N, 7 + 4n)`` AllMatches rows as little-endian float64."""
-    arr = _as_records(records, width=None)
-    if arr.shape[1] < 11 or (arr.shape[1] - 7) % 4:
-        raise ValueError(f"AllMatches rows must have 7 + 4n columns (n >= 1), not {arr.shape[1]}")
+    arr = _allmatches_rows(records)
     with atomic_write(path, "wb") as fh:
         fh.write(np.ascontiguousarray(arr, dtype="<f8").tobytes())
 
@@ -263,9 +260,7 @@ def write_text_allmatches(path: str | os.PathLike, rows, *, tri_edge_size: float
     column header with six ``...`` for the solution columns (whatever SaveNSolutions is),
     then each ``(7 + 4n)``-column row whose column 10 (the best confidence) is not 0, as
     ``%lf\\t`` per column and PhaseNr ``%d``."""
-    arr = _as_records(rows, width=None)
-    if arr.shape[1] < 11 or (arr.shape[1] - 7) % 4:
-        raise ValueError(f"AllMatches rows must have 7 + 4n columns (n >= 1), not {arr.shape[1]}")
+    arr = _allmatches_rows(rows)
     _write_text_table(path, arr, phase_nr, _ALLMATCHES_HEADER, num_phases=num_phases,
                       global_position=global_position, tri_edge_size=tri_edge_size)
 
@@ -288,7 +283,7 @@ def read_text_mic(path: str | os.PathLike) -> MicData:
     present (defaults: field 5 of the first row, 1, 0). Errors name the file and line.
     """
     path = Path(path)
-    raw = _read_bytes(path, "text mic file")
+    raw = read_bytes(path, "text mic file")
     try:
         text = raw.decode(TEXT_ENCODING)
     except UnicodeDecodeError:
