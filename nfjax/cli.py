@@ -130,8 +130,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from nfjax.plot import plot_mic
 
     out = plot_mic(args.mic, args.output, space_group=args.space_group,
-                   min_confidence=args.min_confidence, boundary_deg=args.boundaries)
-    print(f"orientation and confidence maps -> {out}")
+                   min_confidence=args.min_confidence, boundary_deg=args.boundaries,
+                   panels=args.panels)
+    print(f"orientation map and {', '.join(args.panels)} -> {out}")
     return 0
 
 
@@ -150,10 +151,7 @@ def _cmd_maps(args: argparse.Namespace) -> int:
     gb = args.gb_angle if args.gb_angle is not None else (params.gb_angle if params else 5.0)
     phase = args.phase_nr if args.phase_nr is not None else (
         (params.phase_nr if params else None) or (int(mic.phase_nr[0]) if len(mic) else 1))
-    # ParseMic's edge is field 5 of binary record 0; a text mic carries it as %TriEdgeSize.
-    edge = float(mic.records[0, 5]) if mic.kind == "binary" and len(mic) else \
-        float(mic.tri_edge_size)
-    maps = pixel_maps(mic.records, edge, space_group=sg, gb_angle=gb)
+    maps = pixel_maps(mic.records, mic.map_edge, space_group=sg, gb_angle=gb)
     if maps is None:
         raise NfjaxError(f"{args.mic}: no voxel has a nonzero confidence: there is nothing "
                          "to map")
@@ -321,6 +319,13 @@ _degrees = _checked(float, lambda v: 0 < v < float("inf"), "a number of degrees 
 _count = _checked(int, lambda v: v >= 0, "an integer >= 0")   # a random seed, PhaseNr
 
 
+def _panels(text: str):
+    """``nfjax plot --panels``: names from :data:`nfjax.plot.PANELS` (imported when used)."""
+    from nfjax.plot import PANELS_EXPECTED, panels_ok
+
+    return _checked(lambda t: tuple(t.split(",")), panels_ok, PANELS_EXPECTED)(text)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, with a usage error on one line (the house rule for user errors) that
     points to ``--help`` instead of printing the usage block; exit status 2 as before."""
@@ -406,7 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 0: none)")
     p_plot.add_argument("--boundaries", type=float, default=5.0, metavar="DEG",
                         help="draw boundaries between neighbours misoriented by more than "
-                             "DEG (default 5; 0: none)")
+                             "DEG (default 5; 0: none); also the grains' boundary angle")
+    p_plot.add_argument("--panels", type=_panels, default=("confidence",), metavar="LIST",
+                        help="maps beside the orientation map, comma-separated: confidence, "
+                             "kam, grains, grod (the last three: ParseMic's pixel maps of "
+                             "the voxels at or above --min-confidence; default confidence)")
     p_plot.set_defaults(func=_cmd_plot)
 
     p_maps = sub.add_parser(

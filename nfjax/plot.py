@@ -42,7 +42,8 @@ from nfjax.errors import NfjaxError, check_fraction
 from nfjax.io.atomic import atomic_write
 
 __all__ = ["ipf_reduce", "ipf_color", "ipf_color_directions", "ipf_color_from_euler",
-           "grain_boundaries", "plot_mic", "FIGURE_SIZE_IN", "FIGURE_DPI"]
+           "grain_boundaries", "grain_colors", "panels_ok", "mic_figure", "plot_mic", "PANELS",
+           "FIGURE_SIZE_IN", "FIGURE_DPI"]
 
 FIGURE_SIZE_IN = (15.0, 6.4)   # width, height in inches
 FIGURE_DPI = 110               # -> 1650 x 704 pixels
@@ -328,46 +329,126 @@ def _draw_key(ax, space_group: int) -> None:
     ax.axis("off")
 
 
-def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
-             space_group: int = 225, *, min_confidence: float = 0.0,
-             boundary_deg: float | None = 5.0) -> Path:
-    """Draw ``mic_path`` as a PNG: the IPF-Z orientation map with its colour key, and the
-    confidence map with a colour bar, side by side, axes in µm. An ``out_png`` ending in
-    another suffix matplotlib writes (``.jpg``, ``.svg``, ``.pdf``, ...) gets that format.
+PANELS = ("confidence", "kam", "grains", "grod")
+_PANEL_TITLES = {"confidence": "Confidence", "kam": "Kernel average misorientation (KAM)",
+                 "grains": "Grains", "grod": "Grain reference orientation deviation (GROD)"}
 
-    Voxels with zero confidence (holes) are left out. In the orientation map, voxels below
-    ``min_confidence`` are drawn grey (their orientation is not trusted), and black lines
-    mark the grain boundaries: edges between confident neighbours misoriented by more than
-    ``boundary_deg`` (None or 0: no lines; see :func:`grain_boundaries`). The figure is
-    :data:`FIGURE_SIZE_IN` at :data:`FIGURE_DPI` (1650 × 704 px). Returns ``Path(out_png)``.
-    """
-    check_fraction(min_confidence, "--min-confidence")
-    if boundary_deg is not None and not (math.isfinite(boundary_deg) and boundary_deg >= 0):
-        raise NfjaxError(f"--boundaries: expected a misorientation >= 0 degrees (0: no "
-                         f"lines), found {boundary_deg!r}")
+
+PANELS_EXPECTED = ("one or more of " + ", ".join(PANELS)
+                   + ", separated by commas and each at most once")
+
+
+def panels_ok(names) -> bool:
+    """True when ``names`` are one or more of :data:`PANELS`, none repeated."""
+    names = tuple(names)
+    return bool(names) and set(names) <= set(PANELS) and len(set(names)) == len(names)
+
+
+def grain_colors(labels) -> np.ndarray:
+    """RGB ``(..., 3)`` for grain labels 1, 2, …: hues a golden-ratio step apart (labels
+    close in number, which in raster order are often neighbours, get distinct colours),
+    saturation and value alternating between two levels; label 0 gets the map's
+    background grey."""
+    labels = np.asarray(labels, dtype=np.int64)
+    lab = labels.ravel()
+    hue = (lab * 0.6180339887498949) % 1.0
+    sat = np.where(lab % 2 == 0, 0.55, 0.85)
+    val = np.where(lab % 3 == 0, 0.75, 0.95)
+    rgb = _hsv_to_rgb(hue, sat, val)
+    rgb[lab <= 0] = 0.85
+    return rgb.reshape(labels.shape + (3,))
+
+
+def _panel_maps(mic, space_group: int, min_confidence: float, gb_angle: float):
+    """The pixel maps (:func:`nfjax.maps.pixel_maps`) of the voxels of ``mic`` at or above
+    ``min_confidence``, as ParseMic would build them from those voxels alone."""
+    from nfjax.maps import pixel_maps
+
+    rec = np.array(mic.records, dtype=np.float64)
+    rec[rec[:, 10] < float(min_confidence), 10] = 0.0
+    maps = pixel_maps(rec, mic.map_edge, space_group=space_group, gb_angle=gb_angle)
+    if maps is None:
+        raise NfjaxError(f"{mic.path or 'mic'}: no voxel has a confidence >= "
+                         f"{min_confidence:g}: the KAM, grain and GROD panels would be empty")
+    return maps
+
+
+def _pixel_extent(maps) -> tuple[float, float, float, float]:
+    """imshow's extent of a map: pixel ``i`` is the 1 µm pixel centred on the integer
+    position ``ceil(min_x) + i`` (ParseMic's index is ``trunc(p - min_x)``)."""
+    x0, y0 = math.ceil(maps.min_x) - 0.5, math.ceil(maps.min_y) - 0.5
+    return (x0, x0 + maps.x_size, y0, y0 + maps.y_size)
+
+
+def _draw_panel(fig, ax, ax_bar, name: str, tris, conf, maps) -> str:
+    """Draw one right-hand panel; returns its title."""
+    from matplotlib.collections import PolyCollection
+
+    if name == "confidence":
+        coll = PolyCollection(tris, array=conf, cmap="viridis", edgecolors="face",
+                              linewidths=0.3)
+        coll.set_clim(0.0, max(1.0, float(conf.max())))
+        ax.add_collection(coll)
+        fig.colorbar(coll, cax=ax_bar).set_label("confidence (fraction of spots matched)")
+        return _PANEL_TITLES[name]
+    extent = _pixel_extent(maps)
+    hit = maps.owner >= 0
+    if name == "grains":
+        img = np.zeros(maps.grain_id.shape + (4,))
+        img[..., :3] = grain_colors(maps.grain_id)
+        img[..., 3] = hit
+        ax.imshow(img, origin="lower", extent=extent, interpolation="nearest")
+        ax_bar.axis("off")
+        return (f"{maps.n_grains} grain{'s' if maps.n_grains != 1 else ''} "
+                f"(neighbours within {maps.gb_angle:g}°)")
+    values = np.degrees(maps.kam if name == "kam" else maps.grod)
+    shown = ax.imshow(np.ma.masked_array(values, ~hit), origin="lower", extent=extent,
+                      interpolation="nearest", vmin=0.0, vmax=maps.gb_angle,
+                      cmap="inferno" if name == "kam" else "plasma")
+    what = ("mean misorientation to the 8 neighbouring pixels" if name == "kam" else
+            "misorientation to the grain's reference pixel")
+    fig.colorbar(shown, cax=ax_bar, extend="max").set_label(f"{what} (°)")
+    return _PANEL_TITLES[name]
+
+
+def _require_matplotlib():
+    """The matplotlib module, or the one-line error naming the ``plot`` extra."""
     try:
         import matplotlib
     except ImportError:
         raise NfjaxError("nfjax plot needs matplotlib: pip install 'nfjax[plot]'") from None
-    matplotlib.use("Agg", force=False)
-    from matplotlib.backend_bases import FigureCanvasBase
+    return matplotlib
+
+
+def mic_figure(mic, space_group: int = 225, *, min_confidence: float = 0.0,
+               boundary_deg: float | None = 5.0, panels=("confidence",)):
+    """The figure :func:`plot_mic` saves, as a matplotlib ``Figure`` (for a notebook or
+    further drawing). ``mic`` is a mic file's path or a :class:`nfjax.io.mic.MicData`;
+    ``panels`` a sequence of names or one comma-separated string; the other arguments are
+    :func:`plot_mic`'s."""
+    check_fraction(min_confidence, "--min-confidence")
+    if boundary_deg is not None and not (math.isfinite(boundary_deg) and boundary_deg >= 0):
+        raise NfjaxError(f"--boundaries: expected a misorientation >= 0 degrees (0: no "
+                         f"lines), found {boundary_deg!r}")
+    panels = tuple(panels.split(",") if isinstance(panels, str) else panels)
+    if not panels_ok(panels):
+        raise NfjaxError(f"--panels: expected {PANELS_EXPECTED}, found "
+                         f"{','.join(map(str, panels))!r}")
+    _require_matplotlib()
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
-    from nfjax.io.mic import read_mic
+    from nfjax.io.mic import MicData, read_mic
 
-    out = Path(out_png)
-    fmt = out.suffix[1:].lower() or "png"
-    # pgf is left out: matplotlib needs a LaTeX installation to write it.
-    formats = {f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf"}
-    if fmt not in formats:
-        raise NfjaxError(f"{out}: cannot write a '.{fmt}' image; expected a file name ending "
-                         f"in one of {', '.join('.' + f for f in sorted(formats))}")
-
-    mic = read_mic(mic_path)
+    if not isinstance(mic, MicData):
+        mic = read_mic(mic)
+    name = Path(mic.path).name if mic.path else "mic"
     rec = mic.records[mic.valid]
     if rec.shape[0] == 0:
-        raise NfjaxError(f"{mic_path}: no voxels with non-zero confidence to plot")
+        raise NfjaxError(f"{mic.path or 'mic'}: no voxels with non-zero confidence to plot")
+    maps = None
+    if any(name != "confidence" for name in panels):
+        maps = _panel_maps(mic, space_group, min_confidence, boundary_deg or 5.0)
     tris, edge = _voxel_triangles(rec)
     colors = ipf_color_from_euler(rec[:, 7:10], space_group)
     conf = rec[:, 10]
@@ -376,17 +457,28 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
     segments = (grain_boundaries(rec[trusted], edge, space_group, boundary_deg)
                 if boundary_deg else np.zeros((0, 2, 2)))
 
-    fig = Figure(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
-    grid = fig.add_gridspec(1, 4, width_ratios=[1.0, 0.42, 1.0, 0.035], wspace=0.2,
-                            left=0.05, right=0.94, bottom=0.1, top=0.88)
+    # Columns: orientation map, key, then (map, colour bar) per panel, with a spacer column
+    # before each further panel (room for the colour bar's label and the next y axis). With
+    # one panel this is the 15 in figure; further panels keep its column unit and gap.
+    n = len(panels)
+    ratios = [1.0, 0.42, 1.0, 0.035] + [0.1, 1.0, 0.035] * (n - 1)
+    left_in, right_in = 0.05 * FIGURE_SIZE_IN[0], 0.06 * FIGURE_SIZE_IN[0]
+    cols_in = (FIGURE_SIZE_IN[0] - left_in - right_in) / (1.0 + 3 * 0.2 / 4)
+    unit_in, gap_in = cols_in / 2.455, 0.2 * cols_in / 4
+    cols_in = unit_in * sum(ratios)
+    width = left_in + cols_in + gap_in * (len(ratios) - 1) + right_in
+    fig = Figure(figsize=(width, FIGURE_SIZE_IN[1]), dpi=FIGURE_DPI)
+    grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios,
+                            wspace=gap_in * len(ratios) / cols_in, left=left_in / width,
+                            right=1.0 - right_in / width, bottom=0.1, top=0.88)
     ax_map = fig.add_subplot(grid[0, 0])
     ax_key = fig.add_subplot(grid[0, 1])
-    ax_conf = fig.add_subplot(grid[0, 2])
-    ax_bar = fig.add_subplot(grid[0, 3])
+    ax_panels = [(fig.add_subplot(grid[0, 2 + 3 * i]), fig.add_subplot(grid[0, 3 + 3 * i]))
+                 for i in range(n)]
     lo = tris.reshape(-1, 2).min(axis=0)
     hi = tris.reshape(-1, 2).max(axis=0)
     margin = 0.03 * (hi - lo).max()
-    for ax in (ax_map, ax_conf):
+    for ax in [ax_map] + [a for a, _ in ax_panels]:
         ax.set_xlim(lo[0] - margin, hi[0] + margin)
         ax.set_ylim(lo[1] - margin, hi[1] + margin)
         ax.set_aspect("equal")
@@ -406,17 +498,48 @@ def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
     if boundary_deg:
         notes.append(f"lines: > {boundary_deg:g}° boundaries")
     ax_map.set_title(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=11)
-    coll = PolyCollection(tris, array=conf, cmap="viridis", edgecolors="face",
-                          linewidths=0.3)
-    coll.set_clim(0.0, max(1.0, float(conf.max())))
-    ax_conf.add_collection(coll)
-    ax_conf.set_title("Confidence")
-    bar = fig.colorbar(coll, cax=ax_bar)
-    bar.set_label("confidence (fraction of spots matched)")
+    for panel, (ax, ax_bar) in zip(panels, ax_panels):
+        ax.set_title(_draw_panel(fig, ax, ax_bar, panel, tris, conf, maps),
+                     fontsize=11 if panel == "confidence" else 10)
     _draw_key(ax_key, space_group)
-    fig.suptitle(f"{Path(os.fspath(mic_path)).name}: {rec.shape[0]} voxels, "
-                 f"drawn as triangles of edge {edge:.3g} µm", fontsize=12)
+    fig.suptitle(f"{name}: {rec.shape[0]} voxels, drawn as triangles of edge {edge:.3g} µm",
+                 fontsize=12)
+    return fig
 
+
+def plot_mic(mic_path: str | os.PathLike, out_png: str | os.PathLike,
+             space_group: int = 225, *, min_confidence: float = 0.0,
+             boundary_deg: float | None = 5.0, panels=("confidence",)) -> Path:
+    """Draw ``mic_path`` as an image: the IPF-Z orientation map with its colour key, then
+    one map per name in ``panels`` (:data:`PANELS`), each with its colour bar, axes in µm.
+    An ``out_png`` ending in another suffix matplotlib writes (``.jpg``, ``.svg``, ``.pdf``,
+    ...) gets that format.
+
+    Voxels with zero confidence (holes) are left out. In the orientation map, voxels below
+    ``min_confidence`` are drawn grey (their orientation is not trusted), and black lines
+    mark the grain boundaries: edges between confident neighbours misoriented by more than
+    ``boundary_deg`` (None or 0: no lines; see :func:`grain_boundaries`).
+
+    Panels: ``confidence``, the voxels' confidence; ``kam``, ``grains`` and ``grod``, the
+    pixel maps MIDAS's ParseMic writes (``.map.kam``, ``.map.grainId``, ``.map.grod``;
+    :func:`nfjax.maps.pixel_maps`), drawn on their 1 µm pixels and built from the voxels at
+    or above ``min_confidence``, with ``boundary_deg`` as the grain boundary angle (5° when
+    it is None or 0). KAM and GROD are coloured from 0 to that angle. With one panel the
+    figure is :data:`FIGURE_SIZE_IN` at :data:`FIGURE_DPI` (1650 × 704 px); each further
+    panel widens it. Returns ``Path(out_png)``.
+    """
+    _require_matplotlib().use("Agg", force=False)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out = Path(out_png)
+    fmt = out.suffix[1:].lower() or "png"
+    # pgf is left out: matplotlib needs a LaTeX installation to write it.
+    formats = {f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf"}
+    if fmt not in formats:
+        raise NfjaxError(f"{out}: cannot write a '.{fmt}' image; expected a file name ending "
+                         f"in one of {', '.join('.' + f for f in sorted(formats))}")
+    fig = mic_figure(mic_path, space_group, min_confidence=min_confidence,
+                     boundary_deg=boundary_deg, panels=panels)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=FIGURE_DPI)
     with atomic_write(out, "wb") as fh:

@@ -218,3 +218,148 @@ def test_output_format_follows_the_suffix(tmp_path, capsys):
                           "expected a file name ending in one of ")
     assert ".png" in err and err.count("\n") == 1
     assert not (tmp_path / "m.xyz").exists()
+
+
+# --------------------------------------------------------------------------- map panels
+def _two_grain_mic(path, confidence_right=0.8):
+    """A text mic of two grains on a 10 x 8 grid of 2.5 um voxels (edge 2 um): x < 0 at
+    Euler (0.2, 0.9, 0.5) rad, x > 0 with Euler1 0.3 rad more (17 deg apart); confidence
+    0.9 on the left, ``confidence_right`` on the right."""
+    from nfjax.io.mic import write_text_mic
+
+    gx, gy = np.meshgrid(np.arange(-5, 5) * 2.5, np.arange(-4, 4) * 2.5)
+    x, y = gx.ravel() + 0.25, gy.ravel() + 0.25
+    rec = np.zeros((x.size, 11))
+    rec[:, 0] = np.arange(x.size)
+    rec[:, 3], rec[:, 4], rec[:, 5], rec[:, 6] = x, y, 2.0, 1.0
+    rec[:, 7:10] = np.where((x < 0)[:, None], [0.2, 0.9, 0.5], [0.5, 0.9, 0.5])
+    rec[:, 10] = np.where(x < 0, 0.9, confidence_right)
+    write_text_mic(path, rec)
+    return path, x, y
+
+
+def _panel_axes(fig, start):
+    return [ax for ax in fig.axes if ax.get_title().startswith(start)]
+
+
+def test_pixel_panels_draw_parsemics_maps(tmp_path):
+    """The kam, grains and grod panels draw pixel_maps' arrays unchanged, on 1 um pixels
+    centred where ParseMic's window puts them: a voxel at x reaches the pixels trunc(x) + j
+    for j = -7..7 (edge 2 um + 5), so the leftmost drawn pixel is centred at
+    trunc(min x) - 7."""
+    from nfjax.io.mic import read_mic
+    from nfjax.maps import pixel_maps
+    from nfjax.plot import grain_colors, mic_figure
+
+    path, x, y = _two_grain_mic(tmp_path / "two.mic")
+    fig = mic_figure(path, 225, panels=("kam", "grains", "grod"))
+    maps = pixel_maps(read_mic(path).records, 2.0, space_group=225, gb_angle=5.0)
+    hit = maps.owner >= 0
+    assert maps.n_grains == 2
+    # (a square grid of pitch 2.5 um: drawn with the edge of a tiling of that pitch)
+    assert fig.get_suptitle() == "two.mic: 80 voxels, drawn as triangles of edge 4.33 µm"
+
+    (kam_ax,) = _panel_axes(fig, "Kernel average")
+    (grain_ax,) = _panel_axes(fig, "2 grains (neighbours within 5°)")
+    (grod_ax,) = _panel_axes(fig, "Grain reference")
+    for ax, values in ((kam_ax, maps.kam), (grod_ax, maps.grod)):
+        im = ax.images[0]
+        np.testing.assert_array_equal(np.ma.getmaskarray(im.get_array()), ~hit)
+        np.testing.assert_allclose(im.get_array()[hit], np.degrees(values[hit]), rtol=1e-12)
+        assert im.get_clim() == (0.0, 5.0)
+    assert np.degrees(maps.kam).max() > 5.0            # the boundary saturates the scale
+    rgba = grain_ax.images[0].get_array()
+    np.testing.assert_array_equal(rgba[..., 3], hit.astype(float))
+    np.testing.assert_allclose(rgba[hit][:, :3], grain_colors(maps.grain_id[hit]))
+
+    for ax in (kam_ax, grain_ax, grod_ax):
+        x0, x1, y0, y1 = ax.images[0].get_extent()
+        assert (x1 - x0, y1 - y0) == (maps.x_size, maps.y_size)     # 1 um pixels
+        cols = np.flatnonzero(hit.any(axis=0))
+        rows = np.flatnonzero(hit.any(axis=1))
+        assert x0 + 0.5 + cols[0] == math.trunc(x.min()) - 7
+        assert x0 + 0.5 + cols[-1] == math.trunc(x.max()) + 7
+        assert y0 + 0.5 + rows[0] == math.trunc(y.min()) - 7
+        assert y0 + 0.5 + rows[-1] == math.trunc(y.max()) + 7
+
+
+def test_pixel_panels_use_only_trusted_voxels(tmp_path):
+    """--min-confidence drops the voxels below it from the pixel maps (not only greys them):
+    with the right grain at 0.3, the grains panel at 0.5 has one grain, on the left."""
+    from nfjax.errors import NfjaxError
+    from nfjax.io.mic import read_mic
+    from nfjax.plot import mic_figure
+
+    path, x, _ = _two_grain_mic(tmp_path / "two.mic", confidence_right=0.3)
+    fig = mic_figure(path, 225, min_confidence=0.5, panels=("grains",))
+    (ax,) = _panel_axes(fig, "1 grain (neighbours within 5°)")
+    x0 = ax.images[0].get_extent()[0]
+    cols = np.flatnonzero(ax.images[0].get_array()[..., 3].any(axis=0))
+    assert x0 + 0.5 + cols[-1] == math.trunc(x[x < 0].max()) + 7
+    assert len(_panel_axes(mic_figure(read_mic(path), 225, panels="grains"), "2 grains")) == 1
+    with pytest.raises(NfjaxError, match=r"no voxel has a confidence >= 0.95: the KAM"):
+        mic_figure(path, 225, min_confidence=0.95, panels=("kam",))
+
+
+def test_grain_colors_tell_neighbouring_labels_apart():
+    from nfjax.plot import grain_colors
+
+    rgb = grain_colors(np.arange(0, 200).reshape(10, 20))
+    assert rgb.shape == (10, 20, 3)
+    flat = rgb.reshape(-1, 3)
+    np.testing.assert_array_equal(flat[0], [0.85, 0.85, 0.85])          # no grain
+    assert ((flat >= 0) & (flat <= 1)).all()
+    step = np.abs(flat[2:] - flat[1:-1]).max(axis=1)                    # labels k, k+1
+    assert step.min() > 0.2
+
+
+def test_au_grain_panel_png(midas_au, tmp_path, capsys):
+    """nfjax plot --panels grains on the Au mic: the one-panel figure keeps its size, and
+    the panel shows the two big grains in their colours, in the proportion of their pixels;
+    each further panel widens the figure by the same amount."""
+    import matplotlib.image as mpimg
+
+    from nfjax.cli import main
+    from nfjax.io.mic import read_mic
+    from nfjax.maps import pixel_maps
+    from nfjax.plot import grain_colors
+
+    mic = midas_au / "Au_txt.mic"
+    out = tmp_path / "g.png"
+    assert main(["plot", str(mic), "-o", str(out), "--panels", "grains"]) == 0
+    assert "orientation map and grains ->" in capsys.readouterr().out
+    img = mpimg.imread(out)
+    assert img.shape[:2] == (704, 1650)
+    right = img[:, int(0.55 * 1650):, :3].reshape(-1, 3)
+    maps = pixel_maps(read_mic(mic).records, read_mic(mic).map_edge, gb_angle=5.0)
+    sizes = np.bincount(maps.grain_id.ravel())[1:]
+    big = np.argsort(sizes)[::-1][:2] + 1
+    drawn = [(np.abs(right - c).max(axis=1) < 0.02).sum() for c in grain_colors(big)]
+    assert min(drawn) > 20_000
+    assert drawn[0] / drawn[1] == pytest.approx(sizes[big[0] - 1] / sizes[big[1] - 1],
+                                                rel=0.1)
+    widths = []
+    for panels in ("confidence", "confidence,kam", "confidence,kam,grod"):
+        assert main(["plot", str(mic), "-o", str(out), "--panels", panels]) == 0
+        widths.append(mpimg.imread(out).shape[1])
+    assert widths[0] == 1650 and widths[1] > 2300
+    assert abs((widths[2] - widths[1]) - (widths[1] - widths[0])) <= 1
+
+
+@pytest.mark.parametrize("value", ["kam,,x", "kam,kam", "KAM", ""])
+def test_panels_option_errors(tmp_path, capsys, value):
+    from nfjax.cli import main
+    from nfjax.errors import NfjaxError
+
+    path, _, _ = _two_grain_mic(tmp_path / "two.mic")
+    out = tmp_path / "m.png"
+    with pytest.raises(SystemExit) as info:
+        main(["plot", str(path), "-o", str(out), "--panels", value])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nfjax plot: error: argument --panels: expected one or more of confidence, kam, "
+        f"grains, grod, separated by commas and each at most once, found {value!r} "
+        f"(see nfjax plot --help)")
+    assert not out.exists()
+    with pytest.raises(NfjaxError, match="--panels: expected one or more"):
+        plot_mic(path, out, panels=value.split(","))

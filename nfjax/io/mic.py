@@ -78,6 +78,14 @@ class MicData:
     kind: str = "binary"
     path: str = ""
 
+    @property
+    def map_edge(self) -> float:
+        """The voxel edge (µm) ParseMic's pixel maps use: field 5 of record 0 of a binary
+        mic (0 when that record is a hole), the ``%TriEdgeSize`` of a text one."""
+        if self.kind == "binary":
+            return float(self.records[0, 5]) if self.records.shape[0] else 0.0
+        return float(self.tri_edge_size)
+
     def __len__(self) -> int:
         return int(self.records.shape[0])
 
