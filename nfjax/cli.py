@@ -264,6 +264,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- fit
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from nfjax.calibrate import run_calibrate
+
+    return run_calibrate(args)
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from nfjax.fit import run_fit
 
@@ -317,6 +323,7 @@ def _checked(convert, ok, expected: str):
 _space_group = _checked(int, lambda v: 1 <= v <= 230, "a space group number 1..230")
 _degrees = _checked(float, lambda v: 0 < v < float("inf"), "a number of degrees > 0")
 _count = _checked(int, lambda v: v >= 0, "an integer >= 0")   # a random seed, PhaseNr
+_positive = _checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
 def _panels(text: str):
@@ -523,6 +530,27 @@ def build_parser() -> argparse.ArgumentParser:
     p_fit.add_argument("--spots-info", default=None,
                        help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
     p_fit.set_defaults(func=_cmd_fit)
+
+    p_cal = sub.add_parser(
+        "calibrate", help="fit the detector geometry (tilts, Lsd, BC) to voxels of known "
+                          "orientation (MIDAS FitOrientationParametersMultiPoint)")
+    p_cal.add_argument("params", help="MIDAS parameter file (LsdTol, LsdRelativeTol, BCTol, "
+                                      "TiltsTol bound the fit; OrientTol the orientations)")
+    p_cal.add_argument("--mic", default=None,
+                       help="calibrate on this reconstruction's most confident voxels "
+                            "(default: the parameter file's GridPoints lines)")
+    p_cal.add_argument("--points", type=_positive, default=32,
+                       help="with --mic: how many voxels (default 32)")
+    p_cal.add_argument("-o", "--output", default=None,
+                       help="calibrated parameter file (default <PARAMS stem>_calibrated"
+                            "<suffix> beside PARAMS)")
+    p_cal.add_argument("--spots-info", default=None,
+                       help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
+    p_cal.add_argument("--steps", type=_count, default=300,
+                       help="gradient steps before the compass search (default 300)")
+    p_cal.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                       help="JAX device (default: the first available)")
+    p_cal.set_defaults(func=_cmd_calibrate)
 
     p_index = sub.add_parser(
         "index", help="index serial-crystallography spot files (fast feedback indexer)")

@@ -27,7 +27,9 @@ from nfjax.cli import main
      "argument --seed: expected an integer >= 0, found '-1'"),
     (["bogus"], "nfjax", "argument COMMAND: invalid choice: 'bogus' (choose from 'params', "
      "'hkls', 'grid', 'seeds', 'cluster', 'plot', 'maps', 'compare', 'spots', "
-     "'simulate', 'reconstruct', 'fit', 'index', 'process', 'demo')"),
+     "'simulate', 'reconstruct', 'fit', 'calibrate', 'index', 'process', 'demo')"),
+    (["calibrate", "p.txt", "--points", "0"], "nfjax calibrate",
+     "argument --points: expected an integer >= 1, found '0'"),
 ])
 def test_usage_errors_are_one_line(argv, prog, says, capsys):
     """A bad option is the house's one-line error (what, where, and where to look), with

@@ -1,0 +1,138 @@
+"""Detector calibration (nfjax.calibrate): a geometry perturbed from the one the
+observations were simulated with is recovered, fixed parameters stay fixed, and the errors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nfjax.calibrate import calibrate, calibrated_changes, calibration_points
+from nfjax.errors import NfjaxError
+from nfjax.params import parse_params, update_param_text
+
+OFFSETS = {"lsd": (30.0, -25.0), "ybc": (0.6, -0.3), "zbc": (-0.4, 0.5),
+           "tilts": (0.15, -0.1, 0.1)}
+
+
+@pytest.fixture(scope="module")
+def au_sim():
+    """The Au example's observations simulated with its own geometry (rendered voxels),
+    and 12 voxels of confidence > 0.9 whose orientations are turned by ~0.1 deg."""
+    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.data import au_example
+    from nfjax.geometry import geometry_from_params
+    from nfjax.grid import triangle_vertices
+    from nfjax.io.mic import read_mic
+    from nfjax.observe import from_bit_indices
+    from nfjax.params import read_params
+    from nfjax.simulate import mic_grid_rows, render_bits, select_rendered
+
+    files = au_example()
+    params = read_params(files["params"])
+    table = select_rings(hkls_from_params(params), params.rings_to_use)
+    geom = geometry_from_params(params)
+    mic = select_rendered(read_mic(files["mic"]).records, params.min_confidence)
+    bits = render_bits(mic[:, 7:10], triangle_vertices(mic_grid_rows(mic)), table.g,
+                       table.theta, geom, edge_length=float(mic[:, 5].max()), progress=False)
+    rng = np.random.default_rng(0)
+    pts = mic[rng.choice(np.flatnonzero(mic[:, 10] > 0.9), size=12, replace=False)].copy()
+    pts[:, 7:10] += rng.normal(0.0, math.radians(0.1), (len(pts), 3))
+    return dict(files=files, text=open(files["params"]).read(), geom=geom,
+                obs=from_bit_indices(geom.shape, bits).to_device(), bits=bits, points=pts)
+
+
+def _perturbed(sim, **tolerances):
+    g = sim["geom"]
+    lsd = [float(v) + d for v, d in zip(g.lsd, OFFSETS["lsd"])]
+    bc = [(float(y) + dy, float(z) + dz) for y, z, dy, dz in
+          zip(g.ybc, g.zbc, OFFSETS["ybc"], OFFSETS["zbc"])]
+    t = [float(v) + d for v, d in zip(g.tilts, OFFSETS["tilts"])]
+    text = update_param_text(sim["text"], {"Lsd": lsd, "BC": bc, "tx": t[0], "ty": t[1],
+                                           "tz": t[2], **tolerances})
+    return parse_params(text, source="perturbed.txt")
+
+
+def test_recovers_a_perturbed_geometry(au_sim):
+    """Lsd 30 and 25 um off, beam centres up to 0.6 px off and tilts 0.1-0.15 deg off come
+    back to within 4 um, 0.15 px and 0.1 deg, and the voxels' mean overlap fraction
+    (1.0 for every voxel at the true geometry and orientations) rises from 0.12 to > 0.97."""
+    params = _perturbed(au_sim, LsdTol=100.0, LsdRelativeTol=100.0, BCTol=(1.0, 1.0),
+                        TiltsTol=1.0)
+    r = calibrate(params, au_sim["obs"], au_sim["points"], steps=200)
+    truth, got = au_sim["geom"], r.geometry
+    assert r.start_fraction.mean() < 0.3
+    assert r.fraction.mean() > 0.97
+    np.testing.assert_allclose(got.lsd, truth.lsd, atol=4.0)
+    np.testing.assert_allclose(got.ybc, truth.ybc, atol=0.15)
+    np.testing.assert_allclose(got.zbc, truth.zbc, atol=0.15)
+    np.testing.assert_allclose(got.tilts, truth.tilts, atol=0.1)
+    # The written parameters read back to the fitted geometry (to the 1e-6 rounding).
+    text = update_param_text(au_sim["text"], calibrated_changes(got))
+    back = parse_params(text, source="calibrated.txt")
+    np.testing.assert_allclose(back.lsd, got.lsd, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(back.bc), np.stack([got.ybc, got.zbc], 1),
+                               atol=1e-6)
+    np.testing.assert_allclose([back.tx, back.ty, back.tz], got.tilts, atol=1e-6)
+    assert any(line.startswith("12 voxels: mean overlap fraction") for line in r.lines())
+
+
+def test_absent_tolerances_hold_their_parameters(au_sim):
+    """Only LsdTol (the Au file's other tolerances deleted): the beam centres and tilts keep their values bit for bit, the step
+    between the two distances stays (LsdRelativeTol absent), and Lsd stays within LsdTol."""
+    params = _perturbed(au_sim, LsdTol=10.0, LsdRelativeTol=None, BCTol=None, TiltsTol=None)
+    r = calibrate(params, au_sim["obs"], au_sim["points"], steps=20, max_rounds=3)
+    s, g = r.start, r.geometry
+    np.testing.assert_array_equal(g.ybc, s.ybc)
+    np.testing.assert_array_equal(g.zbc, s.zbc)
+    np.testing.assert_array_equal(g.tilts, s.tilts)
+    assert float(g.lsd[1] - g.lsd[0]) == pytest.approx(float(s.lsd[1] - s.lsd[0]), abs=1e-9)
+    assert abs(float(g.lsd[0] - s.lsd[0])) <= 10.0 + 1e-9
+    assert float(g.lsd[0]) < float(s.lsd[0])          # toward the truth, 30 um below
+
+
+def test_cli_writes_the_calibrated_file(au_sim, tmp_path, capsys):
+    """nfjax calibrate on GridPoints lines and a sparse observation file: the output file
+    is the input with the Lsd/BC/tilt lines rewritten; nothing else changes."""
+    from nfjax.cli import main
+
+    params = _perturbed(au_sim, LsdTol=50.0)
+    rows = au_sim["points"][:4]
+    lines = [update_param_text("", {"GridSize": 2.5}).strip()]
+    for row in rows:
+        lines.append("GridPoints " + " ".join(repr(float(v)) for v in list(row) + [0.0]))
+    text = update_param_text(au_sim["text"], {
+        "Lsd": list(params.lsd), "LsdTol": 50.0, "OutputDirectory": str(tmp_path)})
+    src = tmp_path / "ps.txt"
+    src.write_text(text + "\n".join(lines) + "\n")
+    np.savez(tmp_path / "obs.npz", index=au_sim["bits"])
+    assert main(["calibrate", str(src), "--spots-info", str(tmp_path / "obs.npz"),
+                 "--steps", "10"]) == 0
+    out = tmp_path / "ps_calibrated.txt"
+    assert f"calibrated parameters -> {out}" in capsys.readouterr().out
+    new = parse_params(out.read_text(), source=str(out))
+    assert len(new.grid_points) == 4
+    assert new.lsd[0] != params.lsd[0] and abs(new.lsd[0] - params.lsd[0]) <= 50.0
+    kept = [ln for ln in out.read_text().splitlines() if not ln.startswith(("Lsd ", "BC ",
+                                                                             "tx ", "ty ",
+                                                                             "tz "))]
+    assert kept == [ln for ln in src.read_text().splitlines()
+                    if not ln.startswith(("Lsd ", "BC ", "tx ", "ty ", "tz "))]
+
+
+def test_errors(au_sim, tmp_path):
+    from nfjax.io.mic import MicData
+
+    bare = _perturbed(au_sim, LsdTol=None, LsdRelativeTol=0.0, BCTol=None, TiltsTol=None)
+    with pytest.raises(NfjaxError, match="LsdTol, LsdRelativeTol, BCTol and TiltsTol are all "
+                                         "absent or 0: there is nothing to calibrate"):
+        calibrate(bare, au_sim["obs"], au_sim["points"])
+    with pytest.raises(NfjaxError, match="no GridPoints lines: give --mic MIC"):
+        calibration_points(bare)
+    empty = MicData(records=np.zeros((3, 11)), phase_nr=np.ones(3, int), path="e.mic")
+    with pytest.raises(NfjaxError, match="e.mic: no voxel has a nonzero confidence"):
+        calibration_points(bare, empty)
+    mic = MicData(records=au_sim["points"], phase_nr=np.ones(12, int))
+    top = calibration_points(bare, mic, 5)
+    assert top.shape == (5, 11) and (np.diff(top[:, 10]) <= 0).all()
+    assert top[0, 10] == au_sim["points"][:, 10].max()
