@@ -11,7 +11,8 @@ observed ones. The variables and their bounds are MIDAS's:
 * ``Lsd`` of the first distance within ``±LsdTol`` µm, and each later distance's step
   ``Lsd[i] − Lsd[i−1]`` within ``±LsdRelativeTol`` µm of the start's;
 * each distance's beam centre within ``±BCTol`` pixels (y, z);
-* each voxel's Euler angles within ``±OrientTol`` degrees.
+* each voxel's orientation within ``±OrientTol`` degrees of its start, as a rotation
+  vector about it (MIDAS bounds each Euler angle; near Φ = 0 that box is a narrow ridge).
 
 A tolerance that is absent or 0 holds its parameters fixed. The objective is the mean over
 the voxels of MIDAS's overlap fraction, with probe triangles of ``EdgeLength`` (or
@@ -24,13 +25,14 @@ fraction, minutes per run): two passes.
 1. **Gradient pass.** optax Adam on the smooth overlap (:func:`nfjax.score.soft_overlap`)
    through the differentiable forward model, every variable bounded as ``start + tol ·
    tanh(z)``; first with spots splatted 3 pixels wide (a wide basin), then 1.5. It moves a
-   start 30 µm and half a pixel off to within a few µm and a few hundredths of a pixel.
+   start 30 µm and half a pixel off to within a few µm and about a quarter of a pixel.
 2. **Pattern pass on the hard fraction.** The smooth score is nearly flat in a beam centre
    over ±0.3 px where MIDAS's fraction falls by 3 %, so the last stretch is a compass
-   search on the fraction itself: each round tries every voxel's Euler angles ± a step
-   (each voxel keeps a strictly better fraction) and every geometry parameter ± its step,
-   all moves of a round evaluated in one batched call, and takes the best move that raises
-   the mean fraction; when none does the steps halve, down to 0.05 µm, 0.005 px and 5e-4°.
+   search on the fraction itself: each round tries every geometry parameter ± its step,
+   scores each trial with the voxels' orientations re-fitted to it (a few compass steps
+   per voxel; a geometry error is partly absorbed by the orientations), all trials in one
+   batched call, and takes the best that raises the mean fraction; a parameter neither of
+   whose moves raises it halves its step, down to 0.05 µm, 0.005 px and 5e-4°.
 
 Bounds are kept in both passes. The result reports the mean fraction at the start and at
 the end, and writes the calibrated parameter file with every ``Lsd``, ``BC``, ``tx``,
