@@ -35,24 +35,18 @@ def main() -> int:
     import jax
 
     from nfjax.calibrate import calibrate
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import hkls_from_params
     from nfjax.data import au_example
     from nfjax.geometry import geometry_from_params
-    from nfjax.grid import triangle_vertices
     from nfjax.io.mic import read_mic
-    from nfjax.observe import from_bit_indices
     from nfjax.params import parse_params, read_params, update_param_text
-    from nfjax.simulate import mic_grid_rows, render_bits, select_rendered
+    from nfjax.simulate import select_rendered, simulate_records
 
     files = au_example()
     params = read_params(files["params"])
-    table = select_rings(hkls_from_params(params), params.rings_to_use)
-    geom = geometry_from_params(params)
     mic = select_rendered(read_mic(files["mic"]).records, params.min_confidence)
-    bits = render_bits(mic[:, 7:10], triangle_vertices(mic_grid_rows(mic)), table.g,
-                       table.theta, geom, edge_length=float(mic[:, 5].max()), progress=False)
-    obs = from_bit_indices(geom.shape, bits).to_device()
-    g = geom
+    obs = simulate_records(params, mic, hkls_from_params(params), progress=False).to_device()
+    g = geometry_from_params(params)
     text = update_param_text(open(files["params"]).read(), {
         "Lsd": [float(g.lsd[0]) + 30.0, float(g.lsd[1]) - 25.0],
         "BC": [(float(g.ybc[0]) + 0.6, float(g.zbc[0]) - 0.4),

@@ -57,7 +57,7 @@ __all__ = ["CalibrationResult", "calibration_points", "calibrate", "calibrated_c
 
 # Compass steps: (first, smallest) per kind of variable.
 _STEPS = {"lsd": (2.0, 0.05), "bc": (0.2, 0.005), "tilt": (0.02, 5e-4),
-          "euler": (math.radians(0.02), math.radians(5e-4))}
+          "rot": (math.radians(0.02), math.radians(5e-4))}
 # Gradient pass: (splat sigma px, Adam learning rate in tanh units, share of the steps).
 _SOFT_STAGES = ((3.0, 0.05, 0.5), (1.5, 0.02, 0.5))
 _INNER = 4           # orientation compass steps per geometry trial
@@ -208,7 +208,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
     def log(line):
         say(f"{line} ({time.perf_counter() - t_start:.1f} s)")
 
-    params.require("OrientTol", why="by nfjax calibrate (the Euler angles' bound)")
+    params.require("OrientTol", why="by nfjax calibrate (the orientations' bound)")
     start = geometry_from_params(params)
     d = start.n_distances
     tol = _tolerances(params, d)
@@ -235,11 +235,18 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
     n_pts = len(pts)
     words, shape = obs.words, obs.shape
 
+    def turned(rot, mats):
+        """``R(rot_p)·U_p`` for rotation vectors ``rot (M, 3)`` and matrices ``(M, 3, 3)``."""
+        return jax.vmap(lambda r, u: rotvec_matrix(r) @ u)(rot, mats)
+
+    def hard(geom, mats, tri, words):
+        """The hard fraction of each triangle ``tri (M, 3, 2)`` at orientation ``mats``."""
+        return jax.vmap(lambda vv, u: hard_overlap(vv, u, g, theta, geom, words, shape,
+                                                   box=box))(tri, mats)
+
     def fractions(geom, rot, words):
         """Each voxel's hard fraction at orientations ``R(rot_p)·U0_p``."""
-        mats = jax.vmap(lambda r, u: rotvec_matrix(r) @ u)(rot, u0)
-        return jax.vmap(lambda vv, u: hard_overlap(vv, u, g, theta, geom, words, shape,
-                                                   box=box))(verts, mats)
+        return hard(geom, turned(rot, u0), verts, words)
 
     frac_fn = jax.jit(fractions)
     rot = np.zeros((n_pts, 3))
@@ -253,8 +260,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
 
     def loss(z, words, sigma):
         geom = _soft_geometry(start, tol, z)
-        mats = jax.vmap(lambda r, u: rotvec_matrix(r) @ u)(orient_tol * jnp.tanh(z["rot"]),
-                                                          u0)
+        mats = turned(orient_tol * jnp.tanh(z["rot"]), u0)
         per = jax.vmap(lambda vv, u: soft_overlap(vv, u, g, theta, geom, words, shape,
                                                   sigma=sigma))(verts, mats)
         return -jnp.mean(per)
@@ -293,7 +299,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
     eye = np.eye(n_par)
     free = (_feasible(x0[None] + eye * floor, x0, d, tol)
             & _feasible(x0[None] - eye * floor, x0, d, tol))        # movable at all
-    r_step, r_floor = _STEPS["euler"]
+    r_step, r_floor = _STEPS["rot"]
     moves6 = jnp.concatenate([jnp.eye(3), -jnp.eye(3)])
     verts6 = jnp.repeat(verts, 6, axis=0)
     u06 = jnp.repeat(u0, 6, axis=0)
@@ -303,10 +309,8 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
         def body(_, carry):
             rot, f, s = carry
             trial = rot[:, None, :] + moves6[None] * s[:, None, None]        # (P, 6, 3)
-            mats = jax.vmap(lambda r, u: rotvec_matrix(r) @ u)(trial.reshape(-1, 3), u06)
-            ft = jax.vmap(lambda vv, u: hard_overlap(vv, u, g, theta, geom, words, shape,
-                                                     box=box))(verts6, mats)
-            ft = ft.reshape(n_pts, 6)
+            ft = hard(geom, turned(trial.reshape(-1, 3), u06), verts6,
+                      words).reshape(n_pts, 6)
             ft = jnp.where((jnp.abs(trial) <= orient_tol + 1e-12).all(-1), ft, -1.0)
             k = jnp.argmax(ft, axis=1)
             fb = jnp.take_along_axis(ft, k[:, None], 1)[:, 0]
@@ -343,8 +347,8 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
             cur = float(means[k])
         # A parameter neither of whose moves raised the mean halves its step; the
         # orientations' step halves when the geometry stood still.
-        raised = (means[1:] > means[0]).reshape(2, -1).any(axis=0) if idx.size else []
-        step[idx[~np.asarray(raised, bool)]] /= 2
+        raised = (means[1:] > means[0]).reshape(2, -1).any(axis=0)
+        step[idx[~raised]] /= 2
         if k == 0 or not idx.size:
             r_cur /= 2
         if not (free & (step >= floor)).any() and r_cur < r_floor:
@@ -353,8 +357,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
             log(f"compass round {rounds}: mean overlap fraction {cur:.4f}")
     geom = _from_vector(start, jnp.asarray(x))
     log(f"after {rounds} compass rounds: mean overlap fraction {cur:.4f}")
-    mats = jax.vmap(lambda r, u: rotvec_matrix(r) @ u)(jnp.asarray(rot), u0)
-    euler = np.array(matrix_to_euler(mats))
+    euler = np.array(matrix_to_euler(turned(jnp.asarray(rot), u0)))
     return CalibrationResult(start=start, geometry=geom, euler0=euler0, euler=euler,
                              start_fraction=start_fraction, fraction=frac, soft_steps=done,
                              rounds=rounds, seconds=time.perf_counter() - t_start)
@@ -376,12 +379,12 @@ def run_calibrate(args) -> int:
     """``nfjax calibrate PARAMS [--mic MIC [--points N]] [-o OUT] [--spots-info PATH]
     [--steps N] [--device cpu|gpu]``: calibrate and write the parameter file with the
     fitted geometry (default ``<PARAMS stem>_calibrated<suffix>`` beside it)."""
-    import contextlib
     import sys
 
     from nfjax.fit import _load_observations
     from nfjax.io.atomic import atomic_write, check_target
     from nfjax.io.mic import read_mic
+    from nfjax.parallel import device_scope
     from nfjax.params import read_params, update_param_text
 
     params = read_params(args.params)
@@ -391,12 +394,7 @@ def run_calibrate(args) -> int:
     check_target(out)
     mic = read_mic(args.mic) if args.mic else None
     points = calibration_points(params, mic, args.points)
-    ctx = contextlib.nullcontext()
-    if args.device is not None:
-        from nfjax.parallel import bind_device
-
-        ctx = jax.default_device(bind_device(None, args.device)[0])
-    with ctx:
+    with device_scope(args.device):
         from nfjax.geometry import geometry_from_params
 
         geom_shape = geometry_from_params(params).shape

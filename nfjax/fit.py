@@ -1276,7 +1276,6 @@ def run_fit(args, params=None) -> int:
     ``.AllMatches`` and MicFileText atomically, each at its full grid length (rows of other
     blocks are kept from the existing file; a lock serialises concurrent blocks).
     """
-    import contextlib
     import fcntl
     import sys
 
@@ -1285,18 +1284,13 @@ def run_fit(args, params=None) -> int:
     from nfjax.io.gridfile import read_grid
     from nfjax.io.hkls import read_hkls_csv
     from nfjax.io.mic import allmatches_path, write_allmatches, write_binary_mic, write_text_mic
-    from nfjax.parallel import block_range
+    from nfjax.parallel import block_range, device_scope
     from nfjax.params import read_params
 
     if params is None:           # the CLI passes the file it read (and warned about)
         params = read_params(args.params)
     params.require("MicFileBinary", "MinFracAccept", "OrientTol", why="by nfjax fit")
-    device = getattr(args, "device", None)
-    ctx = contextlib.nullcontext()
-    if device is not None:
-        from nfjax.parallel import bind_device
-
-        ctx = jax.default_device(bind_device(None, device)[0])
+    ctx = device_scope(getattr(args, "device", None))
     out = params.output_dir
     max_memory = parse_memory(getattr(args, "max_memory", None))    # before any loading
     progress = None

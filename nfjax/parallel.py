@@ -426,3 +426,16 @@ def bind_device(comm: Comm | None = None, platform: str | None = None):
         where += (" although NVIDIA GPUs are present: JAX did not start its CUDA backend "
                   "(a CPU-only jaxlib? pip install 'nfjax[cuda12]')")
     return device, where
+
+
+def device_scope(platform: str | None):
+    """A context that makes :func:`bind_device`'s device for ``platform`` (``"cpu"``,
+    ``"gpu"``) JAX's default device; with ``None``, a context that changes nothing (JAX's
+    first available device)."""
+    import contextlib
+
+    if platform is None:
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.default_device(bind_device(None, platform)[0])

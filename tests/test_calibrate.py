@@ -19,27 +19,24 @@ OFFSETS = {"lsd": (30.0, -25.0), "ybc": (0.6, -0.3), "zbc": (-0.4, 0.5),
 def au_sim():
     """The Au example's observations simulated with its own geometry (rendered voxels),
     and 12 voxels of confidence > 0.9 whose orientations are turned by ~0.1 deg."""
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import hkls_from_params
     from nfjax.data import au_example
     from nfjax.geometry import geometry_from_params
-    from nfjax.grid import triangle_vertices
     from nfjax.io.mic import read_mic
-    from nfjax.observe import from_bit_indices
+    from nfjax.observe import lit_indices
     from nfjax.params import read_params
-    from nfjax.simulate import mic_grid_rows, render_bits, select_rendered
+    from nfjax.simulate import select_rendered, simulate_records
 
     files = au_example()
     params = read_params(files["params"])
-    table = select_rings(hkls_from_params(params), params.rings_to_use)
-    geom = geometry_from_params(params)
     mic = select_rendered(read_mic(files["mic"]).records, params.min_confidence)
-    bits = render_bits(mic[:, 7:10], triangle_vertices(mic_grid_rows(mic)), table.g,
-                       table.theta, geom, edge_length=float(mic[:, 5].max()), progress=False)
+    vol = simulate_records(params, mic, hkls_from_params(params), progress=False)
     rng = np.random.default_rng(0)
     pts = mic[rng.choice(np.flatnonzero(mic[:, 10] > 0.9), size=12, replace=False)].copy()
     pts[:, 7:10] += rng.normal(0.0, math.radians(0.1), (len(pts), 3))
-    return dict(files=files, text=open(files["params"]).read(), geom=geom,
-                obs=from_bit_indices(geom.shape, bits).to_device(), bits=bits, points=pts)
+    return dict(files=files, text=open(files["params"]).read(),
+                geom=geometry_from_params(params), obs=vol.to_device(), bits=lit_indices(vol),
+                points=pts)
 
 
 def _perturbed(sim, **tolerances):
