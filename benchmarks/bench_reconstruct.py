@@ -116,7 +116,8 @@ def _boundary_oracle(run_dir: Path, smooth: np.ndarray, grains,
     import jax.numpy as jnp
 
     from nfjax.crystal import hkls_from_params, select_rings, symmetry_quaternions
-    from nfjax.fit import _load_observations, exact_fracs
+    from nfjax.fit import exact_fracs
+    from nfjax.observe import load_observations
     from nfjax.forward import footprint_box
     from nfjax.geometry import geometry_from_params
     from nfjax.grid import triangle_vertices
@@ -126,7 +127,7 @@ def _boundary_oracle(run_dir: Path, smooth: np.ndarray, grains,
 
     params = read_params(run_dir / "params.txt")
     geom = geometry_from_params(params)
-    obs = _load_observations(run_dir / "SpotsInfo.bin", geom.shape)
+    obs = load_observations(run_dir / "SpotsInfo.bin", geom.shape)
     table = select_rings(hkls_from_params(params), params.rings_to_use)
     grid = read_grid(run_dir / "grid.txt")
     verts = triangle_vertices(grid)

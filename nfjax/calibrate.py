@@ -37,6 +37,12 @@ fraction, minutes per run): two passes.
 Bounds are kept in both passes. The result reports the mean fraction at the start and at
 the end, and writes the calibrated parameter file with every ``Lsd``, ``BC``, ``tx``,
 ``ty`` and ``tz`` line rewritten (:func:`nfjax.params.update_param_text`).
+
+Limit (MIDAS's objective shares it): on a solid sample a voxel inside a grain predicts its
+spots inside the grain's spot, which is wide along detector y, so the horizontal beam
+centre is barely determined by such voxels: the fraction reaches 1.0 with ``BC`` y half a
+pixel off (``benchmarks/bench_calibrate.py --solid``). Voxels at grain boundaries and at
+the sample's edge constrain it; docs/midas-differences.md, "Calibration".
 """
 from __future__ import annotations
 
@@ -381,9 +387,9 @@ def run_calibrate(args) -> int:
     fitted geometry (default ``<PARAMS stem>_calibrated<suffix>`` beside it)."""
     import sys
 
-    from nfjax.fit import _load_observations
     from nfjax.io.atomic import atomic_write, check_target
     from nfjax.io.mic import read_mic
+    from nfjax.observe import load_observations
     from nfjax.parallel import device_scope
     from nfjax.params import read_params, update_param_text
 
@@ -400,7 +406,7 @@ def run_calibrate(args) -> int:
         geom_shape = geometry_from_params(params).shape
         _tolerances(params, geom_shape[0])                    # before reading the images
         spots = Path(args.spots_info) if args.spots_info else params.output_dir / "SpotsInfo.bin"
-        obs = _load_observations(spots, geom_shape).to_device()
+        obs = load_observations(spots, geom_shape).to_device()
         result = calibrate(params, obs, points, steps=args.steps,
                            log=lambda line: print(f"nfjax calibrate: {line}", file=sys.stderr,
                                                   flush=True))

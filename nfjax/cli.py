@@ -257,7 +257,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     images = not args.no_image_processing and args.doImageProcessing != 0
     final = reconstruct(params, ff_seeds=ff, image_processing=images, resume=args.resume,
                         max_memory=args.max_memory, device=args.device,
-                        midas_refinement=args.midas_refinement, comm=comm)
+                        midas_refinement=args.midas_refinement, comm=comm,
+                        panels=args.panels)
     if comm.is_root:
         print(f"final reconstruction: {final}")
     return 0
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or tie-break), see nfjax fit")
     p_rec.add_argument("--device", choices=["cpu", "gpu"], default=None,
                        help="JAX platform (default: the first available)")
+    p_rec.add_argument("--panels", type=_panels, default=("confidence",), metavar="LIST",
+                       help="maps beside the orientation map in each result's PNG, as for "
+                            "nfjax plot (default: confidence; e.g. confidence,kam,grains)")
     midas = p_rec.add_argument_group("MIDAS driver flags (accepted for existing scripts)")
     midas.add_argument("-paramFN", default=None, help="parameter file")
     midas.add_argument("-ffSeedOrientations", type=int, default=None, help="0|1")

@@ -1194,22 +1194,6 @@ def polish_solutions(euler, frac, voxel, euler0, verts, g, theta, obs, geom: Geo
 
 
 # =========================================================================== files / CLI
-def _load_observations(path: Path, shape: tuple):
-    """SpotsInfo.bin (MIDAS layout) or a sparse ``.npz`` with the lit bit indices
-    (``index``, as the reference fixtures store it)."""
-    if path.suffix == ".npz":
-        try:
-            k = np.load(path)["index"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputFileError(f"{path}: expected an .npz with an 'index' array of lit "
-                                 f"bit indices ({exc})") from None
-        try:
-            return observe.from_bit_indices(shape, k)
-        except ValueError as exc:
-            raise InputFileError(f"{path}: {exc}") from None
-    return observe.read_spots_info(path, shape)
-
-
 def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
     """Key/DiffractionSpots/OrientMat.bin from the output folder (checked against the
     SeedOrientations file when it exists), or, when they are absent, MakeDiffrSpots from
@@ -1329,7 +1313,7 @@ def run_fit(args, params=None) -> int:
         geom = geometry_from_params(params)
         spots_path = getattr(args, "spots_info", None)
         spots_path = Path(spots_path) if spots_path else out / "SpotsInfo.bin"
-        obs = _load_observations(spots_path, geom.shape)
+        obs = observe.load_observations(spots_path, geom.shape)
         table = _load_spot_table(params, out, hkls, geom, max_memory, progress)
         result = fit_grid(params, grid[start:stop], table, obs, hkls=hkls,
                           max_memory=max_memory, polish=bool(getattr(args, "polish", False)),

@@ -37,6 +37,7 @@ __all__ = [
     "lookup",
     "lookup_all_distances",
     "read_spots_info",
+    "load_observations",
     "write_spots_info",
     "spots_info_shape",
     "file_words",
@@ -327,6 +328,24 @@ def read_spots_info(path, shape, *, mmap: bool = False) -> ObsVolume:
         words = words.astype(np.uint32)
     return ObsVolume(np.asarray(words, dtype=np.uint32) if not mmap else words.view(np.uint32),
                      shape)
+
+
+def load_observations(path, shape) -> ObsVolume:
+    """The observations of a job, host words: a SpotsInfo.bin (MIDAS layout,
+    :func:`read_spots_info`) or a sparse ``.npz`` holding the lit bit indices as
+    ``index`` (as the reference fixtures store them)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        try:
+            k = np.load(path)["index"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputFileError(f"{path}: expected an .npz with an 'index' array of lit "
+                                 f"bit indices ({exc})") from None
+        try:
+            return from_bit_indices(shape, k)
+        except ValueError as exc:
+            raise InputFileError(f"{path}: {exc}") from None
+    return read_spots_info(path, shape)
 
 
 def write_spots_info(path, vol: ObsVolume) -> None:

@@ -157,6 +157,7 @@ class Run:
     image_processing: bool = True
     ff_seeds: bool = False
     midas_refinement: bool = False
+    panels: tuple = ("confidence",)
     timings: dict = dataclasses.field(default_factory=dict)
 
     def stage(self, name: str, inputs: str, outputs: list[Path], compute: Callable[[], Any],
@@ -676,7 +677,8 @@ def _map(run: Run, name: str, mic_path: Path) -> None:
 
         png = Path(str(mic_path) + ".png")
         plot_mic(mic_path, png, space_group=run.params.space_group,
-                 min_confidence=float(run.params.min_confidence or 0.0))
+                 min_confidence=float(run.params.min_confidence or 0.0),
+                 boundary_deg=float(run.params.gb_angle), panels=run.panels)
         run.log.info("map %s", png)
     except (NfjaxError, ImportError) as exc:   # e.g. no matplotlib: the map is optional
         run.log.info("map skipped: %s", exc)
@@ -821,8 +823,12 @@ def _multi(run: Run, hkls, quats0, quats_all) -> tuple[Path, np.ndarray]:
 # --------------------------------------------------------------------------- entry
 def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool = True,
                 resume: bool = False, max_memory=None, device: str | None = None,
-                progress: bool | None = None, comm=None, midas_refinement: bool = False) -> Path:
+                progress: bool | None = None, comm=None, midas_refinement: bool = False,
+                panels=("confidence",)) -> Path:
     """Run the whole workflow; returns the final text mic path (on every rank).
+
+    ``panels``: the maps drawn beside the orientation map in each text mic's PNG
+    (:data:`nfjax.plot.PANELS`; ``nfjax reconstruct --panels``).
 
     Under MPI an exception on one rank leaves the others waiting in the next collective;
     a script that calls this under ``mpiexec`` should end the job on error as the CLI does
@@ -830,6 +836,11 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     from nfjax.params import read_params
     from nfjax.parallel import bind_device, print_warnings, world
 
+    from nfjax.plot import PANELS_EXPECTED, panels_ok
+
+    panels = (panels,) if isinstance(panels, str) else tuple(panels)
+    if not panels_ok(panels):
+        raise NfjaxError(f"panels: expected {PANELS_EXPECTED}, found {','.join(panels)!r}")
     params = read_params(params_path)
     comm = comm or world()
     placement = None
@@ -851,7 +862,7 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     run = Run(params=params, out=out, manifest=Manifest(out, resume and comm.is_root),
               log=_logger(out, comm.is_root), comm=comm, max_memory=max_memory, progress=progress,
               image_processing=image_processing, ff_seeds=ff_seeds,
-              midas_refinement=midas_refinement)
+              midas_refinement=midas_refinement, panels=panels)
     run.log.info("nfjax reconstruct %s (output %s, %d rank(s))", params.source, out, comm.size)
     if placement is not None:
         import socket

@@ -28,11 +28,11 @@ from nfjax.data import au_example
 from nfjax.geometry import geometry_from_params
 from nfjax.grid import triangle_vertices
 from nfjax.io.mic import read_mic
-from nfjax.observe import from_bit_indices
+from nfjax.observe import count
 from nfjax.orientation import euler_to_matrix_midas
 from nfjax.params import read_params
 from nfjax.score import soft_overlap
-from nfjax.simulate import mic_grid_rows, render_bits, select_rendered
+from nfjax.simulate import mic_grid_rows, select_rendered, simulate_records
 
 
 def main(argv=None) -> int:
@@ -52,9 +52,7 @@ def main(argv=None) -> int:
     mic = select_rendered(read_mic(files["mic"]).records, params.min_confidence)
     verts = triangle_vertices(mic_grid_rows(mic))
     # Observations from the true geometry.
-    bits = render_bits(mic[:, 7:10], verts, table.g, table.theta, geom,
-                       edge_length=float(mic[:, 5].max()), progress=False)
-    obs = from_bit_indices(geom.shape, bits).to_device()
+    obs = simulate_records(params, mic, hkls_from_params(params), progress=False).to_device()
     rng = np.random.default_rng(0)
     pick = rng.choice(len(mic), size=min(args.voxels, len(mic)), replace=False)
     orients = euler_to_matrix_midas(jnp.asarray(mic[pick, 7:10]))
@@ -74,7 +72,7 @@ def main(argv=None) -> int:
     state = opt.init(delta)
     step = jax.jit(jax.value_and_grad(loss))
     print(f"true Lsd0 {true_lsd0:.3f} um, start {true_lsd0 + args.offset:.3f} um "
-          f"({len(pick)} voxels, {int(bits.size)} lit pixels)")
+          f"({len(pick)} voxels, {count(obs)} lit pixels)")
     for it in range(args.steps):
         value, grad = step(delta, obs.words)
         updates, state = opt.update(grad, state, delta)

@@ -765,7 +765,8 @@ def test_run_fit_checks_max_memory_before_loading(tmp_path, monkeypatch):
     from nfjax import fit as fitmod
 
     params = _job(tmp_path, n_rows=4)
-    monkeypatch.setattr(fitmod, "_load_observations", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(fitmod.observe, "load_observations",
+                        lambda *a: pytest.fail("loaded"))
     with pytest.raises(NfjaxError, match=r"^--max-memory: expected"):
         fitmod.run_fit(_args(params, max_memory="abc"))
 

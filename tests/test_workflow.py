@@ -2,6 +2,7 @@
 after a kill, stage invalidation, bad input, and MPI equivalence."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from nfjax import observe
 from nfjax.cli import main
 from nfjax.compare import compare_records
 from nfjax.data import au_example
+from nfjax.errors import NfjaxError
 from nfjax.io.mic import read_mic
 from nfjax.maps import MAP_SUFFIXES, read_map_file
 from nfjax.params import read_params, update_param_text
@@ -420,14 +422,40 @@ def test_midas_driver_flags_are_accepted(tmp_path, spotsinfo, capsys):
     # A misspelt key is not silently dropped: the parser's warning is shown and logged.
     params = _setup(tmp_path / "run", spotsinfo, raw="Gridrefactor 5 2 1\n", **_small())
     rc = main(["reconstruct", "-paramFN", str(params), "-nCPUs", "8", "-machineName", "local",
-               "-ffSeedOrientations", "1", "-doImageProcessing", "0"])
+               "-ffSeedOrientations", "1", "-doImageProcessing", "0",
+               "--panels", "confidence,grains"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "-machineName local ignored" in err
     log = (tmp_path / "run" / "midas_log" / "midas_nf_workflow_multires.log").read_text()
     for text in (err, log):
         assert "warning:" in text and "did you mean 'GridRefactor'" in text, text
-    assert (tmp_path / "run" / "Au_txt_Reconstructed.mic").exists()
+    final = tmp_path / "run" / "Au_txt_Reconstructed.mic"
+    assert final.exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        # --panels reaches the result's PNG: the same image as nfjax plot draws with those
+        # panels, GBAngle as the boundary angle and MinConfidence greyed.
+        import matplotlib.image as mpimg
+
+        from nfjax.plot import plot_mic
+
+        p = read_params(params)
+        again = plot_mic(final, tmp_path / "again.png", p.space_group,
+                         min_confidence=p.min_confidence, boundary_deg=p.gb_angle,
+                         panels=("confidence", "grains"))
+        img = mpimg.imread(str(final) + ".png")
+        assert img.shape[1] > 2300                                 # two panels beside the map
+        np.testing.assert_array_equal(img, mpimg.imread(again))
+
+
+def test_bad_panels_fail_before_any_work(tmp_path, spotsinfo):
+    params = _setup(tmp_path / "run", spotsinfo, **_small())
+    for panels in (("kam", "kam"), ("confidence", "ipf"), ()):
+        with pytest.raises(NfjaxError, match=r"^panels: expected one or more of confidence, "):
+            reconstruct(params, image_processing=False, progress=False, panels=panels)
+    assert not (tmp_path / "run" / "midas_log").exists()
+    with pytest.raises(SystemExit):
+        main(["reconstruct", str(params), "--panels", "kam,ipf"])
 
 
 def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
