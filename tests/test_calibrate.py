@@ -126,6 +126,21 @@ def test_errors(au_sim, tmp_path):
         calibrate(bare, au_sim["obs"], au_sim["points"])
     with pytest.raises(NfjaxError, match="no GridPoints lines: give --mic MIC"):
         calibration_points(bare)
+    rows = np.zeros((2, 12))
+    rows[:, 7:10] = 1.0
+    rows[1, 9] = 90.0                                  # degrees
+
+    def with_points():
+        return parse_params(au_sim["text"] + "".join(
+            "GridPoints " + " ".join(repr(float(v)) for v in row) + "\n" for row in rows),
+            source="points.txt")
+
+    with pytest.raises(NfjaxError, match=r"^points.txt: GridPoints line 2: column 10 \(Eul3\): "
+                                         r"expected radians .* found 90.0: are the Euler "
+                                         r"angles in degrees\?$"):
+        calibration_points(with_points())
+    rows[1, 9] = 6.5                                   # 2 pi + a refinement's tolerance
+    assert calibration_points(with_points())[1, 9] == 6.5
     empty = MicData(records=np.zeros((3, 11)), phase_nr=np.ones(3, int), path="e.mic")
     with pytest.raises(NfjaxError, match="e.mic: no voxel has a nonzero confidence"):
         calibration_points(bare, empty)

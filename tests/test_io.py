@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 
+from nfjax.data import au_example
 from nfjax.errors import InputFileError
 from nfjax.grid import make_hex_grid, up_down
 from nfjax.io.mic import (MicData, read_allmatches, read_binary_mic, read_mic, read_text_mic,
@@ -237,7 +238,7 @@ def test_implausible_mic_values_are_refused(tmp_path, column, name, value, limit
     rec = np.zeros((3, 11))
     rec[:, 5], rec[:, 10] = 1.0, 0.5
     rec[1, 3:5] = 9.9e5, -9.9e5                  # within the limits: fine
-    rec[1, 7:10] = 999.0
+    rec[1, 7:10] = 6.5                            # 2 pi + a refinement's tolerance: fine
     write_binary_mic(tmp_path / "ok.mic", rec)
     assert read_mic(tmp_path / "ok.mic").records[1, 3] == 9.9e5
     rec[2, column] = value
@@ -249,6 +250,30 @@ def test_implausible_mic_values_are_refused(tmp_path, column, name, value, limit
     write_text_mic(tmp_path / "t.mic", rec)
     with pytest.raises(InputFileError, match=rf"^{tmp_path}/t.mic:7: {name}: expected"):
         read_mic(tmp_path / "t.mic")
+
+
+def test_euler_angles_in_degrees_are_refused(tmp_path):
+    """A mic written with Euler angles in degrees (a hand-made ground truth) would render
+    and compare silently wrong: an angle past 2 pi + 0.35 rad is refused on reading with
+    the record and column. MIDAS's own mics stay below 2 pi (the Au example's reach
+    5.68 rad) and read as before."""
+    assert np.abs(read_mic(au_example()["mic"]).records[:, 7:10]).max() < 2 * np.pi
+    rec = np.zeros((3, 11))
+    rec[:, 5], rec[:, 10] = 1.0, 0.5
+    rec[:, 7:10] = np.radians([[45.0, 30.0, 300.0]])
+    rec[1, 7:10] = [6.63, -6.63, 0.0]                  # 2 pi + 0.347: still read
+    write_binary_mic(tmp_path / "ok.mic", rec)
+    assert read_mic(tmp_path / "ok.mic").records[1, 7] == 6.63
+    rec[2, 7:10] = [45.0, 30.0, 300.0]                 # degrees
+    write_binary_mic(tmp_path / "deg.mic", rec)
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/deg.mic: record 2 \(byte 176\): "
+                       r"Eul1: expected radians \(magnitude at most 2 pi\), found 45.0: are "
+                       r"the Euler angles in degrees\? \(numpy.radians converts them\)$"):
+        read_mic(tmp_path / "deg.mic")
+    rec[2, 7:10] = [0.5, 0.5, -300.0]
+    write_text_mic(tmp_path / "deg.txt", rec)
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/deg.txt:7: Eul3: expected radians"):
+        read_mic(tmp_path / "deg.txt")
 
 
 def test_atomic_write_names_the_target_and_leaves_nothing(tmp_path):

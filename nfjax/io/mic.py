@@ -143,6 +143,9 @@ _MIC_LIMITS = ((slice(3, 6), 1e6, "µm, beyond any sample"),
                (slice(7, 10), 1e3, "rad, beyond any Euler angle"))
 
 
+EULER_MAX_RAD = 2.0 * np.pi + 0.35
+
+
 def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
     """InputFileError at the first NaN or infinity of ``table``, or the first position,
     edge or Euler angle past :data:`_MIC_LIMITS` (a corrupt file); ``where(row)`` places
@@ -161,6 +164,15 @@ def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
             raise InputFileError(f"{path}{where(row)}: {MIC_COLUMNS[col]}: expected a "
                                  f"magnitude below {limit:g} ({unit}), found "
                                  f"{float(table[row, col])!r}: not a mic file, or corrupt")
+    # Euler angles are radians: MIDAS writes them in [0, 2 pi) (its Au mics reach 5.68),
+    # a refinement adds up to OrientTol. Past 2 pi + 0.35 rad (20 deg) the file holds
+    # degrees.
+    far = np.abs(table[:, 7:10]) > EULER_MAX_RAD
+    if far.any():
+        row, k = (int(v) for v in np.argwhere(far)[0])
+        raise InputFileError(f"{path}{where(row)}: {MIC_COLUMNS[7 + k]}: expected radians "
+                             f"(magnitude at most 2 pi), found {float(table[row, 7 + k])!r}: "
+                             "are the Euler angles in degrees? (numpy.radians converts them)")
 
 
 def _as_records(records, width: int | None = 11) -> np.ndarray:
