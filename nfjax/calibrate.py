@@ -138,7 +138,7 @@ def calibration_points(params, mic=None, n_points: int = 32) -> np.ndarray:
     if far.any():
         i, k = (int(v) for v in np.argwhere(far)[0])
         raise NfjaxError(f"{params.source}: GridPoints line {i + 1}: column {k + 8} (Eul"
-                         f"{k + 1}): expected radians (magnitude at most 2 pi), found "
+                         f"{k + 1}): expected radians (magnitude at most 4 pi), found "
                          f"{float(rows[i, 7 + k])!r}: are the Euler angles in degrees?")
     return rows[:, :11]
 

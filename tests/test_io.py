@@ -238,7 +238,7 @@ def test_implausible_mic_values_are_refused(tmp_path, column, name, value, limit
     rec = np.zeros((3, 11))
     rec[:, 5], rec[:, 10] = 1.0, 0.5
     rec[1, 3:5] = 9.9e5, -9.9e5                  # within the limits: fine
-    rec[1, 7:10] = 6.5                            # 2 pi + a refinement's tolerance: fine
+    rec[1, 7:10] = 12.5                           # below 4 pi: a refined angle, fine
     write_binary_mic(tmp_path / "ok.mic", rec)
     assert read_mic(tmp_path / "ok.mic").records[1, 3] == 9.9e5
     rec[2, column] = value
@@ -254,20 +254,20 @@ def test_implausible_mic_values_are_refused(tmp_path, column, name, value, limit
 
 def test_euler_angles_in_degrees_are_refused(tmp_path):
     """A mic written with Euler angles in degrees (a hand-made ground truth) would render
-    and compare silently wrong: an angle past 2 pi + 0.35 rad is refused on reading with
-    the record and column. MIDAS's own mics stay below 2 pi (the Au example's reach
+    and compare silently wrong: an angle past 4 pi is refused on reading with the record
+    and column. MIDAS's own mics stay below 2 pi + OrientTol (the Au example's reach
     5.68 rad) and read as before."""
     assert np.abs(read_mic(au_example()["mic"]).records[:, 7:10]).max() < 2 * np.pi
     rec = np.zeros((3, 11))
     rec[:, 5], rec[:, 10] = 1.0, 0.5
     rec[:, 7:10] = np.radians([[45.0, 30.0, 300.0]])
-    rec[1, 7:10] = [6.63, -6.63, 0.0]                  # 2 pi + 0.347: still read
+    rec[1, 7:10] = [12.56, -12.56, 0.0]                # just below 4 pi: still read
     write_binary_mic(tmp_path / "ok.mic", rec)
-    assert read_mic(tmp_path / "ok.mic").records[1, 7] == 6.63
+    assert read_mic(tmp_path / "ok.mic").records[1, 7] == 12.56
     rec[2, 7:10] = [45.0, 30.0, 300.0]                 # degrees
     write_binary_mic(tmp_path / "deg.mic", rec)
     with pytest.raises(InputFileError, match=rf"^{tmp_path}/deg.mic: record 2 \(byte 176\): "
-                       r"Eul1: expected radians \(magnitude at most 2 pi\), found 45.0: are "
+                       r"Eul1: expected radians \(magnitude at most 4 pi\), found 45.0: are "
                        r"the Euler angles in degrees\? \(numpy.radians converts them\)$"):
         read_mic(tmp_path / "deg.mic")
     rec[2, 7:10] = [0.5, 0.5, -300.0]

@@ -143,7 +143,7 @@ _MIC_LIMITS = ((slice(3, 6), 1e6, "µm, beyond any sample"),
                (slice(7, 10), 1e3, "rad, beyond any Euler angle"))
 
 
-EULER_MAX_RAD = 2.0 * np.pi + 0.35
+EULER_MAX_RAD = 4.0 * np.pi
 
 
 def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
@@ -165,13 +165,13 @@ def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
                                  f"magnitude below {limit:g} ({unit}), found "
                                  f"{float(table[row, col])!r}: not a mic file, or corrupt")
     # Euler angles are radians: MIDAS writes them in [0, 2 pi) (its Au mics reach 5.68),
-    # a refinement adds up to OrientTol. Past 2 pi + 0.35 rad (20 deg) the file holds
-    # degrees.
+    # and a refinement adds at most OrientTol (2 deg by default). Past 4 pi (a refinement
+    # box of 360 deg) the file holds degrees.
     far = np.abs(table[:, 7:10]) > EULER_MAX_RAD
     if far.any():
         row, k = (int(v) for v in np.argwhere(far)[0])
         raise InputFileError(f"{path}{where(row)}: {MIC_COLUMNS[7 + k]}: expected radians "
-                             f"(magnitude at most 2 pi), found {float(table[row, 7 + k])!r}: "
+                             f"(magnitude at most 4 pi), found {float(table[row, 7 + k])!r}: "
                              "are the Euler angles in degrees? (numpy.radians converts them)")
 
 
