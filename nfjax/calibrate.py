@@ -128,18 +128,13 @@ def calibration_points(params, mic=None, n_points: int = 32) -> np.ndarray:
                              "nothing to calibrate on")
         order = np.argsort(-rec[:, 10], kind="stable")
         return rec[order[:max(1, int(n_points))]]
-    from nfjax.io.mic import EULER_MAX_RAD
+    from nfjax.io.mic import check_euler_radians
 
     rows = np.asarray(params.grid_points or (), np.float64).reshape(-1, 12)
     if rows.shape[0] == 0:
         raise NfjaxError(f"{params.source}: no GridPoints lines: give --mic MIC (a "
                          "reconstruction) to calibrate on its most confident voxels")
-    far = np.abs(rows[:, 7:10]) > EULER_MAX_RAD
-    if far.any():
-        i, k = (int(v) for v in np.argwhere(far)[0])
-        raise NfjaxError(f"{params.source}: GridPoints line {i + 1}: column {k + 8} (Eul"
-                         f"{k + 1}): expected radians (magnitude at most 4 pi), found "
-                         f"{float(rows[i, 7 + k])!r}: are the Euler angles in degrees?")
+    check_euler_radians(rows[:, 7:10], lambda i: f"{params.source}: GridPoints line {i + 1}")
     return rows[:, :11]
 
 

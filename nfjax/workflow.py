@@ -835,7 +835,6 @@ def reconstruct(params_path, *, ff_seeds: bool = False, image_processing: bool =
     (:func:`nfjax.parallel.abort_other_ranks`), or run under ``python -m mpi4py``."""
     from nfjax.params import read_params
     from nfjax.parallel import bind_device, print_warnings, world
-
     from nfjax.plot import PANELS_EXPECTED, panels_ok
 
     panels = (panels,) if isinstance(panels, str) else tuple(panels)

@@ -135,9 +135,9 @@ def test_errors(au_sim, tmp_path):
             "GridPoints " + " ".join(repr(float(v)) for v in row) + "\n" for row in rows),
             source="points.txt")
 
-    with pytest.raises(NfjaxError, match=r"^points.txt: GridPoints line 2: column 10 \(Eul3\): "
-                                         r"expected radians .* found 90.0: are the Euler "
-                                         r"angles in degrees\?$"):
+    with pytest.raises(NfjaxError, match=r"^points.txt: GridPoints line 2: Eul3: expected "
+                                         r"radians .* found 90.0: are the Euler angles in "
+                                         r"degrees\? \(numpy.radians converts them\)$"):
         calibration_points(with_points())
     rows[1, 9] = 6.5                                   # 2 pi + a refinement's tolerance
     assert calibration_points(with_points())[1, 9] == 6.5

@@ -143,7 +143,21 @@ _MIC_LIMITS = ((slice(3, 6), 1e6, "µm, beyond any sample"),
                (slice(7, 10), 1e3, "rad, beyond any Euler angle"))
 
 
-EULER_MAX_RAD = 4.0 * np.pi
+# Euler angles are radians: MIDAS writes them in [0, 2 pi) (its Au mics reach 5.68), and a
+# refinement adds at most OrientTol (2 deg by default). Past 4 pi (a refinement box of
+# 360 deg) the values are degrees.
+_EULER_MAX_RAD = 4.0 * np.pi
+
+
+def check_euler_radians(euler: np.ndarray, where) -> None:
+    """InputFileError at the first Euler angle of ``euler (N, 3)`` past 4π, taken for
+    degrees; ``where(row)`` names the file and row (e.g. ``"t.mic: record 2"``)."""
+    far = np.abs(euler) > _EULER_MAX_RAD
+    if far.any():
+        row, k = (int(v) for v in np.argwhere(far)[0])
+        raise InputFileError(f"{where(row)}: Eul{k + 1}: expected radians (magnitude at most "
+                             f"4 pi), found {float(euler[row, k])!r}: are the Euler angles in "
+                             "degrees? (numpy.radians converts them)")
 
 
 def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
@@ -164,15 +178,7 @@ def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
             raise InputFileError(f"{path}{where(row)}: {MIC_COLUMNS[col]}: expected a "
                                  f"magnitude below {limit:g} ({unit}), found "
                                  f"{float(table[row, col])!r}: not a mic file, or corrupt")
-    # Euler angles are radians: MIDAS writes them in [0, 2 pi) (its Au mics reach 5.68),
-    # and a refinement adds at most OrientTol (2 deg by default). Past 4 pi (a refinement
-    # box of 360 deg) the file holds degrees.
-    far = np.abs(table[:, 7:10]) > EULER_MAX_RAD
-    if far.any():
-        row, k = (int(v) for v in np.argwhere(far)[0])
-        raise InputFileError(f"{path}{where(row)}: {MIC_COLUMNS[7 + k]}: expected radians "
-                             f"(magnitude at most 4 pi), found {float(table[row, 7 + k])!r}: "
-                             "are the Euler angles in degrees? (numpy.radians converts them)")
+    check_euler_radians(table[:, 7:10], lambda row: f"{path}{where(row)}")
 
 
 def _as_records(records, width: int | None = 11) -> np.ndarray:
