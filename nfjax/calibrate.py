@@ -58,8 +58,8 @@ import numpy as np
 from nfjax.errors import NfjaxError
 from nfjax.geometry import Geometry
 
-__all__ = ["CalibrationResult", "calibration_points", "calibrate", "calibrated_changes",
-           "run_calibrate"]
+__all__ = ["CalibrationResult", "WholeMapResult", "calibration_points", "calibrate",
+           "calibrate_whole_map", "calibrated_changes", "run_calibrate"]
 
 # Compass steps: (first, smallest) per kind of variable.
 _STEPS = {"lsd": (2.0, 0.05), "bc": (0.2, 0.005), "tilt": (0.02, 5e-4),
@@ -372,6 +372,145 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
                              rounds=rounds, seconds=time.perf_counter() - t_start)
 
 
+@dataclasses.dataclass(frozen=True)
+class WholeMapResult:
+    """A whole-map calibration's outcome (:func:`calibrate_whole_map`).
+
+    Attributes:
+      start, geometry: the geometry before and after.
+      start_score, score: :class:`nfjax.simulate.MapScore` of the map at each.
+      n_voxels, cell: voxels rendered and their triangles' edge (µm).
+      passes, rounds, evaluations: compass passes (each from the first steps), rounds
+        in all, and map renderings.
+      seconds: wall time.
+    """
+
+    start: Geometry
+    geometry: Geometry
+    start_score: object
+    score: object
+    n_voxels: int
+    cell: float
+    passes: int
+    rounds: int
+    evaluations: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        """Human lines: the beam centres, Lsd and tilts before -> after, and the scores."""
+        out = []
+        for i in range(self.start.n_distances):
+            out.append(f"whole map, distance {i}: Lsd {float(self.start.lsd[i]):.3f} -> "
+                       f"{float(self.geometry.lsd[i]):.3f} um, BC "
+                       f"({float(self.start.ybc[i]):.4f}, {float(self.start.zbc[i]):.4f}) -> "
+                       f"({float(self.geometry.ybc[i]):.4f}, "
+                       f"{float(self.geometry.zbc[i]):.4f}) px")
+        t0, t1 = np.asarray(self.start.tilts), np.asarray(self.geometry.tilts)
+        out.append("whole map, tilts (" + ", ".join(f"{v:.5f}" for v in t0) + ") -> ("
+                   + ", ".join(f"{v:.5f}" for v in t1) + ") deg")
+        a, b = self.start_score, self.score
+        out.append(f"whole map of {self.n_voxels} voxels ({self.cell:g} um triangles): "
+                   f"intersection over union {a.iou:.4f} -> {b.iou:.4f} (precision "
+                   f"{a.precision:.4f} -> {b.precision:.4f}, recall {a.recall:.4f} -> "
+                   f"{b.recall:.4f}); {self.passes} compass passes, {self.rounds} rounds, "
+                   f"{self.evaluations} renderings, {self.seconds:.1f} s")
+        return out
+
+
+def calibrate_whole_map(params, obs, records: np.ndarray, start: Geometry | None = None,
+                        hkls=None, *, cell: float | None = None, max_rounds: int = 100,
+                        max_memory=None, log=None) -> WholeMapResult:
+    """Refine the detector geometry on a whole reconstruction: every voxel of mic
+    ``records (N,11)`` rendered as its grid triangle (edge ``cell``, default
+    :func:`nfjax.simulate.grid_cell`) at its fixed orientation, and the geometry moved so
+    that the union of the predicted spots matches the observations ``obs`` best
+    (intersection over union of the lit pixels, :class:`nfjax.simulate.WholeMap`).
+
+    The per-voxel fraction of :func:`calibrate` cannot see a beam centre that is off by
+    part of a pixel along a grain's spot: each voxel's spots stay inside its grain's wide
+    observed spot. The whole map can: the pixels no voxel predicts go unexplained. The
+    search starts at ``start`` (default the parameter file's geometry, e.g. the result of
+    :func:`calibrate`), keeps MIDAS's bounds about the parameter file's geometry, and is
+    a compass search like :func:`calibrate`'s second pass, one rendering per trial,
+    started again from its first steps for as long as a pass raises the IoU (up to
+    ``max_rounds`` rounds in all): the IoU is a step function of the geometry with small
+    plateaus where Lsd and a beam centre are both off. It is a refinement: start it where
+    :func:`calibrate` ends. The orientations are held, so the records should come from a
+    reconstruction made with a geometry close to the truth (reconstruct, calibrate,
+    reconstruct again).
+    ``log(line)`` gets a progress line per round.
+    """
+    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.geometry import geometry_from_params
+    from nfjax.simulate import WholeMap
+
+    t_start = time.perf_counter()
+    say = log or (lambda line: None)
+    base = geometry_from_params(params)
+    start = base if start is None else start
+    d = base.n_distances
+    tol = _tolerances(params, d)
+    if obs.shape != base.shape:
+        raise NfjaxError(f"the observations are {obs.shape} (distances, frames, y, z) where "
+                         f"{params.source} describes {base.shape}")
+    table = select_rings(hkls if hkls is not None else hkls_from_params(params),
+                         params.rings_to_use)
+    wmap = WholeMap(records, table.g, table.theta, obs, start, cell=cell,
+                    max_memory=max_memory)
+    x0, x = _vector(base), _vector(start)
+    evaluations = 0
+
+    def score(xv):
+        nonlocal evaluations
+        evaluations += 1
+        return wmap.score(_from_vector(start, jnp.asarray(xv)))
+
+    first = best = score(x)
+    say(f"whole map: {wmap.n_voxels} voxels as {wmap.cell:g} um triangles, "
+        f"{first.observed} observed lit pixels; intersection over union {first.iou:.4f} "
+        f"at the start ({time.perf_counter() - t_start:.1f} s)")
+    kinds = ["lsd"] * d + ["bc"] * (2 * d) + ["tilt"] * 3
+    step = np.array([_STEPS[k][0] for k in kinds])
+    floor = np.array([_STEPS[k][1] for k in kinds])
+    eye = np.eye(x.size)
+    free = (_feasible(x0[None] + eye * floor, x0, d, tol)
+            & _feasible(x0[None] - eye * floor, x0, d, tol))
+    rounds = 0
+    passes, last = 0, -1.0
+    while rounds < max_rounds:
+        idx = np.flatnonzero(free & (step >= floor))
+        if not idx.size:
+            # Converged. The IoU is a step function of the geometry, full of small plateaus
+            # where Lsd and a beam centre are both off: start again from the first steps
+            # for as long as a pass still raises it.
+            if best.iou <= last:
+                break
+            passes, last = passes + 1, best.iou
+            step = np.array([_STEPS[k][0] for k in kinds])
+            continue
+        rounds += 1
+        t_round = time.perf_counter()
+        xs = np.concatenate([x[None] + eye[idx] * step[idx, None],
+                             x[None] - eye[idx] * step[idx, None]])
+        ok = _feasible(xs, x0, d, tol)
+        scores = [score(xv) if good else None for xv, good in zip(xs, ok)]
+        ious = np.array([-1.0 if s is None else s.iou for s in scores])
+        k = int(np.argmax(ious))
+        raised = (ious > best.iou).reshape(2, -1).any(axis=0)
+        if ious[k] > best.iou:
+            x, best = xs[k], scores[k]
+        step[idx[~raised]] /= 2             # neither move of a parameter helped: finer
+        say(f"whole map, compass pass {passes + 1} round {rounds}: intersection over union "
+            f"{best.iou:.4f}, {len(idx)} parameters moving, "
+            f"{time.perf_counter() - t_round:.1f} s per round "
+            f"({time.perf_counter() - t_start:.1f} s)")
+    return WholeMapResult(start=start, geometry=_from_vector(start, jnp.asarray(x)),
+                          start_score=first, score=best, n_voxels=wmap.n_voxels,
+                          cell=wmap.cell, passes=passes + 1, rounds=rounds,
+                          evaluations=evaluations,
+                          seconds=time.perf_counter() - t_start)
+
+
 def calibrated_changes(geom: Geometry) -> dict:
     """The parameter-file changes of a calibrated geometry: every ``Lsd`` and ``BC`` line
     (one per distance) and ``tx``, ``ty``, ``tz``, for
@@ -385,8 +524,9 @@ def calibrated_changes(geom: Geometry) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 def run_calibrate(args) -> int:
-    """``nfjax calibrate PARAMS [--mic MIC [--points N]] [-o OUT] [--spots-info PATH]
-    [--steps N] [--device cpu|gpu]``: calibrate and write the parameter file with the
+    """``nfjax calibrate PARAMS [--mic MIC [--points N] [--whole-map [--cell E]]] [-o OUT]
+    [--spots-info PATH] [--steps N] [--device cpu|gpu]``: calibrate (then, with
+    ``--whole-map``, refine on the whole map of MIC) and write the parameter file with the
     fitted geometry (default ``<PARAMS stem>_calibrated<suffix>`` beside it)."""
     import sys
 
@@ -401,8 +541,22 @@ def run_calibrate(args) -> int:
     out = Path(args.output) if args.output else src.with_name(
         f"{src.stem}_calibrated{src.suffix}")
     check_target(out)
+    whole_map = getattr(args, "whole_map", False)
+    cell = getattr(args, "cell", None)
+    if whole_map and not args.mic:
+        raise NfjaxError("--whole-map renders a reconstruction: give it with --mic MIC")
+    if cell is not None and not (whole_map and cell > 0):
+        raise NfjaxError(f"--cell {cell}: expected a positive edge length in um, with "
+                         "--whole-map")
     mic = read_mic(args.mic) if args.mic else None
     points = calibration_points(params, mic, args.points)
+    if whole_map:
+        from nfjax.simulate import select_rendered
+
+        map_records = select_rendered(mic.records, params.min_confidence)
+        if not len(map_records):
+            raise NfjaxError(f"{args.mic}: no voxel has confidence >= MinConfidence "
+                             f"({params.min_confidence}): there is no map to render")
     with device_scope(args.device):
         from nfjax.geometry import geometry_from_params
 
@@ -410,14 +564,19 @@ def run_calibrate(args) -> int:
         _tolerances(params, geom_shape[0])                    # before reading the images
         spots = Path(args.spots_info) if args.spots_info else params.output_dir / "SpotsInfo.bin"
         obs = load_observations(spots, geom_shape).to_device()
-        result = calibrate(params, obs, points, steps=args.steps,
-                           log=lambda line: print(f"nfjax calibrate: {line}", file=sys.stderr,
-                                                  flush=True))
+        say = lambda line: print(f"nfjax calibrate: {line}", file=sys.stderr,  # noqa: E731
+                                 flush=True)
+        result = calibrate(params, obs, points, steps=args.steps, log=say)
+        geom, lines = result.geometry, result.lines()
+        if whole_map:
+            wm = calibrate_whole_map(params, obs, map_records, start=geom, cell=cell,
+                                     log=say)
+            geom, lines = wm.geometry, lines + wm.lines()
     text = src.read_text()
-    new_text = update_param_text(text, calibrated_changes(result.geometry))
+    new_text = update_param_text(text, calibrated_changes(geom))
     with atomic_write(out, "w") as fh:
         fh.write(new_text)
-    for line in result.lines():
+    for line in lines:
         print(line)
     print(f"calibrated parameters -> {out}")
     return 0

@@ -552,6 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SpotsInfo.bin path (default <OutputDirectory>/SpotsInfo.bin)")
     p_cal.add_argument("--steps", type=_count, default=300,
                        help="gradient steps before the compass search (default 300)")
+    p_cal.add_argument("--whole-map", action="store_true",
+                       help="with --mic: then refine the geometry on the whole map, every "
+                            "voxel rendered at its orientation against the observations "
+                            "(sees the beam centre along a grain's spot, which the per-voxel "
+                            "fraction does not)")
+    p_cal.add_argument("--cell", type=float, default=None,
+                       help="with --whole-map: the map's triangle edge in um (default: "
+                            "from the voxel positions)")
     p_cal.add_argument("--device", choices=["cpu", "gpu"], default=None,
                        help="JAX device (default: the first available)")
     p_cal.set_defaults(func=_cmd_calibrate)

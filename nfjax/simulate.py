@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,20 +50,25 @@ def select_rendered(records: np.ndarray, min_confidence: float | None) -> np.nda
     return records
 
 
+def _voxel_hits(geom: Geometry, eul, verts, g, theta, v, box: int, spots=None, keep=None):
+    """Footprint bits of one voxel: ``(bits (S,P,D), lit (S,P,D))`` for Euler angles ``eul
+    (3,)`` rad and probe triangle ``verts (3,2)`` µm. ``spots (K,)`` optionally picks the
+    predicted spots to render (with ``keep (K,)`` masking padding); default all ``2R``."""
+    sp = predict_spots(euler_to_matrix_midas(eul), g, theta, geom, v=v)
+    yl, zl, omega, ok = sp.yl, sp.zl, sp.omega, sp.valid
+    if spots is not None:
+        yl, zl, omega, ok = yl[spots], zl[spots], omega[spots], ok[spots] & keep
+    rt = tilt_matrix(geom.tilts)
+    fp = jax.vmap(lambda a, b, c: spot_footprint(verts, a, b, c, geom, box, rt))(yl, zl, omega)
+    bits = jax.vmap(lambda f: bit_indices(f, geom))(fp)
+    lit = (ok & fp.frame_ok)[:, None, None] & fp.pix_ok[:, :, None] & fp.in_range
+    return bits, lit
+
+
 def _voxel_hits_fn(g, theta, geom: Geometry, box: int):
     """Jitted ``(eulers (C,3), verts (C,3,3,2)) → (bits (C,S,P,D), lit (C,S,P,D))``."""
     v = bragg_v(g, theta)
-
-    def one(eul, verts):
-        sp = predict_spots(euler_to_matrix_midas(eul), g, theta, geom, v=v)
-        rt = tilt_matrix(geom.tilts)
-        fp = jax.vmap(lambda a, b, c: spot_footprint(verts, a, b, c, geom, box, rt))(
-            sp.yl, sp.zl, sp.omega)
-        bits = jax.vmap(lambda f: bit_indices(f, geom))(fp)
-        lit = ((sp.valid & fp.frame_ok)[:, None, None] & fp.pix_ok[:, :, None] & fp.in_range)
-        return bits, lit
-
-    return jax.jit(jax.vmap(one))
+    return jax.jit(jax.vmap(lambda e, vv: _voxel_hits(geom, e, vv, g, theta, v, box)))
 
 
 def render_bits(eulers: np.ndarray, verts: np.ndarray, g: np.ndarray, theta: np.ndarray,
@@ -123,6 +129,137 @@ def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
     vol = simulate_records(params, records, hkls_from_params(params), max_memory=max_memory,
                            progress=progress)
     return vol, len(records), len(mic.records)
+
+
+def grid_cell(records: np.ndarray) -> float:
+    """Edge length (µm) of the triangular grid that mic ``records (N,11)`` sit on.
+
+    Triangles of one orientation in one row share their centroid's Y and lie one edge
+    apart in X, so the edge is the median gap between X-neighbours of equal Y (robust to
+    missing voxels). The mic's TriEdgeSize column can be the probe's ``EdgeLength``
+    rather than the grid's, so it is not used.
+    """
+    records = np.asarray(records, np.float64)
+    key = np.round(records[:, 4], 4)
+    order = np.lexsort((records[:, 3], key))
+    x, y = records[order, 3], key[order]
+    gaps = np.diff(x)[(np.diff(y) == 0)]
+    gaps = gaps[gaps > 1e-6]
+    if gaps.size == 0:
+        raise NfjaxError("cannot tell the grid's edge length from the mic: no two voxels "
+                         "share a row (pass the edge length explicitly)")
+    return float(np.median(gaps))
+
+
+class MapScore(NamedTuple):
+    """A rendered map against the observations: lit pixels ``predicted``, ``observed`` and
+    in ``both`` (each pixel of each frame and distance counted once)."""
+
+    predicted: int
+    observed: int
+    both: int
+
+    @property
+    def precision(self) -> float:
+        return self.both / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.both / self.observed if self.observed else 0.0
+
+    @property
+    def iou(self) -> float:
+        union = self.predicted + self.observed - self.both
+        return self.both / union if union else 0.0
+
+
+class WholeMap:
+    """Every voxel of a map rendered at once and set against the observations.
+
+    Each voxel of mic ``records (N,11)`` (Euler columns 7–9, rad) is rendered as its whole
+    grid triangle of edge ``cell`` µm (default :func:`grid_cell`), so a grain's spots are
+    solid as a real sample's, and :meth:`score` counts the lit pixels predicted by any
+    voxel, observed in ``obs`` (an :class:`nfjax.observe.ObsVolume`), and both, exactly
+    (sorting the footprint bits). This sees what a per-voxel overlap fraction cannot: a
+    predicted spot inside a wider observed spot scores 1.0 voxel by voxel, but the pixels
+    that no voxel predicts lower the whole map's recall.
+
+    Only the spots valid at ``reference`` (the geometry's detector boxes, ω ranges and pole
+    exclusion) are rendered: a spot that becomes valid only at a geometry :meth:`score` is
+    asked about (a few pixels away, across a detector edge) is left out of the prediction.
+    ``g (R,3)``, ``theta (R,)`` are the ring-selected reflections. Voxels are chunked to
+    ``max_memory``.
+    """
+
+    def __init__(self, records: np.ndarray, g, theta, obs: observe.ObsVolume,
+                 reference: Geometry, *, cell: float | None = None, max_memory=None):
+        records = np.asarray(records, np.float64)
+        if records.ndim != 2 or records.shape[0] == 0 or records.shape[1] < 11:
+            raise NfjaxError(f"expected (N, 11) mic records to render, found shape "
+                             f"{records.shape}")
+        self.cell = float(cell) if cell is not None else grid_cell(records)
+        rows = records.copy()
+        rows[:, 5] = self.cell
+        self.n_voxels = len(rows)
+        g = jnp.asarray(g, jnp.float64)
+        theta = jnp.asarray(theta, jnp.float64)
+        v = bragg_v(g, theta)
+        eul = jnp.asarray(rows[:, 7:10])
+        valid = np.asarray(jax.jit(jax.vmap(lambda e: predict_spots(
+            euler_to_matrix_midas(e), g, theta, reference, v=v).valid))(eul))
+        k = max(1, int(valid.sum(axis=1).max()))
+        self._spots = np.zeros((len(rows), k), np.int32)
+        self._keep = np.zeros((len(rows), k), bool)
+        for i, row in enumerate(valid):
+            s = np.flatnonzero(row)
+            self._spots[i, :s.size] = s
+            self._keep[i, :s.size] = True
+        self._eul = rows[:, 7:10]
+        self._verts = triangle_vertices(mic_grid_rows(rows))
+        box = footprint_box(self.cell, float(np.asarray(reference.px)))
+        self._words, self._shape = obs.words, obs.shape
+        per_voxel = k * box * box * reference.n_distances * 32
+        self._chunk = chunk_size(len(rows), per_voxel, max_memory)
+        nb = observe.n_bits(obs.shape)
+        words = jnp.asarray(obs.words)
+        tail = (1 << (nb - 32 * (words.shape[0] - 1))) - 1 if nb % 32 else 0xFFFFFFFF
+        self.observed = int(jax.lax.population_count(words[:-1]).astype(jnp.int64).sum()
+                            + jax.lax.population_count(words[-1] & jnp.uint32(tail)))
+
+        def chunk(geom, eul, verts, spots, keep, words):
+            bits, lit = jax.vmap(lambda e, vv, s, kp: _voxel_hits(
+                geom, e, vv, g, theta, v, box, s, kp))(eul, verts, spots, keep)
+            end = jnp.iinfo(bits.dtype).max
+            s = jnp.sort(jnp.where(lit, bits, end).ravel())
+            first = (s != end) & jnp.concatenate([jnp.ones(1, bool), s[1:] != s[:-1]])
+            w = words[jnp.where(first, s >> 5, 0)]
+            on = first & (((w >> (s & 31).astype(jnp.uint32)) & 1) == 1)
+            return s, first, on
+
+        def whole(geom, eul, verts, spots, keep, words):
+            _, first, on = chunk(geom, eul, verts, spots, keep, words)
+            return first.sum(), on.sum()
+
+        self._chunk_fn = jax.jit(chunk)
+        self._whole_fn = jax.jit(whole)
+
+    def score(self, geom: Geometry) -> MapScore:
+        """The map rendered at ``geom`` against the observations."""
+        arrays = [self._eul, self._verts, self._spots, self._keep]
+        if self._chunk >= self.n_voxels:
+            p, b = self._whole_fn(geom, *arrays, self._words)
+            return MapScore(int(p), self.observed, int(b))
+
+        def collect(out, n):
+            s, first, on = (np.asarray(a) for a in jax.device_get(out))
+            return s[first], on[first]
+
+        parts = map_chunked(lambda *a: self._chunk_fn(geom, *a, self._words), arrays,
+                            self._chunk, progress=False, collect=collect)
+        bits = np.concatenate([b for b, _ in parts])
+        on = np.concatenate([o for _, o in parts])
+        bits, first = np.unique(bits, return_index=True)
+        return MapScore(int(bits.size), self.observed, int(on[first].sum()))
 
 
 def voronoi_microstructure(records: np.ndarray, grains, *, spread_deg: float = 0.0,

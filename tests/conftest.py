@@ -59,6 +59,32 @@ def ffbidx_data() -> Path:
     return need(FFBIDX)
 
 
+@pytest.fixture(scope="session")
+def au_window():
+    """A small solid sample: the 104 bundled Au voxels within 8 um of the centre (two
+    grains), rendered as their 2.5 um grid triangles."""
+    import numpy as np
+
+    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.data import au_example
+    from nfjax.geometry import geometry_from_params
+    from nfjax.io.mic import read_mic
+    from nfjax.params import read_params
+    from nfjax.simulate import select_rendered, simulate_records
+
+    files = au_example()
+    params = read_params(files["params"])
+    mic = select_rendered(read_mic(files["mic"]).records, params.min_confidence)
+    win = mic[(np.abs(mic[:, 3]) < 8) & (np.abs(mic[:, 4]) < 8)]
+    solid = win.copy()
+    solid[:, 5] = 2.5
+    hkls = hkls_from_params(params)
+    vol = simulate_records(params, solid, hkls, progress=False)
+    return dict(params=params, records=win, vol=vol, geom=geometry_from_params(params),
+                table=select_rings(hkls, params.rings_to_use),
+                text=files["params"].read_text())
+
+
 @pytest.fixture(autouse=True)
 def _once_per_process_messages_start_untold(monkeypatch):
     """Warnings told once per process (a budget below the smallest chunk, frames decoded
