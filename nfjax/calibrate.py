@@ -38,11 +38,19 @@ Bounds are kept in both passes. The result reports the mean fraction at the star
 the end, and writes the calibrated parameter file with every ``Lsd``, ``BC``, ``tx``,
 ``ty`` and ``tz`` line rewritten (:func:`nfjax.params.update_param_text`).
 
+3. **Whole map** (``--whole-map``, :func:`calibrate_whole_map`; optional, MIDAS has none).
+   Every voxel of a reconstruction is rendered as its grid triangle at its fixed
+   orientation, and a compass search moves the geometry to maximise the intersection over
+   union of the predicted and observed lit pixels. It sees a grain's spot edges, and with
+   them the horizontal beam centre that the per-voxel fraction cannot see (below).
+
 Limit (MIDAS's objective shares it): on a solid sample a voxel inside a grain predicts its
 spots inside the grain's spot, which is wide along detector y, so the horizontal beam
 centre is barely determined by such voxels: the fraction reaches 1.0 with ``BC`` y half a
 pixel off (``benchmarks/bench_calibrate.py --solid``). Voxels at grain boundaries and at
-the sample's edge constrain it; docs/midas-differences.md, "Calibration".
+the sample's edge constrain it, and so does the whole-map stage (0.44 / 0.54 px →
+0.017 / 0.074 px, ``bench_calibrate.py --whole-map``); docs/midas-differences.md,
+"Calibration".
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Owns the simulation workflow: mic rows → probe triangles and orthogonalised orientation
 matrices → :mod:`nfjax.forward` footprints for every (voxel, spot) → lit bits of the
 ``[distance, frame, y, z]`` volume, chunked over voxels so memory stays bounded, with a
-progress bar; optionally raw-like TIFF frames for testing image processing end to end.
+progress bar; optionally raw-like TIFF frames for testing image processing end to end;
+and the whole-map comparison (:class:`WholeMap`: every voxel of a map rendered as its grid
+triangle and counted against the observations, for ``nfjax calibrate --whole-map``).
 Differences from simulateNF (listed in ``docs/midas-differences.md``): a footprint pixel
 lights every distance at which it is on the detector (simulateNF stops at the first
 distance where it is off), and hits are bits, not uint16 counters.
