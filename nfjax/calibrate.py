@@ -49,7 +49,7 @@ spots inside the grain's spot, which is wide along detector y, so the horizontal
 centre is barely determined by such voxels: the fraction reaches 1.0 with ``BC`` y half a
 pixel off (``benchmarks/bench_calibrate.py --solid``). Voxels at grain boundaries and at
 the sample's edge constrain it, and so does the whole-map stage (0.44 / 0.54 px →
-0.017 / 0.074 px, ``bench_calibrate.py --whole-map``); docs/midas-differences.md,
+0.010 / 0.074 px, ``bench_calibrate.py --whole-map``); docs/midas-differences.md,
 "Calibration".
 """
 from __future__ import annotations
@@ -75,6 +75,7 @@ _STEPS = {"lsd": (2.0, 0.05), "bc": (0.2, 0.005), "tilt": (0.02, 5e-4),
 # Gradient pass: (splat sigma px, Adam learning rate in tanh units, share of the steps).
 _SOFT_STAGES = ((3.0, 0.05, 0.5), (1.5, 0.02, 0.5))
 _INNER = 4           # orientation compass steps per geometry trial
+_PASS_GAIN = 1e-4    # whole map: another compass pass only after one that gained this IoU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,8 +441,8 @@ def calibrate_whole_map(params, obs, records: np.ndarray, start: Geometry | None
     search starts at ``start`` (default the parameter file's geometry, e.g. the result of
     :func:`calibrate`), keeps MIDAS's bounds about the parameter file's geometry, and is
     a compass search like :func:`calibrate`'s second pass, one rendering per trial,
-    started again from its first steps for as long as a pass raises the IoU (up to
-    ``max_rounds`` rounds in all): the IoU is a step function of the geometry with small
+    started again from its first steps for as long as a pass raises the IoU by 1e-4 (up
+    to ``max_rounds`` rounds in all): the IoU is a step function of the geometry with small
     plateaus where Lsd and a beam centre are both off. It is a refinement: start it where
     :func:`calibrate` ends. The orientations are held, so the records should come from a
     reconstruction made with a geometry close to the truth (reconstruct, calibrate,
@@ -484,14 +485,14 @@ def calibrate_whole_map(params, obs, records: np.ndarray, start: Geometry | None
     free = (_feasible(x0[None] + eye * floor, x0, d, tol)
             & _feasible(x0[None] - eye * floor, x0, d, tol))
     rounds = 0
-    passes, last = 0, -1.0
+    passes, last = 0, first.iou
     while rounds < max_rounds:
         idx = np.flatnonzero(free & (step >= floor))
         if not idx.size:
             # Converged. The IoU is a step function of the geometry, full of small plateaus
             # where Lsd and a beam centre are both off: start again from the first steps
-            # for as long as a pass still raises it.
-            if best.iou <= last:
+            # for as long as a pass still raises it by _PASS_GAIN.
+            if best.iou - last < _PASS_GAIN:
                 break
             passes, last = passes + 1, best.iou
             step = np.array([_STEPS[k][0] for k in kinds])

@@ -149,7 +149,8 @@ def grid_cell(records: np.ndarray) -> float:
     gaps = gaps[gaps > 1e-6]
     if gaps.size == 0:
         raise NfjaxError("cannot tell the grid's edge length from the mic: no two voxels "
-                         "share a row (pass the edge length explicitly)")
+                         "share a row (give it: --cell E on the command line, cell= in "
+                         "Python)")
     return float(np.median(gaps))
 
 
