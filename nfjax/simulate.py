@@ -220,11 +220,10 @@ class WholeMap:
         self._eul = rows[:, 7:10]
         self._verts = triangle_vertices(mic_grid_rows(rows))
         box = footprint_box(self.cell, float(np.asarray(reference.px)))
-        self._words, self._shape = obs.words, obs.shape
         per_voxel = k * box * box * reference.n_distances * 32
         self._chunk = chunk_size(len(rows), per_voxel, max_memory)
         nb = observe.n_bits(obs.shape)
-        words = jnp.asarray(obs.words)
+        words = self._words = jnp.asarray(obs.words)        # on the device once
         tail = (1 << (nb - 32 * (words.shape[0] - 1))) - 1 if nb % 32 else 0xFFFFFFFF
         self.observed = int(jax.lax.population_count(words[:-1]).astype(jnp.int64).sum()
                             + jax.lax.population_count(words[-1] & jnp.uint32(tail)))
