@@ -230,6 +230,27 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from nfjax.geometry import geometry_from_params
+    from nfjax.observe import load_observations
+    from nfjax.parallel import device_scope
+    from nfjax.simulate import score_mic
+
+    params = _read_params(args.params)
+    if args.cell is not None and not args.cell > 0:
+        raise NfjaxError(f"--cell {args.cell}: expected a positive edge length in um")
+    spots = Path(args.spots_info) if args.spots_info else params.output_dir / "SpotsInfo.bin"
+    with device_scope(args.device):
+        obs = load_observations(spots, geometry_from_params(params).shape).to_device()
+        s, n, total, cell = score_mic(params, args.mic, obs, cell=args.cell,
+                                      max_memory=args.max_memory)
+    print(f"{args.mic}: {n} of {total} voxels as {cell:g} um triangles against {spots}: "
+          f"{s.predicted} predicted, {s.observed} observed, {s.both} both lit pixels; "
+          f"precision {s.precision:.4f}, recall {s.recall:.4f}, intersection over union "
+          f"{s.iou:.4f}")
+    return 0
+
+
 # --------------------------------------------------------------------------- reconstruct
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from nfjax.parallel import world
@@ -480,6 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--seed", type=_count, default=0, help="noise seed for --tiff-dir")
     p_sim.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
     p_sim.set_defaults(func=_cmd_simulate)
+
+    p_score = sub.add_parser(
+        "score", help="how well a mic explains the observations: every voxel rendered as its "
+                      "grid triangle, lit pixels counted against SpotsInfo.bin")
+    p_score.add_argument("params", help="MIDAS parameter file (the geometry)")
+    p_score.add_argument("mic", help="mic file (text or binary); voxels below MinConfidence "
+                                     "are left out, as simulate does")
+    p_score.add_argument("--spots-info", default=None,
+                         help="SpotsInfo.bin or .npz (default <OutputDirectory>/SpotsInfo.bin)")
+    p_score.add_argument("--cell", type=float, default=None,
+                         help="the map's triangle edge in um (default: from the voxel "
+                              "positions)")
+    p_score.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB")
+    p_score.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                         help="JAX device (default: the first available)")
+    p_score.set_defaults(func=_cmd_score)
 
     p_rec = sub.add_parser(
         "reconstruct", help="the whole NF workflow (nf_MIDAS_Multiple_Resolutions.py)")

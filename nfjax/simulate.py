@@ -112,12 +112,9 @@ def simulate_records(params, records: np.ndarray, hkls, *, max_memory=None,
     return observe.from_bit_indices(geom.shape, bits)
 
 
-def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
-    """``nfjax simulate``: render the mic file with MIDAS's MinConfidence rule.
-
-    Returns ``(volume, n_rendered, n_total)``.
-    """
-    from nfjax.crystal import hkls_from_params
+def _rendered_mic(params, mic_path) -> tuple[np.ndarray, int]:
+    """The records of ``mic_path`` that MIDAS renders (MinConfidence rule) and the number of
+    records in the file; an error if there is nothing to render."""
     from nfjax.io.mic import read_mic
 
     mic = read_mic(mic_path)
@@ -128,9 +125,38 @@ def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
     if len(records) == 0:
         raise NfjaxError(f"{mic_path}: no voxel has confidence >= MinConfidence "
                          f"({params.min_confidence}) — nothing to render")
+    return records, len(mic.records)
+
+
+def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
+    """``nfjax simulate``: render the mic file with MIDAS's MinConfidence rule.
+
+    Returns ``(volume, n_rendered, n_total)``.
+    """
+    from nfjax.crystal import hkls_from_params
+
+    records, n_total = _rendered_mic(params, mic_path)
     vol = simulate_records(params, records, hkls_from_params(params), max_memory=max_memory,
                            progress=progress)
-    return vol, len(records), len(mic.records)
+    return vol, len(records), n_total
+
+
+def score_mic(params, mic_path, obs: observe.ObsVolume, *, cell: float | None = None,
+              max_memory=None):
+    """``nfjax score``: the whole map of the mic file (its voxels at or above MinConfidence,
+    each as its grid triangle of edge ``cell``, default :func:`grid_cell`) rendered with
+    ``params``' geometry against the observations ``obs``.
+
+    Returns ``(MapScore, n_rendered, n_total, cell)``.
+    """
+    from nfjax.crystal import hkls_from_params, select_rings
+
+    records, n_total = _rendered_mic(params, mic_path)
+    geom = geometry_from_params(params)
+    table = select_rings(hkls_from_params(params), params.rings_to_use)
+    wmap = WholeMap(records, table.g, table.theta, obs, geom, cell=cell,
+                    max_memory=max_memory)
+    return wmap.score(geom), len(records), n_total, wmap.cell
 
 
 def grid_cell(records: np.ndarray) -> float:

@@ -137,3 +137,45 @@ def test_whole_map_counts_are_the_rendered_pixels(au_window):
         s = wm.score(moved)
         assert (s.predicted, s.observed, s.both) == (bits.size, observed.size, both)
         assert s.iou == pytest.approx(both / (bits.size + observed.size - both))
+
+
+def test_cli_score(au_window, tmp_path, capsys):
+    """nfjax score: the window's mic against its own solid observations explains every lit
+    pixel; with every voxel turned (phi1 + 0.1 deg) the printed counts are those of an
+    independent render (render_bits, every spot) intersected with the observed bits."""
+    from nfjax.cli import main
+    from nfjax.grid import triangle_vertices
+    from nfjax.io.mic import write_text_mic
+    from nfjax.observe import lit_indices, write_spots_info
+    from nfjax.params import update_param_text
+    from nfjax.simulate import mic_grid_rows, render_bits
+
+    w = au_window
+    src = tmp_path / "ps.txt"
+    src.write_text(update_param_text(w["text"], {"OutputDirectory": str(tmp_path)}))
+    write_spots_info(tmp_path / "SpotsInfo.bin", w["vol"])
+    observed = lit_indices(w["vol"])
+    n = len(w["records"])
+    write_text_mic(tmp_path / "map.mic", w["records"])
+    assert main(["score", str(src), str(tmp_path / "map.mic")]) == 0
+    k = observed.size
+    assert capsys.readouterr().out == (
+        f"{tmp_path / 'map.mic'}: {n} of {n} voxels as 2.5 um triangles against "
+        f"{tmp_path / 'SpotsInfo.bin'}: {k} predicted, {k} observed, {k} both lit pixels; "
+        f"precision 1.0000, recall 1.0000, intersection over union 1.0000\n")
+    turned = w["records"].copy()
+    turned[:, 7] += np.radians(0.1)
+    write_text_mic(tmp_path / "turned.mic", turned)
+    solid = read_mic(tmp_path / "turned.mic").records     # as the command reads it (%lf)
+    solid[:, 5] = 2.5
+    bits = render_bits(solid[:, 7:10], triangle_vertices(mic_grid_rows(solid)), w["table"].g,
+                       w["table"].theta, w["geom"], edge_length=2.5, progress=False)
+    both = np.intersect1d(bits, observed).size
+    assert both < 0.9 * k
+    assert main(["score", str(src), str(tmp_path / "turned.mic"), "--cell", "2.5"]) == 0
+    out = capsys.readouterr().out
+    assert f": {bits.size} predicted, {k} observed, {both} both lit pixels; " in out
+    assert out.endswith(f"intersection over union {both / (bits.size + k - both):.4f}\n")
+    assert main(["score", str(src), str(tmp_path / "map.mic"), "--cell", "0"]) == 2
+    assert capsys.readouterr().err == ("nfjax: error: --cell 0.0: expected a positive edge "
+                                       "length in um\n")
