@@ -27,7 +27,7 @@ from nfjax.cli import main
      "argument --seed: expected an integer >= 0, found '-1'"),
     (["bogus"], "nfjax", "argument COMMAND: invalid choice: 'bogus' (choose from 'params', "
      "'hkls', 'grid', 'seeds', 'cluster', 'plot', 'maps', 'compare', 'spots', "
-     "'simulate', 'reconstruct', 'fit', 'calibrate', 'index', 'process', 'demo')"),
+     "'simulate', 'score', 'reconstruct', 'fit', 'calibrate', 'index', 'process', 'demo')"),
     (["calibrate", "p.txt", "--points", "0"], "nfjax calibrate",
      "argument --points: expected an integer >= 1, found '0'"),
 ])
