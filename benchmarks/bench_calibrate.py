@@ -43,6 +43,37 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _perturbation(g) -> dict:
+    """The parameter changes of the perturbed geometry (from the true ``g``) and the
+    tolerances that let the calibration move back."""
+    return {"Lsd": [float(g.lsd[0]) + 30.0, float(g.lsd[1]) - 25.0],
+            "BC": [(float(g.ybc[0]) + 0.6, float(g.zbc[0]) - 0.4),
+                   (float(g.ybc[1]) - 0.3, float(g.zbc[1]) + 0.5)],
+            "tx": float(g.tilts[0]) + 0.15, "ty": float(g.tilts[1]) - 0.1,
+            "tz": float(g.tilts[2]) + 0.1,
+            "LsdTol": 100.0, "LsdRelativeTol": 100.0, "BCTol": (1.0, 1.0), "TiltsTol": 1.0}
+
+
+def _points(mic: np.ndarray, n: int) -> np.ndarray:
+    """``n`` voxels of confidence > 0.9 with their orientations turned by ~0.1 deg."""
+    rng = np.random.default_rng(0)
+    pts = mic[rng.choice(np.flatnonzero(mic[:, 10] > 0.9), size=n, replace=False)].copy()
+    pts[:, 7:10] += rng.normal(0.0, math.radians(0.1), (len(pts), 3))
+    return pts
+
+
+def _record(heading: str, body: str) -> None:
+    """Append a section ``heading — date — machine, commit`` with ``body`` to RESULTS.md."""
+    import jax
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() or "?"
+    machine = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}"
+    with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
+        fh.write(f"\n## {heading} — {datetime.date.today().isoformat()} — {machine}, "
+                 f"commit {commit}\n\n{body}\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--voxels", type=int, default=16)
@@ -61,8 +92,6 @@ def main() -> int:
     if args.whole_map:
         return whole_map(args.voxels, args.steps, args.record)
 
-    import jax
-
     from nfjax.calibrate import calibrate
     from nfjax.crystal import hkls_from_params
     from nfjax.data import au_example
@@ -80,18 +109,9 @@ def main() -> int:
     obs = simulate_records(params, rendered, hkls_from_params(params),
                            progress=False).to_device()
     g = geometry_from_params(params)
-    text = update_param_text(open(files["params"]).read(), {
-        "Lsd": [float(g.lsd[0]) + 30.0, float(g.lsd[1]) - 25.0],
-        "BC": [(float(g.ybc[0]) + 0.6, float(g.zbc[0]) - 0.4),
-               (float(g.ybc[1]) - 0.3, float(g.zbc[1]) + 0.5)],
-        "tx": float(g.tilts[0]) + 0.15, "ty": float(g.tilts[1]) - 0.1,
-        "tz": float(g.tilts[2]) + 0.1,
-        "LsdTol": 100.0, "LsdRelativeTol": 100.0, "BCTol": (1.0, 1.0), "TiltsTol": 1.0})
+    text = update_param_text(open(files["params"]).read(), _perturbation(g))
     perturbed = parse_params(text, source="perturbed")
-    rng = np.random.default_rng(0)
-    pts = mic[rng.choice(np.flatnonzero(mic[:, 10] > 0.9), size=args.voxels,
-                         replace=False)].copy()
-    pts[:, 7:10] += rng.normal(0.0, math.radians(0.1), (len(pts), 3))
+    pts = _points(mic, args.voxels)
     t0 = time.perf_counter()
     r = calibrate(perturbed, obs, pts, steps=args.steps, log=print)
     wall = time.perf_counter() - t0
@@ -108,15 +128,9 @@ def main() -> int:
             f"{err['bc']:.3f} px (from 0.6), tilts {err['tilt']:.4f}° (from 0.15)")
     print(line)
     if args.record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip() or "?"
-        machine = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}"
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(f"\n## bench_calibrate — {datetime.date.today().isoformat()} — {machine}, "
-                     f"commit {commit}\n\nAu example, geometry perturbed (Lsd +30/-25 µm, "
-                     f"BC up to 0.6 px, tilts 0.1-0.15°), wall time with compilation: {line}."
-                     f" MIDAS's FitOrientationParametersMultiPoint has no timing here to "
-                     f"compare with.\n")
+        _record("bench_calibrate", f"Au example, geometry perturbed (Lsd +30/-25 µm, BC up to "
+                f"0.6 px, tilts 0.1-0.15°), wall time with compilation: {line}. MIDAS's "
+                f"FitOrientationParametersMultiPoint has no timing here to compare with.")
     return 0
 
 
@@ -197,13 +211,8 @@ def sensitivity(record: bool) -> int:
     wall = time.perf_counter() - t0
     print(f"{wall:.1f} s")
     if record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip() or "?"
-        machine = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}"
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(f"\n## bench_calibrate --sensitivity — {datetime.date.today().isoformat()}"
-                     f" — {machine}, commit {commit}\n\n```\n" + "\n".join(lines)
-                     + f"\n```\n\n{wall:.1f} s.\n")
+        _record("bench_calibrate --sensitivity",
+                "```\n" + "\n".join(lines) + f"\n```\n\n{wall:.1f} s.")
     return 0
 
 
@@ -216,8 +225,6 @@ def _errors(got, truth) -> str:
 
 def whole_map(n_voxels: int, steps: int, record: bool) -> int:
     import tempfile
-
-    import jax
 
     from bench_reconstruct import _misses, _prepare, _rendered, _solid_observations
     from nfjax.calibrate import calibrate, calibrate_whole_map, calibrated_changes
@@ -241,19 +248,9 @@ def whole_map(n_voxels: int, steps: int, record: bool) -> int:
         _solid_observations(d, rendered)
         params = read_params(path)
         g = geometry_from_params(params)
-        tols = {"LsdTol": 100.0, "LsdRelativeTol": 100.0, "BCTol": (1.0, 1.0),
-                "TiltsTol": 1.0}
-        text = update_param_text(path.read_text(), {
-            "Lsd": [float(g.lsd[0]) + 30.0, float(g.lsd[1]) - 25.0],
-            "BC": [(float(g.ybc[0]) + 0.6, float(g.zbc[0]) - 0.4),
-                   (float(g.ybc[1]) - 0.3, float(g.zbc[1]) + 0.5)],
-            "tx": float(g.tilts[0]) + 0.15, "ty": float(g.tilts[1]) - 0.1,
-            "tz": float(g.tilts[2]) + 0.1, **tols})
+        text = update_param_text(path.read_text(), _perturbation(g))
         obs = load_observations(d / "SpotsInfo.bin", g.shape).to_device()
-        rng = np.random.default_rng(0)
-        pts = rendered[rng.choice(np.flatnonzero(rendered[:, 10] > 0.9), size=n_voxels,
-                                  replace=False)].copy()
-        pts[:, 7:10] += rng.normal(0.0, math.radians(0.1), (len(pts), 3))
+        pts = _points(rendered, n_voxels)
 
         def rebuild(name, geom):
             out = d / name
@@ -287,15 +284,9 @@ def whole_map(n_voxels: int, steps: int, record: bool) -> int:
         say(f"reconstruction at the true geometry ({t_rec:.1f} s): {100 * a50:.2f}% "
             f"within 0.5° ({miss} misses)")
     if record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip() or "?"
-        machine = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}"
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(f"\n## bench_calibrate --whole-map — {datetime.date.today().isoformat()}"
-                     f" — {machine}, commit {commit}\n\nSolid Au observations, geometry "
-                     f"perturbed (Lsd +30/-25 µm, BC up to 0.6 px, tilts 0.1-0.15°); "
-                     f"times with compilation.\n\n"
-                     + "\n".join(f"- {line}" for line in lines) + "\n")
+        _record("bench_calibrate --whole-map", "Solid Au observations, geometry perturbed (Lsd "
+                "+30/-25 µm, BC up to 0.6 px, tilts 0.1-0.15°); times with compilation.\n\n"
+                + "\n".join(f"- {line}" for line in lines))
     return 0
 
 

@@ -103,16 +103,7 @@ class CalibrationResult:
 
     def lines(self) -> list[str]:
         """Human lines: each fitted quantity before -> after, and the mean fraction."""
-        out = []
-        for i in range(self.start.n_distances):
-            out.append(f"distance {i}: Lsd {float(self.start.lsd[i]):.3f} -> "
-                       f"{float(self.geometry.lsd[i]):.3f} um, BC "
-                       f"({float(self.start.ybc[i]):.4f}, {float(self.start.zbc[i]):.4f}) -> "
-                       f"({float(self.geometry.ybc[i]):.4f}, "
-                       f"{float(self.geometry.zbc[i]):.4f}) px")
-        t0, t1 = np.asarray(self.start.tilts), np.asarray(self.geometry.tilts)
-        out.append("tilts (tx, ty, tz) (" + ", ".join(f"{v:.5f}" for v in t0) + ") -> ("
-                   + ", ".join(f"{v:.5f}" for v in t1) + ") deg")
+        out = _geometry_lines(self.start, self.geometry)
         moved = np.degrees(np.abs(self.euler - self.euler0)).max(axis=1)
         out.append(f"{len(self.fraction)} voxels: mean overlap fraction "
                    f"{self.start_fraction.mean():.4f} -> {self.fraction.mean():.4f} "
@@ -198,6 +189,41 @@ def _feasible(x: np.ndarray, x0: np.ndarray, d: int, tol: dict) -> np.ndarray:
     ok &= (np.abs(x[:, 2 * d:3 * d] - x0[2 * d:3 * d]) <= tol["zbc"] + eps).all(1)
     ok &= (np.abs(x[:, 3 * d:] - x0[3 * d:]) <= tol["tilts"] + eps).all(1)
     return ok
+
+
+def _compass_steps(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and smallest compass steps of each entry of the geometry vector."""
+    kinds = ["lsd"] * d + ["bc"] * (2 * d) + ["tilt"] * 3
+    return (np.array([_STEPS[k][0] for k in kinds]),
+            np.array([_STEPS[k][1] for k in kinds]))
+
+
+def _movable(x0: np.ndarray, d: int, tol: dict, floor: np.ndarray) -> np.ndarray:
+    """Which entries of the geometry vector the bounds let move at all (by ``floor``)."""
+    eye = np.eye(x0.size)
+    return (_feasible(x0[None] + eye * floor, x0, d, tol)
+            & _feasible(x0[None] - eye * floor, x0, d, tol))
+
+
+def _moves(x: np.ndarray, idx: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """The compass trials about ``x``: entries ``idx`` each up, then each down, by their
+    ``step``; ``(2·len(idx), n)``."""
+    delta = np.eye(x.size)[idx] * step[idx, None]
+    return np.concatenate([x[None] + delta, x[None] - delta])
+
+
+def _geometry_lines(start: Geometry, geometry: Geometry, prefix: str = "") -> list[str]:
+    """Human lines: each distance's Lsd and beam centre, and the tilts, before -> after."""
+    out = []
+    for i in range(start.n_distances):
+        out.append(f"{prefix}distance {i}: Lsd {float(start.lsd[i]):.3f} -> "
+                   f"{float(geometry.lsd[i]):.3f} um, BC "
+                   f"({float(start.ybc[i]):.4f}, {float(start.zbc[i]):.4f}) -> "
+                   f"({float(geometry.ybc[i]):.4f}, {float(geometry.zbc[i]):.4f}) px")
+    t0, t1 = np.asarray(start.tilts), np.asarray(geometry.tilts)
+    out.append(f"{prefix}tilts (tx, ty, tz) (" + ", ".join(f"{v:.5f}" for v in t0)
+               + ") -> (" + ", ".join(f"{v:.5f}" for v in t1) + ") deg")
+    return out
 
 
 # --------------------------------------------------------------------------- calibration
@@ -310,13 +336,8 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
     # orientations re-fitted to it (a few compass steps per voxel): a geometry error is
     # partly absorbed by the orientations, so a geometry move judged at fixed
     # orientations is rarely better.
-    kinds = ["lsd"] * d + ["bc"] * (2 * d) + ["tilt"] * 3
-    step = np.array([_STEPS[k][0] for k in kinds])
-    floor = np.array([_STEPS[k][1] for k in kinds])
-    n_par = x.size
-    eye = np.eye(n_par)
-    free = (_feasible(x0[None] + eye * floor, x0, d, tol)
-            & _feasible(x0[None] - eye * floor, x0, d, tol))        # movable at all
+    step, floor = _compass_steps(d)
+    free = _movable(x0, d, tol, floor)
     r_step, r_floor = _STEPS["rot"]
     moves6 = jnp.concatenate([jnp.eye(3), -jnp.eye(3)])
     verts6 = jnp.repeat(verts, 6, axis=0)
@@ -355,8 +376,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
         rounds += 1
         live = free & (step >= floor)
         idx = np.flatnonzero(live)
-        xs = np.concatenate([x[None], x[None] + eye[idx] * step[idx, None],
-                             x[None] - eye[idx] * step[idx, None]])
+        xs = np.concatenate([x[None], _moves(x, idx, step)])
         means, rots, fracs = profile(jnp.asarray(xs), jnp.asarray(rot), r_cur, words)
         means = np.where(_feasible(xs, x0, d, tol), np.asarray(means), -np.inf)
         k = int(np.argmax(means))
@@ -407,16 +427,7 @@ class WholeMapResult:
 
     def lines(self) -> list[str]:
         """Human lines: the beam centres, Lsd and tilts before -> after, and the scores."""
-        out = []
-        for i in range(self.start.n_distances):
-            out.append(f"whole map, distance {i}: Lsd {float(self.start.lsd[i]):.3f} -> "
-                       f"{float(self.geometry.lsd[i]):.3f} um, BC "
-                       f"({float(self.start.ybc[i]):.4f}, {float(self.start.zbc[i]):.4f}) -> "
-                       f"({float(self.geometry.ybc[i]):.4f}, "
-                       f"{float(self.geometry.zbc[i]):.4f}) px")
-        t0, t1 = np.asarray(self.start.tilts), np.asarray(self.geometry.tilts)
-        out.append("whole map, tilts (" + ", ".join(f"{v:.5f}" for v in t0) + ") -> ("
-                   + ", ".join(f"{v:.5f}" for v in t1) + ") deg")
+        out = _geometry_lines(self.start, self.geometry, "whole map, ")
         a, b = self.start_score, self.score
         out.append(f"whole map of {self.n_voxels} voxels ({self.cell:g} um triangles): "
                    f"intersection over union {a.iou:.4f} -> {b.iou:.4f} (precision "
@@ -478,12 +489,9 @@ def calibrate_whole_map(params, obs, records: np.ndarray, start: Geometry | None
     say(f"whole map: {wmap.n_voxels} voxels as {wmap.cell:g} um triangles, "
         f"{first.observed} observed lit pixels; intersection over union {first.iou:.4f} "
         f"at the start ({time.perf_counter() - t_start:.1f} s)")
-    kinds = ["lsd"] * d + ["bc"] * (2 * d) + ["tilt"] * 3
-    step = np.array([_STEPS[k][0] for k in kinds])
-    floor = np.array([_STEPS[k][1] for k in kinds])
-    eye = np.eye(x.size)
-    free = (_feasible(x0[None] + eye * floor, x0, d, tol)
-            & _feasible(x0[None] - eye * floor, x0, d, tol))
+    first_step, floor = _compass_steps(d)
+    step = first_step.copy()
+    free = _movable(x0, d, tol, floor)
     rounds = 0
     passes, last = 0, first.iou
     while rounds < max_rounds:
@@ -495,12 +503,11 @@ def calibrate_whole_map(params, obs, records: np.ndarray, start: Geometry | None
             if best.iou - last < _PASS_GAIN:
                 break
             passes, last = passes + 1, best.iou
-            step = np.array([_STEPS[k][0] for k in kinds])
+            step = first_step.copy()
             continue
         rounds += 1
         t_round = time.perf_counter()
-        xs = np.concatenate([x[None] + eye[idx] * step[idx, None],
-                             x[None] - eye[idx] * step[idx, None]])
+        xs = _moves(x, idx, step)
         ok = _feasible(xs, x0, d, tol)
         scores = [score(xv) if good else None for xv, good in zip(xs, ok)]
         ious = np.array([-1.0 if s is None else s.iou for s in scores])

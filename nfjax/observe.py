@@ -36,6 +36,7 @@ __all__ = [
     "count",
     "lookup",
     "lookup_all_distances",
+    "bits_set",
     "read_spots_info",
     "load_observations",
     "write_spots_info",
@@ -257,11 +258,17 @@ def lookup(words, shape, L, f, y, z):
         bit = (zi & 31).astype(jnp.uint32)
     else:
         Li, fi, yi, zi = (jnp.where(inside, a, 0).astype(jnp.int64) for a in (L, f, y, z))
-        k = ((Li * nf + fi) * ny + yi) * nz + zi
-        word = k >> 5
-        bit = (k & 31).astype(jnp.uint32)
+        return inside & bits_set(words, ((Li * nf + fi) * ny + yi) * nz + zi)
     w = jnp.asarray(words)[word]
     return inside & (((w >> bit) & jnp.uint32(1)) != 0)
+
+
+def bits_set(words, k):
+    """Are the flat bit indices ``k`` (int array, each in ``[0, n_bits)``) set?  Pure jnp;
+    the layout of the module notes (word ``k >> 5``, bit ``k & 31``)."""
+    k = jnp.asarray(k)
+    w = jnp.asarray(words)[k >> 5]
+    return ((w >> (k & 31).astype(jnp.uint32)) & jnp.uint32(1)) != 0
 
 
 def lookup_all_distances(words, shape, f, y, z):

@@ -237,22 +237,16 @@ class WholeMap:
         valid = np.asarray(jax.jit(jax.vmap(lambda e: predict_spots(
             euler_to_matrix_midas(e), g, theta, reference, v=v).valid))(eul))
         k = max(1, int(valid.sum(axis=1).max()))
-        self._spots = np.zeros((len(rows), k), np.int32)
-        self._keep = np.zeros((len(rows), k), bool)
-        for i, row in enumerate(valid):
-            s = np.flatnonzero(row)
-            self._spots[i, :s.size] = s
-            self._keep[i, :s.size] = True
+        # Each voxel's valid spots first (in spot order), padded to k with masked slots.
+        self._spots = np.argsort(~valid, axis=1, kind="stable")[:, :k].astype(np.int32)
+        self._keep = np.take_along_axis(valid, self._spots, axis=1)
         self._eul = rows[:, 7:10]
         self._verts = triangle_vertices(mic_grid_rows(rows))
         box = footprint_box(self.cell, float(np.asarray(reference.px)))
         per_voxel = k * box * box * reference.n_distances * 32
         self._chunk = chunk_size(len(rows), per_voxel, max_memory)
-        nb = observe.n_bits(obs.shape)
-        words = self._words = jnp.asarray(obs.words)        # on the device once
-        tail = (1 << (nb - 32 * (words.shape[0] - 1))) - 1 if nb % 32 else 0xFFFFFFFF
-        self.observed = int(jax.lax.population_count(words[:-1]).astype(jnp.int64).sum()
-                            + jax.lax.population_count(words[-1] & jnp.uint32(tail)))
+        self._words = jnp.asarray(obs.words)                # on the device once
+        self.observed = observe.count(obs)
 
         def chunk(geom, eul, verts, spots, keep, words):
             bits, lit = jax.vmap(lambda e, vv, s, kp: _voxel_hits(
@@ -260,8 +254,7 @@ class WholeMap:
             end = jnp.iinfo(bits.dtype).max
             s = jnp.sort(jnp.where(lit, bits, end).ravel())
             first = (s != end) & jnp.concatenate([jnp.ones(1, bool), s[1:] != s[:-1]])
-            w = words[jnp.where(first, s >> 5, 0)]
-            on = first & (((w >> (s & 31).astype(jnp.uint32)) & 1) == 1)
+            on = first & observe.bits_set(words, jnp.where(first, s, 0))
             return s, first, on
 
         def whole(geom, eul, verts, spots, keep, words):
