@@ -251,6 +251,27 @@ def test_constructor_and_handle_errors():
         ffbidx_impl.index(-1, np.zeros((3, 10), np.float32), np.eye(3, dtype=np.float32))
 
 
+def test_del_frees_the_indexer_and_a_bare_handle_lives_until_released(data):
+    """``del indexer`` frees it and its device tables (the seed document's promise); a handle
+    from the low-level ``indexer()`` has no Python owner and stays valid until released."""
+    import gc
+    import weakref
+    d = data["image1_local"]
+    ix = Indexer(max_output_cells=2)
+    ix.run(d.spots, d.cell, method="raw", num_halfsphere_points=2000)
+    gone, handle = weakref.ref(ix), ix.handle
+    del ix
+    assert gone() is None and handle not in api._HANDLES
+    with pytest.raises(RuntimeError, match="^invalid handle$"):
+        ffbidx_impl.index(handle, d.spots, d.cell)
+    bare = ffbidx_impl.indexer(2, 1, 300, 32)
+    gc.collect()
+    cells, _ = ffbidx_impl.index(bare, d.spots, d.cell, "raw", num_halfsphere_points=2000,
+                                 n_output_cells=2)
+    assert cells.shape == (3, 6) and np.isfinite(cells).all()
+    ffbidx_impl.release(bare)
+    assert bare not in api._HANDLES and bare not in api._OWNED
+
 def test_crystals_errors(data):
     d = data["image1_local"]
     cells = np.zeros((3, 6), np.float32)

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from typing import Sequence
 
 import jax
@@ -228,7 +229,12 @@ def _bucket(n_spots: int, max_spots: int) -> int:
 
 
 # --------------------------------------------------------------------------- handles
-_HANDLES: dict[int, "Indexer"] = {}
+# Every live Indexer by handle, held weakly so that ``del indexer`` frees it (ffbidx's
+# Python class releases its handle when collected). Indexers made through the low-level
+# ``indexer()`` have no Python owner but the handle, so _OWNED keeps them until
+# ``release(handle)``, as the C extension keeps its state.
+_HANDLES: "weakref.WeakValueDictionary[int, Indexer]" = weakref.WeakValueDictionary()
+_OWNED: dict[int, "Indexer"] = {}
 _NEXT_HANDLE = [0]
 
 
@@ -274,6 +280,7 @@ class Indexer:
     def release(self) -> None:
         if getattr(self, "initialized", False):
             _HANDLES.pop(self.handle, None)
+            _OWNED.pop(self.handle, None)
             self._tables = {}
             self.initialized = False
 
@@ -513,9 +520,12 @@ def crystals(cells, spots, scores, method="ifssr", threshold=.00075, min_spots=8
 # --------------------------------------------------------------------------- low-level API
 def indexer(max_output_cells, max_input_cells, max_spots, num_candidate_vectors,
             redundant_computations=True) -> int:
-    """ffbidx_impl.indexer: create an Indexer and return its integer handle."""
-    return Indexer(max_output_cells, max_input_cells, max_spots, num_candidate_vectors,
-                   redundant_computations).handle
+    """ffbidx_impl.indexer: create an Indexer and return its integer handle; it lives
+    until ``release(handle)``."""
+    ix = Indexer(max_output_cells, max_input_cells, max_spots, num_candidate_vectors,
+                 redundant_computations)
+    _OWNED[ix.handle] = ix
+    return ix.handle
 
 
 def _lookup(handle) -> Indexer:
