@@ -66,10 +66,23 @@ def _safe(x: Array, bad: Array, fill=1.0) -> Array:
     return jnp.where(bad, jnp.asarray(fill, x.dtype), x)
 
 
+def _sqrt0(x: Array) -> Array:
+    """√x, 0 where x ≤ 0, with a zero gradient there instead of √'s infinite one (which a
+    masking ``where`` downstream would turn into NaN)."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(_safe(x, ~pos)), jnp.zeros_like(x))
+
+
+def _atan2(y: Array, x: Array) -> Array:
+    """atan2(y, x), 0 at (0, 0) as ``arctan2``, with a zero gradient there (0/0 otherwise)."""
+    origin = (y == 0) & (x == 0)
+    return jnp.where(origin, jnp.zeros_like(y), jnp.arctan2(y, _safe(x, origin)))
+
+
 def eta_deg(y: Array, z: Array) -> Array:
     """Azimuth η (deg) of a detector/vector component pair: 0 at +z, positive towards −y."""
     # |atan2(y, z)| = acos(z/√(y²+z²)) but stays accurate near the poles in float32.
-    eta = jnp.rad2deg(jnp.abs(jnp.arctan2(y, z)))
+    eta = jnp.rad2deg(jnp.abs(_atan2(y, z)))
     return jnp.where(y > 0, -eta, eta)
 
 
@@ -94,10 +107,14 @@ def solve_omega(G: Array, v: Array) -> tuple[Array, Array]:
     digits). A solution exists when ``|v| ≤ ρ``; ω ∈ (−180, 180].
     """
     gx, gy = G[..., 0], G[..., 1]
-    rho = jnp.sqrt(gx * gx + gy * gy)
-    r = v / _safe(rho, rho == 0)
-    ok = (rho > 0) & (jnp.abs(r) <= 1)
-    beta = jnp.arctan2(gx, gy)
+    # A vector on the rotation axis (Gx = Gy = 0) has no solution. _sqrt0 and _atan2 keep
+    # its gradient finite, else the zero weight of that reflection turns into NaN gradients
+    # for every other one.
+    rho = _sqrt0(gx * gx + gy * gy)
+    axis = rho == 0
+    r = v / _safe(rho, axis)
+    ok = ~axis & (jnp.abs(r) <= 1)
+    beta = _atan2(gx, gy)
     a = jnp.arcsin(jnp.where(ok, r, jnp.zeros_like(r)))   # no inf·0 gradients off-solution
     w1 = beta + a
     w2 = beta + jnp.pi - a
@@ -377,7 +394,7 @@ def _wedge_shift(eta: Array, theta: Array, wavelength, wedge: Array) -> Array:
     k3 = jnp.where(pole, 0.0, ds * jnp.cos(th) * jnp.cos(et))
     k1w = k1 * jnp.cos(wr) + k3 * jnp.sin(wr)
     k3w = k3 * jnp.cos(wr) - k1 * jnp.sin(wr)
-    norm = jnp.sqrt(k1w * k1w + k2 * k2 + k3w * k3w)
+    norm = _sqrt0(k1w * k1w + k2 * k2 + k3w * k3w)
     scale = ds / _safe(norm, norm == 0)
     g1, g2, g3 = k1w * scale, k2 * scale, k3w * scale
     A = -(g1 * g1 + g2 * g2 + g3 * g3) * wavelength / 2
@@ -387,7 +404,7 @@ def _wedge_shift(eta: Array, theta: Array, wavelength, wedge: Array) -> Array:
     def roots(b, c):
         d = b * b - 4 * a * c
         ok = d >= 0
-        sq = jnp.sqrt(jnp.where(ok, d, 0.0))
+        sq = _sqrt0(d)
         r1 = (-b + sq) / (2 * a_s)
         r2 = (-b - sq) / (2 * a_s)
         r1 = jnp.where(ok & (jnp.abs(r1) <= 1), r1, 0.0)
@@ -397,8 +414,8 @@ def _wedge_shift(eta: Array, theta: Array, wavelength, wedge: Array) -> Array:
     s1, s2 = roots(2 * A * g2, A * A - g1 * g1)
     c1, c2 = roots(-2 * A * g1, A * A - g2 * g2)
     straight = jnp.abs(s1 * s1 + c1 * c1 - 1) < jnp.abs(s1 * s1 + c2 * c2 - 1)
-    w1 = jnp.arctan2(s1, jnp.where(straight, c1, c2))
-    w2 = jnp.arctan2(s2, jnp.where(straight, c2, c1))
+    w1 = _atan2(s1, jnp.where(straight, c1, c2))
+    w2 = _atan2(s2, jnp.where(straight, c2, c1))
     return jnp.rad2deg(jnp.where(jnp.abs(w1) <= jnp.abs(w2), w1, w2))
 
 
@@ -429,7 +446,7 @@ def corrected_omega(omega: Array, yl: Array, zl: Array, geom: Geometry) -> tuple
     geometry (the wedge included).
     """
     eta = eta_deg(yl, zl)
-    theta = 0.5 * jnp.rad2deg(jnp.arctan(jnp.sqrt(yl * yl + zl * zl) / geom.lsd[0]))
+    theta = 0.5 * jnp.rad2deg(jnp.arctan(_sqrt0(yl * yl + zl * zl) / geom.lsd[0]))
     delta = correct_wedge(eta, theta, geom.wavelength, geom.wedge)
     w = omega - delta
     w = jnp.where(w >= 180, w - 360, jnp.where(w <= -180, w + 360, w))

@@ -88,6 +88,53 @@ def test_gradients_match_finite_differences(setup, voxel):
     assert np.abs(np.asarray(grads[0])).max() > 1e-3      # the test is not vacuous
 
 
+def test_a_reflection_on_the_rotation_axis_keeps_gradients_finite(setup):
+    """A reflection with Gx = Gy = 0 exactly (a cubic crystal at the identity with a diagonal
+    B gives (002)) has no ω solution; it must not turn every gradient into NaN (√ and atan2
+    at the origin had infinite derivatives, times its zero weight). The voxel's reflections
+    are given pre-rotated into the lab frame with U = I, plus one exact axis row; the
+    gradient in U is checked against central differences (float64) and against the same
+    reflections without the axis row, whose score it must not change."""
+    _, g, th, geom, obs, recs, verts = setup
+    u0 = np.asarray(euler_to_matrix(jnp.asarray(recs[100, 7:10]) + 0.002))
+    g_lab = np.asarray(g) @ u0.T
+    g_axis = jnp.asarray(np.vstack([g_lab, [0.0, 0.0, 0.49]]))
+    th_axis = jnp.concatenate([th, th[:1]])
+    v0 = jnp.asarray(verts[100])
+
+    def score(u, gg, tt):
+        return soft_overlap(v0, u, gg, tt, geom, obs.words, obs.shape, sigma=1.5, window=7)
+
+    eye = jnp.eye(3, dtype=g_axis.dtype)
+    ad = np.asarray(jax.jit(jax.grad(score))(eye, g_axis, th_axis))
+    plain = np.asarray(jax.jit(jax.grad(score))(eye, jnp.asarray(g_lab), th))
+    assert np.all(np.isfinite(ad)), ad
+    assert float(score(eye, g_axis, th_axis)) == pytest.approx(
+        float(score(eye, jnp.asarray(g_lab), th)), abs=1e-12)
+    np.testing.assert_allclose(ad, plain, rtol=1e-9, atol=1e-12)
+    fd = _fd(jax.jit(lambda u: score(u, g_axis, th_axis)), np.eye(3), 1e-6)
+    assert np.abs(ad).max() > 1e-3                         # not vacuous
+    assert np.abs(ad - fd).max() <= 2e-3 * np.abs(fd).max(), (ad, fd)
+
+
+def test_spot_gradient_with_a_reflection_on_the_rotation_axis(setup):
+    """predict_spots alone: the ω of an ordinary reflection, differentiated in the Euler
+    angles at the identity, where the other reflection lies on the rotation axis."""
+    from nfjax.forward import predict_spots
+    geom = setup[3]
+    g = jnp.array([[0.0, 0.0, 0.49], [0.35, 0.2, 0.1]])
+    theta = jnp.array([2.0, 2.3])
+
+    def omega(e):
+        return predict_spots(euler_to_matrix(e), g, theta, geom).omega[2]
+
+    e0 = jnp.zeros(3)
+    ad = np.asarray(jax.grad(omega)(e0))
+    assert np.all(np.isfinite(ad)), ad
+    np.testing.assert_allclose(ad, _fd(omega, np.zeros(3), 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(ad, np.asarray(jax.jacfwd(omega)(e0)), rtol=1e-9)
+
+
 @pytest.mark.parametrize("voxel", [100, 600])
 def test_soft_score_has_no_jumps(setup, voxel):
     """Along a 2 mrad line in Phi (401 points, each spot crossing several pixels), the
