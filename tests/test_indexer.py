@@ -588,12 +588,32 @@ def test_non_finite_or_degenerate_inputs_are_errors(ix, data):
             ix.run(d.spots, bad)
         with pytest.raises(ValueError, match="^input cell 0 is degenerate"):
             ix.run_batch([d.spots], bad)
+    # lengths the float32 core cannot work with: a cell in metres gave NaN cells, one of
+    # 1e20 Å a bare StopIteration
+    for scale, shown in ((1e-10, "3e-09, 4e-09, 5e-09"), (1e19, r"3e\+20, 4e\+20, 5e\+20")):
+        with pytest.raises(ValueError, match=rf"^input cell 0 has vector lengths {shown}, "
+                                             r"expected 0.0001 to 1e\+12 Å"):
+            ix.run(d.spots, np.ascontiguousarray(d.cell * np.float32(scale)))
     # one frame's array where a batch (a sequence of arrays) is expected: said so, not
     # "spots array must be 2 dimensional" about its first row
     with pytest.raises(TypeError, match=r"^run_batch\(\) spot_arrays: expected a sequence of "
                                         r"spot arrays, one per frame, found one array of "
                                         rf"shape {re.escape(str(d.spots.shape))}; use run\(\)"):
         ix.run_batch(d.spots, d.cell)
+
+
+def test_a_cell_too_small_for_the_spots_gives_finite_cells(ix, data):
+    """With a 6 x 8 x 10 Å cell for test0's 30 x 40 x 50 Å spots every Miller index is 0:
+    vector refinement's least squares gave the zero vector, normalised to NaN, and every
+    output cell was NaN (``crystals`` then refused ``run``'s own output). A zero solution now
+    keeps the vector, as a singular one does."""
+    d = data["test0"]
+    small = np.ascontiguousarray(d.cell * np.float32(0.2))
+    cells, scores = ix.run(d.spots, small, method="raw")
+    assert np.isfinite(cells).all() and np.isfinite(scores).all()
+    cells, scores = ix.run(d.spots, small)
+    assert np.isfinite(cells).all()
+    ix.crystals(cells, d.spots, scores)          # accepted: no NaN cell
 
 
 def test_crystals_singular_cell_covers_nothing(ix, data):

@@ -55,6 +55,12 @@ def test_index_malformed_file(tmp_path, capsys):
     (b"30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3 0.4\n", ":2: expected a spot 'x y z', found 4 numbers"),
     (b"30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3\nnan nan nan\n",
      ":3: expected finite numbers, found 'nan nan nan'"),
+    (b"30 0 0 0 40 0 0 0 50\n0.1 0.2 0.3\n1e300 0 0\n",
+     ":3: expected numbers within float32 range (|x| <= 3.4e38; the indexer computes in "
+     "float32), found '1e300 0 0'"),
+    (b"3e-9 0 0 0 4e-9 0 0 0 5e-9\n0.1 0.2 0.3\n",
+     ": input cell 0 has vector lengths 3e-09, 4e-09, 5e-09, expected 0.0001 to 1e+12 Å: "
+     "give the cell in Å and the spots in 1/Å"),
     (b"0 0 0 0 40 0 0 0 50\n0.1 0.2 0.3\n",
      ": input cell 0 is degenerate (vector lengths 0, 40, 50 Å, volume 0 Å³): give "
      "three independent vectors"),

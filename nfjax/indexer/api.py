@@ -118,19 +118,30 @@ def _alias(value, alias, name: str, alias_name: str):
     return value
 
 
+# Input cell vector lengths the float32 core can work with: its direction tests compare
+# lengths with float32's epsilon in absolute terms (a cell given in metres, ~1e-9, gives NaN
+# cells), and squares and volumes of longer vectors overflow.
+_CELL_LENGTHS = (1e-4, 1e12)
+
+
 def _check_input_cells(vecs: np.ndarray, n_cells: int) -> None:
     """Reject input cells that cannot index (an nfjax addition: upstream runs on, and returns
-    NaN cells or 0.0 "perfect" scores): a zero-length vector, or three vectors that span
-    (almost) no volume."""
+    NaN cells or 0.0 "perfect" scores): a zero-length vector, three vectors that span
+    (almost) no volume, or vector lengths outside :data:`_CELL_LENGTHS` (not Å)."""
     for m in range(min(n_cells, len(vecs) // 3)):
         cell = vecs[3 * m:3 * m + 3].astype(np.float64)
         lengths = np.linalg.norm(cell, axis=1)
+        shown = ', '.join(f'{v:.4g}' for v in lengths)
         volume = abs(np.linalg.det(cell))
         if not np.all(lengths > 0) or volume <= 1e-6 * np.prod(lengths):
             raise IndexerValueError(
-                f"input cell {m} is degenerate (vector lengths "
-                f"{', '.join(f'{v:.4g}' for v in lengths)} Å, volume "
+                f"input cell {m} is degenerate (vector lengths {shown} Å, volume "
                 f"{volume:.4g} Å³): give three independent vectors")
+        lo, hi = _CELL_LENGTHS
+        if lengths.min() < lo or lengths.max() > hi:
+            raise IndexerValueError(
+                f"input cell {m} has vector lengths {shown}, expected {lo:g} to {hi:g} Å: "
+                f"give the cell in Å and the spots in 1/Å")
 
 
 class RunConfig:

@@ -240,7 +240,8 @@ def refine_vectors(z0, spots, mask, vr_min_spots):
 
     ``z0`` (C, 3) candidate vectors ``L·u`` (Å); Miller indices fixed from ``z0``. A round
     with fewer than ``vr_min_spots`` selected spots stops refinement of that vector; a
-    singular system (upstream: inf/NaN, unguarded) also keeps the current vector.
+    singular system (upstream: inf/NaN, unguarded) or a zero solution also keeps the
+    current vector.
     """
     m = jnp.round(z0 @ spots.T)                                  # (C, n)
     z = z0
@@ -253,7 +254,10 @@ def refine_vectors(z0, spots, mask, vr_min_spots):
         a = jnp.einsum("ck,ki,kj->cij", w, spots, spots)
         b = jnp.einsum("ck,ck,ki->ci", w, m, spots)
         znew = jnp.linalg.solve(a, b[..., None])[..., 0]
-        good = active & jnp.all(jnp.isfinite(znew), axis=1)
+        # A zero solution (every selected spot has Miller index 0, e.g. a cell too small
+        # for the spots) is as useless as a singular one: keep the current vector.
+        good = (active & jnp.all(jnp.isfinite(znew), axis=1)
+                & (jnp.sum(znew * znew, axis=1) > 0))
         active = good
         z = jnp.where(good[:, None], znew, z)
     return z

@@ -32,6 +32,9 @@ class SimpleData(NamedTuple):
         return np.ascontiguousarray(self.cell.T)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def read_simple_data(path) -> SimpleData:
     """Read one simple-data file into ffbidx layouts (see :class:`SimpleData`)."""
     path = Path(path)
@@ -58,6 +61,10 @@ def read_simple_data(path) -> SimpleData:
                 from None
         if not all(math.isfinite(v) for v in values):
             raise InputFileError(f"{path}:{lineno}: expected finite numbers, found "
+                                 f"{line.strip()!r}")
+        if any(abs(v) > _FLOAT32_MAX for v in values):
+            raise InputFileError(f"{path}:{lineno}: expected numbers within float32 range "
+                                 f"(|x| <= 3.4e38; the indexer computes in float32), found "
                                  f"{line.strip()!r}")
         if cell is None:
             if len(values) != 9:
