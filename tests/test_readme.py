@@ -31,3 +31,18 @@ def test_soft_refine_example(capsys):
     # the figure the README quotes, to within what another CPU's rounding may move it
     quoted = float(_example("soft-refine").split("# 0.300 -> ", 1)[1].split()[0])
     assert abs(quoted - after.mean()) < 0.005, (quoted, after.mean())
+
+
+def test_lift_example():
+    """The first forward-model example runs as written from any folder (it read
+    ``ps_au.txt`` from the working directory), and its arrays are what the text says: 2R
+    masked slots per orientation, and the first distance's centres are the projection."""
+    namespace: dict = {}
+    exec(compile(_example("lift"), str(README), "exec"), namespace)
+    refl, spots = namespace["refl"], namespace["spots"]
+    assert spots.yl.shape == spots.valid.shape == (10, 2 * len(refl.theta))
+    assert 0 < int(spots.valid[0].sum()) < spots.valid.shape[1]
+    assert bool((spots.valid == spots.valid[0]).all())     # ten identical orientations
+    y0, y = np.asarray(namespace["y0"]), np.asarray(namespace["y"])
+    assert y.shape == (*y0.shape, len(namespace["params"].lsd))
+    np.testing.assert_allclose(y[..., 0], y0, rtol=0, atol=1e-9)
