@@ -76,7 +76,8 @@ def device_free_bytes(device=None) -> int:
 
 def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None = None,
                *, device=None, fraction: float = 0.5, multiple: int = 1,
-               maximum: int | None = None, cpu_waves: int = 1, minimum: int = 1) -> int:
+               maximum: int | None = None, cpu_waves: int = 1, minimum: int = 1,
+               what: str = "one item of this work") -> int:
     """Items per chunk so that ``chunk · bytes_per_item`` fits the budget.
 
     The budget is ``max_memory`` if given, else ``fraction`` of the free device memory.
@@ -84,10 +85,21 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
     ``maximum`` and never larger than needed for ``n_items``. On the CPU backend it is
     also at most ``n_items / cpu_waves`` (but not below ``minimum``): for lockstep pools,
     where an idle slot costs as much as a busy one on a CPU but nothing extra on a GPU.
+    The smallest chunk needing more than the device has free is an :class:`NfjaxError`
+    naming ``what`` an item is (it would be killed or abort the process instead).
     """
     budget = parse_memory(max_memory)
     if budget is None:
         budget = int(device_free_bytes(device) * fraction)
+    smallest = int(bytes_per_item) * max(1, multiple)
+    if smallest > budget:
+        free = device_free_bytes(device)
+        if smallest > free:
+            from nfjax.errors import NfjaxError
+
+            raise NfjaxError(f"{what} needs {format_bytes(smallest)} of memory at a time, "
+                             f"more than the {format_bytes(free)} free on "
+                             f"{device or default_device()}")
     n = max(1, budget // max(1, int(bytes_per_item)))
     if maximum is not None:
         n = min(n, maximum)

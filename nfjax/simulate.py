@@ -242,9 +242,16 @@ class WholeMap:
         self._keep = np.take_along_axis(valid, self._spots, axis=1)
         self._eul = rows[:, 7:10]
         self._verts = triangle_vertices(mic_grid_rows(rows))
-        box = footprint_box(self.cell, float(np.asarray(reference.px)))
+        px = float(np.asarray(reference.px))
+        box = footprint_box(self.cell, px)
+        width = max(reference.shape[-2:])
+        if self.cell > width * px:
+            raise NfjaxError(f"a grid cell of {self.cell:g} um is wider than the detector "
+                             f"({width} pixels of {px:g} um): expected the grid's triangle "
+                             f"edge in um")
         per_voxel = k * box * box * reference.n_distances * 32
-        self._chunk = chunk_size(len(rows), per_voxel, max_memory)
+        self._chunk = chunk_size(len(rows), per_voxel, max_memory,
+                                 what=f"one voxel rendered as a {self.cell:g} um triangle")
         self._words = jnp.asarray(obs.words)                # on the device once
         self.observed = observe.count(obs)
 

@@ -48,6 +48,20 @@ def test_budget_below_one_unit_warns_once(capsys, monkeypatch):
     assert capsys.readouterr().err == ""                          # said once
 
 
+def test_a_unit_larger_than_the_free_memory_is_an_error():
+    """One item that alone needs more than the device has free is refused, naming what an
+    item is, instead of running into the allocator's abort or the OOM killer; a budget
+    merely below one item still runs with a warning (above)."""
+    from nfjax.chunking import device_free_bytes
+    free = device_free_bytes()
+    with pytest.raises(NfjaxError, match=r"^one voxel of the test needs .* of memory at a "
+                                         r"time, more than the .* free on "):
+        chunk_size(10, 2 * free, what="one voxel of the test")
+    with pytest.raises(NfjaxError, match=r"^one item of this work needs "):
+        chunk_size(10, free // 4 + 1, "1KB", multiple=8)
+    assert chunk_size(1, free // 3, None) == 1       # above the half-free budget: runs
+
+
 def test_chunk_size_cpu_waves():
     """On the CPU backend a lockstep pool holds at most n/cpu_waves items (≥ minimum)."""
     assert jax.devices()[0].platform == "cpu"

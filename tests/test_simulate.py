@@ -179,3 +179,9 @@ def test_cli_score(au_window, tmp_path, capsys):
     assert main(["score", str(src), str(tmp_path / "map.mic"), "--cell", "0"]) == 2
     assert capsys.readouterr().err == ("nfjax: error: --cell 0.0: expected a positive edge "
                                        "length in um\n")
+    # a cell wider than the detector (2048 pixels of 1.48 um) was rendered: 1e9 aborted the
+    # process inside XLA, 1e5 was killed for memory
+    assert main(["score", str(src), str(tmp_path / "map.mic"), "--cell", "1e5"]) == 2
+    assert capsys.readouterr().err == (
+        "nfjax: error: a grid cell of 100000 um is wider than the detector (2048 pixels of "
+        "1.48 um): expected the grid's triangle edge in um\n")
