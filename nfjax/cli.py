@@ -635,23 +635,59 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _redeliver_interrupts(hook):
+    """A ``sys.unraisablehook`` that sends a swallowed interrupt again.
+
+    A signal handler's exception raised while Python runs a ``__del__`` or a garbage
+    collection callback (JAX registers one) is printed as "Exception ignored" and dropped,
+    and the command would run on to the end. The signal is sent again a moment later from
+    another thread, so that its handler runs outside that callback (and the hook, where
+    it would be dropped too).
+    """
+    def again(signum):
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+
+    def handle(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, Terminated):
+            again(signal.SIGTERM)
+        elif isinstance(exc, KeyboardInterrupt) \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            again(signal.SIGINT)
+        else:
+            hook(unraisable)
+    return handle
+
+
 @contextlib.contextmanager
 def _sigterm_unwinds():
     """Turn SIGTERM into :class:`Terminated` for the duration of a command (main thread
-    only; Python's default would kill the process without cleaning up)."""
+    only; Python's default would kill the process without cleaning up), and make sure an
+    interrupt that lands in a callback is not lost (:func:`_redeliver_interrupts`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_interrupts(hook)
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     with _sigterm_unwinds():
-        return _main(argv)
+        status = _main(argv)
+    if argv is None and status in (130, 143):
+        # The process's own command line, interrupted: every temporary is gone by now. Skip
+        # the interpreter's teardown, which crashed (SIGSEGV, status 139) in about a third
+        # of the runs stopped while XLA was compiling.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _main(argv: list[str] | None) -> int:
