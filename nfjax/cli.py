@@ -211,15 +211,28 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.tiff_dir:
         from nfjax.images import frame_path
 
-        # The frames are named as `nfjax process` will look for them (OrigFileName, extOrig).
-        check_target(Path(args.tiff_dir) / frame_path(params, 0, 0).name)
+        # The frames are named as `nfjax process` will look for them (OrigFileName, extOrig);
+        # every one is checked, so that no frame fails after others are written.
+        for d in range(params.n_distances):
+            for f in range(params.n_frames):
+                check_target(Path(args.tiff_dir) / frame_path(params, d, f).name)
     vol, n_rendered, n_total = simulate_mic(params, args.mic, max_memory=args.max_memory)
-    observe.write_spots_info(out, vol)
+    paths = []
+    if args.tiff_dir:   # first: a failure part way removes its frames, and no SpotsInfo.bin
+        paths = write_tiff_frames(params, vol, args.tiff_dir, seed=args.seed)
+    try:
+        observe.write_spots_info(out, vol)
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        if paths:
+            print(f"removed the {len(paths)} frame(s) written to {args.tiff_dir} (the "
+                  f"volume they belong with could not be written)", file=sys.stderr)
+        raise
     shape = "x".join(str(s) for s in vol.shape)
     print(f"rendered {n_rendered} of {n_total} voxels: {observe.count(vol)} lit pixels in a "
           f"{shape} volume -> {out}")
     if args.tiff_dir:
-        paths = write_tiff_frames(params, vol, args.tiff_dir, seed=args.seed)
         print(f"wrote {len(paths)} TIFF frames -> {args.tiff_dir}")
         if (params.blanket_subtraction or 0) < TIFF_NOISE_FLOOR:
             print(f"note: the frames' background is Poisson noise of mean "

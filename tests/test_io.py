@@ -577,6 +577,53 @@ def test_simulate_tiff_dir_is_checked_before_the_work(tmp_path, capsys, monkeypa
         f"nfjax: error: {tmp_path}/frames/au_000000.tif: cannot write ({tmp_path}/frames is a "
         "file, not a folder)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "ps_au.txt"]
+    # any frame, not only the first: the 6th was written over after 5 frames and
+    # SpotsInfo.bin, then the command failed and left SpotsInfo.bin behind
+    from nfjax.images import frame_path
+    from nfjax.params import read_params
+    name = frame_path(read_params(params), 1, 5).name                # distance 2, frame 5
+    (tmp_path / "frames").unlink()
+    (tmp_path / "frames" / name).mkdir(parents=True)
+    assert main(["simulate", str(params), str(mic), "-o", str(tmp_path / "s.bin"),
+                 "--tiff-dir", str(tmp_path / "frames")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nfjax: error: {tmp_path}/frames/{name}: cannot write (is a directory)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "ps_au.txt"]
+
+
+def test_simulate_tiff_frames_go_when_spotsinfo_fails(tmp_path, capsys, monkeypatch):
+    """The frames are written first; if SpotsInfo.bin then cannot be written, they are
+    removed: the two outputs belong together."""
+    import nfjax.observe
+    import nfjax.simulate
+    from nfjax.cli import main
+
+    params = au_params_copy(tmp_path)
+    params.write_text(params.read_text() + "OrigFileName au\n")
+    vol = nfjax.observe.ObsVolume.__new__(nfjax.observe.ObsVolume)
+    monkeypatch.setattr(nfjax.simulate, "simulate_mic", lambda *a, **k: (vol, 1, 1))
+    written = []
+
+    def frames(p, v, directory, seed=0):
+        for name in ("au_000000.tif", "au_000001.tif"):
+            path = tmp_path / "frames" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            written.append(path)
+        return list(written)
+
+    def fail(path, v):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(nfjax.simulate, "write_tiff_frames", frames)
+    monkeypatch.setattr(nfjax.observe, "write_spots_info", fail)
+    assert main(["simulate", str(params), str(tmp_path / "x.mic"), "-o",
+                 str(tmp_path / "s.bin"), "--tiff-dir", str(tmp_path / "frames")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == (f"removed the 2 frame(s) written to {tmp_path / 'frames'} (the volume "
+                       "they belong with could not be written)")
+    assert err[-1] == f"nfjax: error: {tmp_path / 's.bin'}: No space left on device"
+    assert written and not any(p.exists() for p in written)
 
 
 def test_nothing_is_written_inside_the_package(tmp_path, capsys):
