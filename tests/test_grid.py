@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import types
 
 import numpy as np
@@ -227,6 +228,14 @@ def test_grid_file_errors(tmp_path):
     p.write_text("1\n1 2 3 4\n")
     with pytest.raises(InputFileError, match=r"g.txt:2: expected 5 columns .* found 4"):
         read_grid(p)
+    # NaN, inf or absurd coordinates ran through the fit into the mic (exit 0), which every
+    # reader then refused
+    for bad in ("nan", "inf", "-1e300"):
+        p.write_text(f"2\n1 2 3 4 5\n1 2 {bad} 4 5\n")
+        with pytest.raises(InputFileError, match=re.escape(
+                f"g.txt:3: expected finite numbers within ±1e+06 um (y1 y2 xs ys gs), found "
+                f"'1 2 {bad} 4 5'")):
+            read_grid(p)
     p.write_text("abc\n")
     with pytest.raises(InputFileError, match=r"g.txt:1: expected the number"):
         read_grid(p)

@@ -46,6 +46,11 @@ def write_grid(grid: np.ndarray, path: str | os.PathLike) -> None:
             fh.write("\n")
 
 
+# Grid values are µm within the sample: a metre is beyond any; NaN, inf or 1e300 would run
+# through the fit and be written into the mic, which every reader then refuses.
+_GRID_LIMIT = 1e6
+
+
 def read_grid(path: str | os.PathLike) -> np.ndarray:
     """Read a MIDAS ``grid.txt`` into an ``(N, 5)`` float64 array (µm).
 
@@ -79,7 +84,8 @@ def read_grid(path: str | os.PathLike) -> np.ndarray:
         # Fast path (numpy's C parser, correctly rounded like strtod); any irregularity
         # falls through to the line-by-line pass below, which names the bad line.
         fast = np.loadtxt(body, dtype=np.float64, ndmin=2, comments=None)
-        if fast.shape[1] == 5 and fast.shape[0] == count:
+        if fast.shape[1] == 5 and fast.shape[0] == count \
+                and np.all(np.abs(fast) <= _GRID_LIMIT):      # False for NaN too
             return fast
     except ValueError:
         pass
@@ -96,6 +102,10 @@ def read_grid(path: str | os.PathLike) -> np.ndarray:
         except ValueError:
             raise InputFileError(f"{path}:{lineno}: expected 5 numbers (y1 y2 xs ys gs), "
                                  f"found {line.strip()!r}") from None
+        if not all(abs(v) <= _GRID_LIMIT for v in rows[-1]):
+            raise InputFileError(f"{path}:{lineno}: expected finite numbers within "
+                                 f"±{_GRID_LIMIT:g} um (y1 y2 xs ys gs), found "
+                                 f"{line.strip()!r}")
     if len(rows) != count:
         raise InputFileError(f"{path}:1: the count line says {count} grid points but the "
                              f"file has {len(rows)} rows")
