@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import queue
@@ -517,6 +518,20 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+class _QuietTifffile(threading.local):
+    """A filter on tifffile's logger that drops its records while this thread reads a frame
+    (``depth > 0``): nfjax reports a bad frame in one line itself."""
+
+    depth = 0
+
+    def filter(self, record) -> bool:
+        return self.depth == 0
+
+
+_quiet_tifffile = _QuietTifffile()
+logging.getLogger("tifffile").addFilter(_quiet_tifffile)
+
+
 class _FrameFile:
     """One raw frame file: validated once, then read whole or by row band.
 
@@ -633,13 +648,17 @@ class _FrameFile:
     @contextlib.contextmanager
     def _readable(self):
         """Any failure of tifffile on this frame (not a TIFF, truncated, a strip that does
-        not decode) becomes a one-line error naming the file."""
+        not decode) becomes a one-line error naming the file; tifffile's own log lines
+        about it (one per bad tag: 16 for a damaged header) are not printed."""
+        _quiet_tifffile.depth = getattr(_quiet_tifffile, "depth", 0) + 1
         try:
             yield
         except InputFileError:
             raise
         except Exception as exc:  # noqa: BLE001 - any tifffile failure is a bad file
             raise InputFileError(f"{self.path}: not a readable TIFF ({_one_line(exc)})") from None
+        finally:
+            _quiet_tifffile.depth -= 1
 
 
 def read_frame(path, shape: tuple[int, int]) -> np.ndarray:

@@ -773,8 +773,9 @@ def _claim_compression(path, code: int) -> None:
     raise AssertionError("no Compression tag")
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage", "pages", "codec"])
-def test_bad_frame_files(tmp_path, capsys, bad):
+@pytest.mark.parametrize("bad", ["shape", "dtype", "truncated", "garbage", "pages", "codec",
+                                 "header"])
+def test_bad_frame_files(tmp_path, capsys, caplog, bad):
     params, _, _ = make_dataset(tmp_path, n_distances=2)
     _write_params(tmp_path)
     victim = images.frame_path(params, 1, 3)  # distance 2: distance 1 must not be written
@@ -798,13 +799,23 @@ def test_bad_frame_files(tmp_path, capsys, bad):
             pytest.skip("imagecodecs is installed: LZW frames are readable")
         _claim_compression(victim, 5)
         frag = "LZW-compressed TIFF: decoding it needs the imagecodecs package"
+    elif bad == "header":
+        # a damaged first IFD: tifffile logged a line per bad tag (16) before nfjax's one
+        tifffile.imwrite(victim, np.zeros((NZ, NY), np.uint16), compression="zlib")
+        data = bytearray(victim.read_bytes())
+        for i in range(20, 200):
+            data[i] ^= 0x55
+        victim.write_bytes(bytes(data))
+        frag = str(victim)
     else:
         victim.write_bytes(b"this is not a tiff file at all")
         frag = "not a readable TIFF"
+    caplog.set_level("DEBUG")
     err = _expect_error(tmp_path, capsys, frag)
     assert str(victim) in err
     with pytest.raises(InputFileError):
         images.read_frame(victim, (NZ, NY))
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("tifffile")]
 
 
 def test_bad_output_paths_fail_before_processing(tmp_path, capsys):
