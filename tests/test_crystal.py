@@ -343,6 +343,9 @@ def test_read_hkls_round_trip(au_table, tmp_path):
     ("1 1 x 2.35 1 0.2 0.2 0.2 2.1 4.2 757", "column l must be a number, found 'x'"),
     ("1 1 1.5 2.35 1 0.2 0.2 0.2 2.1 4.2 757", "column l must be an integer, found '1.5'"),
     ("1 1 1 2.35 1 0.2 nan? 0.2 2.1 4.2 757", "column g2 must be a number"),
+    ("1 1 1 2.35 1 0.2 nan 0.2 2.1 4.2 757", "column g2 must be a finite number, found 'nan'"),
+    ("1 1 1 2.35 1 0.2 0.2 0.2 inf 4.2 757", "column Theta must be a finite number, found "
+                                             "'inf'"),
 ])
 def test_read_hkls_malformed(tmp_path, row, msg):
     path = tmp_path / "bad.csv"

@@ -102,6 +102,19 @@ def test_spot_files_round_trip_and_checks(au, ref_run, tmp_path):
     (tmp_path / "DiffractionSpots.bin").write_bytes(got.spots[:-1].tobytes())
     with pytest.raises(InputFileError, match="DiffractionSpots.bin: holds 381 spots but"):
         read_spot_files(tmp_path)
+    # NaN in the spots or the orientations ran through the fit (exit 0)
+    spots = got.spots.copy()
+    spots[7, 2] = np.nan
+    (tmp_path / "DiffractionSpots.bin").write_bytes(spots.tobytes())
+    with pytest.raises(InputFileError, match=r"DiffractionSpots.bin: record 7 is not finite "
+                                             r"\(.* nan\); 1 of 382 records$"):
+        read_spot_files(tmp_path)
+    write_spot_files(tmp_path, got)
+    orient = np.asarray(got.orient).copy()
+    orient[2, 4] = np.inf
+    (tmp_path / "OrientMat.bin").write_bytes(orient.tobytes())
+    with pytest.raises(InputFileError, match=r"OrientMat.bin: record 2 is not finite .* inf "):
+        read_spot_files(tmp_path)
 
 
 def test_cli_spots(ref_run, tmp_path, capsys):

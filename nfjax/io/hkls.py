@@ -9,6 +9,8 @@ the file and :class:`nfjax.crystal.HklTable`; it computes nothing.
 """
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 
@@ -97,6 +99,9 @@ def read_hkls_csv(path: str | os.PathLike) -> HklTable:
                 raise InputFileError(
                     f"{path}:{lineno}: column {columns[j]} must be a number, "
                     f"found {tokens[j]!r}") from None
+            if not math.isfinite(row[-1]):
+                raise InputFileError(f"{path}:{lineno}: column {columns[j]} must be a "
+                                     f"finite number, found {tokens[j]!r}")
         floats.append(row)
     if not floats:
         raise InputFileError(f"{path}: no reflections (expected lines of 11 numbers)")

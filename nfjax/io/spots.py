@@ -63,4 +63,11 @@ def read_spot_files(directory: str | os.PathLike) -> SpotTable:
     if total != spots.shape[0]:
         raise InputFileError(f"{directory / NAMES[1]}: holds {spots.shape[0]} spots but "
                              f"{NAMES[0]} counts {total}")
+    for name, values in ((NAMES[1], spots), (NAMES[2], orient)):
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InputFileError(f"{directory / name}: record {i} is not finite "
+                                 f"({' '.join(f'{v:g}' for v in values[i])}); "
+                                 f"{int(bad.sum())} of {len(values)} records")
     return SpotTable(key=key, spots=spots, orient=orient)
