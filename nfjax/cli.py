@@ -171,6 +171,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- spots
+def _warn_if_nothing_on_the_detector(params, n_lit: int, what: str) -> None:
+    """A geometry that puts no spot on the detector gives empty outputs, not an error: say
+    so, naming the keys to check."""
+    if n_lit == 0:
+        print(f"warning: {what}: no spot falls on the detector with the geometry of "
+              f"{params.source} (check Lsd, BC, tx/ty/tz, px, NrPixelsY/Z and OmegaRange/"
+              f"BoxSize)", file=sys.stderr)
+
+
 def _cmd_spots(args: argparse.Namespace) -> int:
     from nfjax.crystal import hkls_from_params, select_rings
     from nfjax.geometry import geometry_from_params
@@ -195,6 +204,7 @@ def _cmd_spots(args: argparse.Namespace) -> int:
     print(f"{len(spots)} orientations, {int(counts.sum())} spots "
           f"({counts.mean():.1f} per orientation) -> {out_dir}/Key.bin, DiffractionSpots.bin, "
           f"OrientMat.bin")
+    _warn_if_nothing_on_the_detector(params, int(counts.sum()), f"{seeds_path}")
     return 0
 
 
@@ -230,8 +240,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                   f"volume they belong with could not be written)", file=sys.stderr)
         raise
     shape = "x".join(str(s) for s in vol.shape)
-    print(f"rendered {n_rendered} of {n_total} voxels: {observe.count(vol)} lit pixels in a "
+    n_lit = observe.count(vol)
+    print(f"rendered {n_rendered} of {n_total} voxels: {n_lit} lit pixels in a "
           f"{shape} volume -> {out}")
+    if n_rendered:
+        _warn_if_nothing_on_the_detector(params, n_lit, f"{args.mic}")
     if args.tiff_dir:
         print(f"wrote {len(paths)} TIFF frames -> {args.tiff_dir}")
         if (params.blanket_subtraction or 0) < TIFF_NOISE_FLOOR:
@@ -261,6 +274,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
           f"{s.predicted} predicted, {s.observed} observed, {s.both} both lit pixels; "
           f"precision {s.precision:.4f}, recall {s.recall:.4f}, intersection over union "
           f"{s.iou:.4f}")
+    _warn_if_nothing_on_the_detector(params, s.predicted, f"{args.mic}")
     return 0
 
 

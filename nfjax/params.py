@@ -51,6 +51,9 @@ _FRACTION = _rule(lambda v: 0 <= v <= 1, "between 0 and 1")
 # 1.5 PB; the bound turns an extra digit into a parameter error instead of a failed
 # allocation deep inside a command.
 _DETECTOR = _rule(lambda v: 0 < v <= 65536, "between 1 and 65536 pixels")
+# At ±90° a tilt about y or z turns the detector edge-on to the beam, and a wedge of 90°
+# the rotation axis along it: nothing projects, every spot is lost without an error.
+_TILT = _rule(lambda v: -90 < v < 90, "strictly between -90 and 90 degrees")
 _SPACE_GROUP = _rule(lambda v: 1 <= v <= 230, "between 1 and 230")
 _LATTICE = _rule(lambda v: min(v[:3]) > 0 and all(0 < a < 180 for a in v[3:]),
                  "lengths a b c > 0 and angles strictly between 0 and 180 degrees")
@@ -126,9 +129,9 @@ class Params:
     bc: tuple[tuple[float, float], ...] = _k("BC", "ff", _REQUIRED, multi=True, labels="y z",
                                              group=_GEOMETRY)
     tx: float | None = _k("tx", "f", group=_GEOMETRY)
-    ty: float | None = _k("ty", "f", group=_GEOMETRY)
-    tz: float | None = _k("tz", "f", group=_GEOMETRY)
-    wedge: float = _k("Wedge", "f", 0.0, group=_GEOMETRY)
+    ty: float | None = _k("ty", "f", rule=_TILT, group=_GEOMETRY)
+    tz: float | None = _k("tz", "f", rule=_TILT, group=_GEOMETRY)
+    wedge: float = _k("Wedge", "f", 0.0, rule=_TILT, group=_GEOMETRY)
     px: float = _k("px", "f", _REQUIRED, rule=_POS, group=_GEOMETRY)
     nr_pixels_y: int = _k("NrPixelsY", "i", 2048, rule=_DETECTOR, group=_GEOMETRY)
     nr_pixels_z: int = _k("NrPixelsZ", "i", 2048, rule=_DETECTOR, group=_GEOMETRY)

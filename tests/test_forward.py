@@ -121,9 +121,22 @@ def test_cli_spots(ref_run, tmp_path, capsys):
     rc = main(["spots", str(ref_run / "params_used.txt"), str(ref_run / "seedOrientations.txt"),
                "-o", str(tmp_path)])
     assert rc == 0
-    assert "4 orientations, 382 spots" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "4 orientations, 382 spots" in out and err == ""
     got = read_spot_files(tmp_path)
     np.testing.assert_allclose(got.spots, read_spot_files(ref_run).spots, atol=1e-6, rtol=0)
+    # a geometry that puts no spot on the detector (Lsd of 1 nm) is said, not silent
+    text = (ref_run / "params_used.txt").read_text()
+    lines = [("Lsd 0.001" if ln.startswith("Lsd ") else ln) for ln in text.splitlines()]
+    params = tmp_path / "p.txt"
+    params.write_text("\n".join(lines) + "\n")
+    assert main(["spots", str(params), str(ref_run / "seedOrientations.txt"),
+                 "-o", str(tmp_path / "none")]) == 0
+    out, err = capsys.readouterr()
+    assert "4 orientations, 0 spots" in out
+    assert err == (f"warning: {ref_run / 'seedOrientations.txt'}: no spot falls on the "
+                   f"detector with the geometry of {params} (check Lsd, BC, tx/ty/tz, px, "
+                   f"NrPixelsY/Z and OmegaRange/BoxSize)\n")
 
 
 def test_simulate_reproduces_simulatenf_bits(au, midas_au, ref_run):

@@ -246,6 +246,19 @@ def test_non_finite_number_rejected():
         parse_params(BASE.replace("px 1.48", "px 1e999"), source="t.txt")
 
 
+def test_edge_on_tilts_and_wedge_rejected():
+    """ty or tz of ±90° puts the detector edge-on to the beam and a wedge of 90° the rotation
+    axis along it: every spot was lost without a word (0 spots, 0 lit pixels, exit 0)."""
+    for key, value in (("ty", "90"), ("tz", "-90"), ("Wedge", "1e308"), ("ty", "100000")):
+        text = BASE + f"{key} {value}\n"
+        line = text.count("\n")
+        with pytest.raises(ParamError, match=rf"^t.txt:{line}: {key}: expected a number "
+                                             rf"strictly between -90 and 90 degrees, found "):
+            parse_params(text, source="t.txt")
+    p = parse_params(BASE + "ty 89.5\nWedge -0.5\ntx 180\n", source="t.txt")
+    assert (p.ty, p.wedge, p.tx) == (89.5, -0.5, 180.0)
+
+
 def test_frames_mismatch_warns():
     p = parse_params(BASE + "NrFilesPerDistance 1000\n", source="t.txt")
     assert p.warnings == ("t.txt:18: NrFilesPerDistance is 1000 but EndNr - StartNr + 1 is "
