@@ -252,6 +252,24 @@ def test_implausible_mic_values_are_refused(tmp_path, column, name, value, limit
         read_mic(tmp_path / "t.mic")
 
 
+@pytest.mark.parametrize("value", [5.0, -1.0, 1.0000001])
+def test_confidence_outside_zero_one_is_refused(tmp_path, value):
+    """Confidence is a fraction of spot pixels found lit: 5 or -1 were clustered, plotted,
+    mapped and rendered (MinConfidence passed them) without a word."""
+    rec = np.zeros((3, 11))
+    rec[:, 5], rec[:, 10] = 1.0, 0.5
+    rec[0, 10] = 1.0                              # the bounds themselves are fine
+    rec[2, 10] = value
+    write_binary_mic(tmp_path / "b.mic", rec)
+    with pytest.raises(InputFileError, match=rf"^{tmp_path}/b.mic: record 2 \(byte 176\): "
+                       rf"Confidence: expected a fraction between 0 and 1, found "
+                       rf"{re.escape(repr(value))}$"):
+        read_mic(tmp_path / "b.mic")
+    rec[2, 10] = 0.0
+    write_binary_mic(tmp_path / "ok.mic", rec)
+    assert read_mic(tmp_path / "ok.mic").records[0, 10] == 1.0
+
+
 def test_euler_angles_in_degrees_are_refused(tmp_path):
     """A mic written with Euler angles in degrees (a hand-made ground truth) would render
     and compare silently wrong: an angle past 4 pi is refused on reading with the record

@@ -179,6 +179,15 @@ def _reject_bad_values(path: Path, table: np.ndarray, where) -> None:
                                  f"magnitude below {limit:g} ({unit}), found "
                                  f"{float(table[row, col])!r}: not a mic file, or corrupt")
     check_euler_radians(table[:, 7:10], lambda row: f"{path}{where(row)}")
+    if table.shape[1] > 10:
+        # the fraction of predicted spot pixels found lit: clustering, maps and MinConfidence
+        # all read it as one
+        conf = table[:, 10]
+        off = (conf < 0) | (conf > 1)
+        if off.any():
+            row = int(np.argmax(off))
+            raise InputFileError(f"{path}{where(row)}: Confidence: expected a fraction "
+                                 f"between 0 and 1, found {float(conf[row])!r}")
 
 
 def _as_records(records, width: int | None = 11) -> np.ndarray:
