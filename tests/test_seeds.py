@@ -215,14 +215,28 @@ def _grain_line(gid="7", matrix=None):
      "rotation: det 1, U·Uᵀ = I), found det 8 and U·Uᵀ off I by up to 3"),
     (_grain_line(matrix=-np.eye(3)), "columns 2-10 must be an orientation matrix (a "
      "rotation: det 1, U·Uᵀ = I), found det -1 and U·Uᵀ off I by up to 0"),
+    (_grain_line().replace("3.6 3.6", "-3.6 3.6", 1), "lattice (columns 14-19): expected a "
+     "b c > 0 (Å) and angles strictly between 0 and 180 degrees (or all 0), found -3.6 3.6 "
+     "3.6 90 90 90"),
+    (_grain_line().replace(" 90\n", " 180\n"), "lattice (columns 14-19): expected a b c > 0 "
+     "(Å) and angles strictly between 0 and 180 degrees (or all 0), found 3.6 3.6 3.6 90 90 "
+     "180"),
 ], ids=["id-nan", "id-inf", "id-huge", "matrix-nan", "matrix-zero", "matrix-scaled",
-        "matrix-improper"])
+        "matrix-improper", "lattice-negative", "lattice-flat"])
 def test_read_grains_refuses_non_finite_values_and_non_rotations(tmp_path, line, message):
     p = tmp_path / "g.csv"
     p.write_text("%hdr\n" + _grain_line("1") + line)
     with pytest.raises(InputFileError) as info:
         read_grains_csv(p)
     assert str(info.value) == f"{p}:3: {message}"
+
+
+def test_read_grains_takes_mic2grainslist_zero_lattice(tmp_path):
+    """Mic2GrainsList (``nfjax cluster``) writes a zero lattice without LatticeParameter;
+    such a Grains.csv still makes seeds (the fit takes the parameter file's lattice)."""
+    p = tmp_path / "g.csv"
+    p.write_text("%hdr\n" + _grain_line("1").replace("3.6 3.6 3.6 90 90 90", "0 0 0 0 0 0"))
+    assert read_grains_csv(p).lattice.tolist() == [[0.0] * 6]
 
 
 def test_text_readers_skip_a_byte_order_mark(tmp_path, capsys):

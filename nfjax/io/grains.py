@@ -54,6 +54,22 @@ class Grains:
         return int(self.ids.shape[0])
 
 
+def _check_lattices(path: Path, lattice: np.ndarray, linenos: list[int]) -> None:
+    """InputFileError at the first row whose lattice (columns 14-19) is not a cell: lengths
+    a b c > 0 Å and angles strictly between 0 and 180 degrees. All zeros is allowed: it is
+    what Mic2GrainsList (``nfjax cluster``) writes without a LatticeParameter, and the seeds
+    made from it are fitted with the parameter file's lattice."""
+    ok = (lattice[:, :3] > 0).all(axis=1) & ((lattice[:, 3:] > 0) & (lattice[:, 3:] < 180)).all(
+        axis=1)
+    ok |= (lattice == 0).all(axis=1)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        found = " ".join(f"{v:g}" for v in lattice[i])
+        raise InputFileError(f"{path}:{linenos[i]}: lattice (columns 14-19): expected a b c "
+                             f"> 0 (Å) and angles strictly between 0 and 180 degrees (or all "
+                             f"0), found {found}")
+
+
 def _positions_after_lattice(header_lines: list[str]) -> bool:
     """True when the file's own header puts x y z after the lattice (MIDAS's NF example).
 
@@ -123,6 +139,7 @@ def read_grains_csv(path: str | os.PathLike) -> Grains:
     width = min(len(r) for r in rows)
     table = np.array([r[:width] for r in rows], dtype=np.float64)
     _check_rotations(path, table[:, 1:10].reshape(-1, 3, 3), linenos)
+    _check_lattices(path, table[:, 13:19], linenos)
     pos_cols = slice(19, 22) if _positions_after_lattice(headers) else slice(10, 13)
     if pos_cols.start == 19 and width < 22:
         pos_cols = slice(10, 13)
