@@ -145,6 +145,9 @@ def _cmd_maps(args: argparse.Namespace) -> int:
     params = _read_params(args.params, required=False) if args.params else None
     mic = read_mic(args.mic)
     base = args.output or args.mic
+    if str(base).endswith(("/", os.sep)) or Path(base).is_dir():
+        raise NfjaxError(f"-o {base}: expected the maps' base name (it writes BASE.map, "
+                         f"BASE.map.kam, ...), found a folder")
     for path in map_paths(base):
         check_target(path)
     sg = args.space_group or map_symmetry(params)

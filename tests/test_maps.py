@@ -333,6 +333,21 @@ def test_maps_cli_on_text_and_binary_mic(tmp_path):
     assert not (tmp_path / "empty.bin.map").exists()
 
 
+def test_maps_output_that_is_a_folder_is_refused(tmp_path, capsys):
+    """``-o w/`` wrote the hidden files w/.map, w/.map.kam, ...; ``-o w`` with w a folder
+    wrote w.map beside it. -o is the maps' base name: a folder is an error."""
+    from nfjax.cli import main
+
+    write_text_mic(tmp_path / "a.mic", _synthetic())
+    (tmp_path / "w").mkdir()
+    for out in (f"{tmp_path / 'w'}/", str(tmp_path / "w"), f"{tmp_path / 'new'}/"):
+        assert main(["maps", str(tmp_path / "a.mic"), "-o", out]) == 2
+        assert capsys.readouterr().err == (
+            f"nfjax: error: -o {out}: expected the maps' base name (it writes BASE.map, "
+            f"BASE.map.kam, ...), found a folder\n")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.mic", "w"]
+
+
 def test_grain_boundary_at_exactly_gbangle_joins(monkeypatch):
     """ParseMic joins a neighbour whose misorientation is <= GBAngle: with the limit equal
     to the pair's misorientation to the last bit the grains join, one float below they do
