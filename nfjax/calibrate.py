@@ -238,7 +238,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
     """
     import optax
 
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import reflections
     from nfjax.forward import footprint_box
     from nfjax.geometry import geometry_from_params
     from nfjax.grid import triangle_vertices
@@ -266,8 +266,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
                          f"{pts.shape}")
     if not np.isfinite(pts[:, [3, 4, 7, 8, 9]]).all():
         raise NfjaxError("a calibration voxel has a non-finite X, Y or Euler angle")
-    table = hkls if hkls is not None else hkls_from_params(params)
-    table = select_rings(table, params.rings_to_use)
+    table = reflections(params, hkls)
     g, theta = jnp.asarray(table.g), jnp.asarray(table.theta)
     edge = float(params.edge_length_effective)
     rows = pts.copy()
@@ -460,7 +459,7 @@ def calibrate_whole_map(params, obs, records: np.ndarray, start: Geometry | None
     reconstruct again).
     ``log(line)`` gets a progress line per round.
     """
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import reflections
     from nfjax.geometry import geometry_from_params
     from nfjax.simulate import WholeMap
 
@@ -473,8 +472,7 @@ def calibrate_whole_map(params, obs, records: np.ndarray, start: Geometry | None
     if obs.shape != base.shape:
         raise NfjaxError(f"the observations are {obs.shape} (distances, frames, y, z) where "
                          f"{params.source} describes {base.shape}")
-    table = select_rings(hkls if hkls is not None else hkls_from_params(params),
-                         params.rings_to_use)
+    table = reflections(params, hkls)
     wmap = WholeMap(records, table.g, table.theta, obs, start, cell=cell,
                     max_memory=max_memory)
     x0, x = _vector(base), _vector(start)

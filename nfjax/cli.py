@@ -184,7 +184,7 @@ def _warn_if_nothing_on_the_detector(params, n_lit: int, what: str) -> None:
 
 
 def _cmd_spots(args: argparse.Namespace) -> int:
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import reflections
     from nfjax.geometry import geometry_from_params
     from nfjax.io.atomic import check_target
     from nfjax.io.seeds import read_seeds
@@ -199,7 +199,7 @@ def _cmd_spots(args: argparse.Namespace) -> int:
     quats = read_seeds(seeds_path)
     out_dir = Path(args.output) if args.output else params.output_dir
     check_target(out_dir / "Key.bin")               # before the work, not after it
-    table = select_rings(hkls_from_params(params), params.rings_to_use)
+    table = reflections(params)
     spots = make_diffraction_spots(quats, table.g, table.theta, geometry_from_params(params),
                                    max_memory=args.max_memory)
     write_spot_files(out_dir, spots)

@@ -612,6 +612,23 @@ def select_rings(table: HklTable, rings_to_use: Sequence[int]) -> HklTable:
     return table.take(np.concatenate(parts))
 
 
+def reflections(params, hkls: HklTable | None = None) -> HklTable:
+    """The reflections ``params`` fits with: its ``RingsToUse`` selected (:func:`select_rings`)
+    from ``hkls`` (default :func:`hkls_from_params`). A ring the table lacks is a
+    :class:`ParamError` naming the parameter file and the line of that ring."""
+    table = hkls if hkls is not None else hkls_from_params(params)
+    try:
+        return select_rings(table, params.rings_to_use)
+    except NfjaxError as exc:
+        rings = list(params.rings_to_use)
+        have = set(np.unique(table.ring).tolist())
+        k = next((i for i, r in enumerate(rings) if int(r) not in have), None)
+        lines = getattr(params, "lines", {}).get("RingsToUse", ())
+        source = getattr(params, "source", None) or "<parameters>"
+        at = f"{source}:{lines[k]}" if k is not None and k < len(lines) else source
+        raise ParamError(f"{at}: {exc}") from None
+
+
 def ring_summary(table: HklTable) -> list[str]:
     """One human-readable line per ring, e.g.
     ``ring  1  {1 1 1}  d=2.35559 A  theta=2.10419 deg  R=757.2 um  8 reflections``."""

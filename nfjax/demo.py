@@ -31,7 +31,7 @@ def _step(label: str, t0: float) -> float:
 
 def run_demo(out_dir: str | Path = "demo-output", progress: bool | None = None) -> int:
     from nfjax import __version__, observe
-    from nfjax.crystal import hkls_from_params, ring_summary, select_rings
+    from nfjax.crystal import hkls_from_params, reflections, ring_summary
     from nfjax.data import au_example
     from nfjax.geometry import geometry_from_params
     from nfjax.grid import grid_from_params
@@ -75,7 +75,7 @@ def run_demo(out_dir: str | Path = "demo-output", progress: bool | None = None) 
     quats = seeds_from_grains(grains)
     write_seeds_from_grains(out / "seeds.csv", quats, grains)
     t = _step(f"seeds.csv: {len(quats)} seed orientations from the far-field grains", t)
-    table = select_rings(hkls, params.rings_to_use)
+    table = reflections(params, hkls)
     geom = geometry_from_params(params)
     spots = make_diffraction_spots(quats, table.g, table.theta, geom, progress=progress)
     write_spot_files(out, spots)

@@ -953,7 +953,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     ``polish`` adds an optax pass on the smooth surrogate for each voxel's chosen solution
     (see :func:`polish_solutions`).
     """
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import reflections
 
     params.require("MinFracAccept", "OrientTol", why="by the fitter")
     t0 = time.perf_counter()
@@ -965,8 +965,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
     if tuple(obs.shape) != geom.shape:
         raise NfjaxError(f"observation volume has shape {tuple(obs.shape)}, the parameter "
                          f"file {params.source} describes {geom.shape}")
-    table = select_rings(hkls if hkls is not None else hkls_from_params(params),
-                         params.rings_to_use)
+    table = reflections(params, hkls)
     # One device copy of the words for every stage (jnp.asarray of host words copies).
     obs = observe.ObsVolume(jnp.asarray(obs.words), obs.shape)
     verts = triangle_vertices(grid)
@@ -1198,7 +1197,7 @@ def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
     """Key/DiffractionSpots/OrientMat.bin from the output folder (checked against the
     SeedOrientations file when it exists), or, when they are absent, MakeDiffrSpots from
     the seed file named by SeedOrientations (in memory)."""
-    from nfjax.crystal import select_rings
+    from nfjax.crystal import reflections
     from nfjax.io.spots import NAMES, read_spot_files
 
     from nfjax.io.seeds import read_seeds
@@ -1224,7 +1223,7 @@ def _load_spot_table(params, out: Path, hkls, geom, max_memory, progress):
     params.require("SeedOrientations",
                    why=f"because there is no {NAMES[0]} in {out} to take the spots from")
     quats = read_seeds(seeds)
-    table = select_rings(hkls, params.rings_to_use)
+    table = reflections(params, hkls)
     return make_diffraction_spots(quats, table.g, table.theta, geom, max_memory=max_memory,
                                   progress=progress)
 

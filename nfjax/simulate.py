@@ -99,10 +99,10 @@ def render_bits(eulers: np.ndarray, verts: np.ndarray, g: np.ndarray, theta: np.
 def simulate_records(params, records: np.ndarray, hkls, *, max_memory=None,
                      progress=None) -> observe.ObsVolume:
     """Observation volume of mic ``records (N,11)`` (all of them are rendered)."""
-    from nfjax.crystal import select_rings
+    from nfjax.crystal import reflections
 
     geom = geometry_from_params(params)
-    table = select_rings(hkls, params.rings_to_use)
+    table = reflections(params, hkls)
     if len(records) == 0:
         return observe.empty(geom.shape)
     verts = triangle_vertices(mic_grid_rows(records))
@@ -149,11 +149,16 @@ def score_mic(params, mic_path, obs: observe.ObsVolume, *, cell: float | None = 
 
     Returns ``(MapScore, n_rendered, n_total, cell)``.
     """
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import reflections
 
     records, n_total = _rendered_mic(params, mic_path)
+    if cell is None:
+        try:
+            cell = grid_cell(records)
+        except NfjaxError as exc:
+            raise NfjaxError(f"{mic_path}: {exc}") from None
     geom = geometry_from_params(params)
-    table = select_rings(hkls_from_params(params), params.rings_to_use)
+    table = reflections(params)
     wmap = WholeMap(records, table.g, table.theta, obs, geom, cell=cell,
                     max_memory=max_memory)
     return wmap.score(geom), len(records), n_total, wmap.cell

@@ -341,7 +341,7 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
     files, and the observations (SpotsInfo.bin's size, or every raw frame's TIFF header)."""
     from nfjax import observe
     from nfjax.chunking import parse_memory
-    from nfjax.crystal import hkls_from_params, select_rings
+    from nfjax.crystal import reflections
     from nfjax.grid import grid_from_params
     from nfjax.io.atomic import check_target, refuse_package_folder
     from nfjax.io.grains import read_grains_csv
@@ -360,11 +360,7 @@ def preflight(params, ff_seeds: bool, image_processing: bool = True,
                  allmatches_path(out / params.mic_file_binary), out / params.mic_file_text):
         check_target(path)
     parse_memory(max_memory)
-    table = hkls_from_params(params)          # names the parameter file itself
-    try:
-        select_rings(table, params.rings_to_use)
-    except NfjaxError as exc:
-        raise ParamError(f"{src}: {exc}") from None
+    reflections(params)          # names the parameter file itself, and a bad ring's line
     grid_from_params(params if params.grid_refactor is None else _loop_params(params, 0))
     quats = quats_all = None
     if ff_seeds:
@@ -453,13 +449,13 @@ def _grid(run: Run, name: str, params, path: Path, shared: Path | None = None):
 
 
 def _spots(run: Run, name: str, hkls, quats, out_dir: Path):
-    from nfjax.crystal import select_rings
+    from nfjax.crystal import reflections
     from nfjax.geometry import geometry_from_params
     from nfjax.io.spots import NAMES, read_spot_files, write_spot_files
     from nfjax.spots import make_diffraction_spots
 
     p = run.params
-    table = select_rings(hkls, p.rings_to_use)
+    table = reflections(p, hkls)
     geom = geometry_from_params(p)
     paths = [out_dir / n for n in NAMES]
     inputs = value_hash(array_hash(quats), array_hash(table.g), array_hash(table.theta),

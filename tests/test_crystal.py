@@ -314,6 +314,29 @@ def test_select_rings_unknown_ring(au_table):
     assert str(err.value) == "RingsToUse 14: no such ring in the reflection list (rings 1..13)"
 
 
+def test_reflections_name_the_line_of_a_missing_ring(tmp_path):
+    """``reflections(params)``: RingsToUse selected from the parameter file's own table; a
+    ring it lacks is named with the file and that ring's line (the message had neither:
+    'RingsToUse 999: no such ring ...')."""
+    from nfjax.crystal import reflections
+    from nfjax.data import au_example
+    from nfjax.params import read_params
+
+    text = open(au_example()["params"]).read()
+    path = tmp_path / "p.txt"
+    path.write_text(text + "RingsToUse 1\nRingsToUse 999\nRingsToUse 3\n")
+    params = read_params(path)
+    line = len(text.splitlines()) + 2
+    with pytest.raises(ParamError) as err:
+        reflections(params)
+    assert str(err.value) == (f"{path}:{line}: RingsToUse 999: no such ring in the reflection "
+                              f"list (rings 1..{int(hkls_from_params(params).ring.max())})")
+    path.write_text(text + "RingsToUse 3\nRingsToUse 1\n")
+    got = reflections(read_params(path))
+    full = hkls_from_params(read_params(path))
+    np.testing.assert_array_equal(got.g, select_rings(full, [3, 1]).g)
+
+
 def test_ring_summary(au_table):
     lines = ring_summary(au_table)
     assert len(lines) == 13

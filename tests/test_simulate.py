@@ -179,6 +179,13 @@ def test_cli_score(au_window, tmp_path, capsys):
     assert main(["score", str(src), str(tmp_path / "map.mic"), "--cell", "0"]) == 2
     assert capsys.readouterr().err == ("nfjax: error: --cell 0.0: expected a positive edge "
                                        "length in um\n")
+    # a mic whose grid edge cannot be inferred is named
+    write_text_mic(tmp_path / "one.mic", w["records"][:1])
+    assert main(["score", str(src), str(tmp_path / "one.mic")]) == 2
+    assert capsys.readouterr().err == (
+        f"nfjax: error: {tmp_path / 'one.mic'}: cannot tell the grid's edge length from the "
+        f"mic: no two voxels share a row (give it: --cell E on the command line, cell= in "
+        f"Python)\n")
     # a cell wider than the detector (2048 pixels of 1.48 um) was rendered: 1e9 aborted the
     # process inside XLA, 1e5 was killed for memory
     assert main(["score", str(src), str(tmp_path / "map.mic"), "--cell", "1e5"]) == 2

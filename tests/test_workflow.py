@@ -374,7 +374,7 @@ def _bad(out: Path, spec: str) -> list[str]:
 @pytest.mark.parametrize("spec, message", [
     ("bad_seeds", "seeds.csv:2: expected 4 numbers"),
     ("grains", "no grains found"),
-    ("rings", "params.txt: RingsToUse 99: no such ring"),
+    ("rings", ": RingsToUse 99: no such ring"),
     ("mask", "grid is empty after GridMask"),
     ("tomo", "tomo.bin: tomography image (TomoImage) not found"),
     ("memory", "--max-memory: expected a size"),
