@@ -63,6 +63,7 @@ def round_half_away(x: Array) -> Array:
 
 def _safe(x: Array, bad: Array, fill=1.0) -> Array:
     """Replace ``x`` by ``fill`` where ``bad`` (keeps gradients finite through ``where``)."""
+    x = jnp.asarray(x)
     return jnp.where(bad, jnp.asarray(fill, x.dtype), x)
 
 
