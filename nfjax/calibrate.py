@@ -565,12 +565,9 @@ def run_calibrate(args) -> int:
     mic = read_mic(args.mic) if args.mic else None
     points = calibration_points(params, mic, args.points)
     if whole_map:
-        from nfjax.simulate import select_rendered
+        from nfjax.simulate import rendered_records
 
-        map_records = select_rendered(mic.records, params.min_confidence)
-        if not len(map_records):
-            raise NfjaxError(f"{args.mic}: no voxel has confidence >= MinConfidence "
-                             f"({params.min_confidence}): there is no map to render")
+        map_records = rendered_records(params, mic, args.mic)
     with device_scope(args.device):
         from nfjax.geometry import geometry_from_params
 

@@ -215,8 +215,8 @@ def _cmd_spots(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from nfjax import observe
     from nfjax.io.atomic import check_target
-    from nfjax.simulate import (TIFF_BACKGROUND, TIFF_NOISE_FLOOR, simulate_mic,
-                                write_tiff_frames)
+    from nfjax.simulate import (TIFF_BACKGROUND, TIFF_NOISE_FLOOR, remove_frames,
+                                simulate_mic, write_tiff_frames)
 
     params = _read_params(args.params)
     out = check_target(Path(args.output) if args.output
@@ -236,11 +236,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     try:
         observe.write_spots_info(out, vol)
     except BaseException:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        if paths:
-            print(f"removed the {len(paths)} frame(s) written to {args.tiff_dir} (the "
-                  f"volume they belong with could not be written)", file=sys.stderr)
+        remove_frames(paths, f"written to {args.tiff_dir} (the volume they belong with "
+                             f"could not be written)")
         raise
     shape = "x".join(str(s) for s in vol.shape)
     n_lit = observe.count(vol)

@@ -650,7 +650,7 @@ class _FrameFile:
         """Any failure of tifffile on this frame (not a TIFF, truncated, a strip that does
         not decode) becomes a one-line error naming the file; tifffile's own log lines
         about it (one per bad tag: 16 for a damaged header) are not printed."""
-        _quiet_tifffile.depth = getattr(_quiet_tifffile, "depth", 0) + 1
+        _quiet_tifffile.depth += 1          # per thread: the class default is 0
         try:
             yield
         except InputFileError:

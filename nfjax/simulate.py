@@ -112,12 +112,9 @@ def simulate_records(params, records: np.ndarray, hkls, *, max_memory=None,
     return observe.from_bit_indices(geom.shape, bits)
 
 
-def _rendered_mic(params, mic_path) -> tuple[np.ndarray, int]:
-    """The records of ``mic_path`` that MIDAS renders (MinConfidence rule) and the number of
-    records in the file; an error if there is nothing to render."""
-    from nfjax.io.mic import read_mic
-
-    mic = read_mic(mic_path)
+def rendered_records(params, mic, mic_path) -> np.ndarray:
+    """The records of ``mic`` (a :class:`nfjax.io.mic.MicData` read from ``mic_path``) that
+    MIDAS renders (MinConfidence rule); an error naming the file if there are none."""
     if len(mic.records) == 0:
         raise NfjaxError(f"{mic_path}: expected voxel rows, found none (the mic file has no "
                          "voxels) — nothing to render")
@@ -125,7 +122,16 @@ def _rendered_mic(params, mic_path) -> tuple[np.ndarray, int]:
     if len(records) == 0:
         raise NfjaxError(f"{mic_path}: no voxel has confidence >= MinConfidence "
                          f"({params.min_confidence}) — nothing to render")
-    return records, len(mic.records)
+    return records
+
+
+def _rendered_mic(params, mic_path) -> tuple[np.ndarray, int]:
+    """:func:`rendered_records` of the mic file ``mic_path`` and the number of records in
+    the file."""
+    from nfjax.io.mic import read_mic
+
+    mic = read_mic(mic_path)
+    return rendered_records(params, mic, mic_path), len(mic.records)
 
 
 def simulate_mic(params, mic_path, *, max_memory=None, progress=None):
@@ -232,6 +238,12 @@ class WholeMap:
             raise NfjaxError(f"expected (N, 11) mic records to render, found shape "
                              f"{records.shape}")
         self.cell = float(cell) if cell is not None else grid_cell(records)
+        px = float(np.asarray(reference.px))
+        width = max(reference.shape[-2:])
+        if self.cell > width * px:
+            raise NfjaxError(f"a grid cell of {self.cell:g} um is wider than the detector "
+                             f"({width} pixels of {px:g} um): expected the grid's triangle "
+                             f"edge in um")
         rows = records.copy()
         rows[:, 5] = self.cell
         self.n_voxels = len(rows)
@@ -247,13 +259,7 @@ class WholeMap:
         self._keep = np.take_along_axis(valid, self._spots, axis=1)
         self._eul = rows[:, 7:10]
         self._verts = triangle_vertices(mic_grid_rows(rows))
-        px = float(np.asarray(reference.px))
         box = footprint_box(self.cell, px)
-        width = max(reference.shape[-2:])
-        if self.cell > width * px:
-            raise NfjaxError(f"a grid cell of {self.cell:g} um is wider than the detector "
-                             f"({width} pixels of {px:g} um): expected the grid's triangle "
-                             f"edge in um")
         per_voxel = k * box * box * reference.n_distances * 32
         self._chunk = chunk_size(len(rows), per_voxel, max_memory,
                                  what=f"one voxel rendered as a {self.cell:g} um triangle")
@@ -442,11 +448,19 @@ def write_tiff_frames(params, vol: observe.ObsVolume, directory: str | Path, *,
                     paths.append(path)
                     bar.update(1)
     except BaseException:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        if paths:
-            import sys
-            print(f"removed the {len(paths)} frame(s) of {n_dist * n_frames} written to "
-                  f"{directory} before the failure (an incomplete stack)", file=sys.stderr)
+        remove_frames(paths, f"of {n_dist * n_frames} written to {directory} before the "
+                             f"failure (an incomplete stack)")
         raise
     return paths
+
+
+def remove_frames(paths: list[Path], why: str) -> None:
+    """Delete TIFF frames written by :func:`write_tiff_frames` after a failure (an
+    incomplete stack would pass for a scan) and say so on stderr:
+    ``removed the N frame(s) <why>``."""
+    import sys
+
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        print(f"removed the {len(paths)} frame(s) {why}", file=sys.stderr)

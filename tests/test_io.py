@@ -437,14 +437,21 @@ def test_unwritable_output_folder_is_refused_before_writing(tmp_path, monkeypatc
         ro.chmod(0o755)
 
 
-def test_sigterm_removes_temporaries_and_exits_143(tmp_path):
-    """SIGTERM (kill, timeout, a scheduler's time limit) unwinds as Ctrl-C does: the
-    command's temporary output is removed, the target is untouched, the status is 143."""
+def _run_script(tmp_path, name: str, text: str, *args: str):
+    """Write a Python script into ``tmp_path`` and run it in a fresh interpreter."""
     import subprocess
     import sys
 
-    script = tmp_path / "term.py"
-    script.write_text(
+    script = tmp_path / name
+    script.write_text(text)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_sigterm_removes_temporaries_and_exits_143(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler's time limit) unwinds as Ctrl-C does: the
+    command's temporary output is removed, the target is untouched, the status is 143."""
+    text = (
         "import os, signal, sys, time\n"
         "import nfjax.io.hkls as h\n"
         "from nfjax.io.atomic import atomic_write\n"
@@ -462,8 +469,7 @@ def test_sigterm_removes_temporaries_and_exits_143(tmp_path):
     out.parent.mkdir()
     out.write_text("previous")
     params = au_params_copy(tmp_path)
-    proc = subprocess.run([sys.executable, str(script), "hkls", str(params), "-o", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = _run_script(tmp_path, "term.py", text, "hkls", str(params), "-o", str(out))
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "nfjax: terminated (SIGTERM)"
     assert sorted(p.name for p in out.parent.iterdir()) == ["hkls.csv"]
@@ -475,11 +481,8 @@ def test_sigterm_in_a_callback_is_not_lost(tmp_path):
     (JAX registers one) raised Terminated there, where Python prints "Exception ignored"
     and drops it: the command ran to the end and exited 0. It is delivered again outside
     the callback."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "term_del.py"
-    script.write_text(
+    proc = _run_script(
+        tmp_path, "term_del.py",
         "import os, signal, sys, time\n"
         "from nfjax import cli\n"
         "class Bomb:\n"
@@ -494,8 +497,6 @@ def test_sigterm_in_a_callback_is_not_lost(tmp_path):
         "    return 0\n"
         "cli._cmd_hkls = work\n"
         "sys.exit(cli.main(['hkls', 'x']))\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120)
     assert proc.returncode == 143, (proc.stdout, proc.stderr)
     assert "ran to the end" not in proc.stdout
     assert "Exception ignored" not in proc.stderr
@@ -506,11 +507,8 @@ def test_an_interrupted_command_line_skips_the_teardown(tmp_path):
     """``nfjax`` stopped by SIGTERM exits 143 without the interpreter's teardown, which
     crashed with SIGSEGV (status 139) in about a third of the runs stopped while XLA was
     compiling; in-process callers (``main([...])``) still get the status back."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "term_exit.py"
-    script.write_text(
+    proc = _run_script(
+        tmp_path, "term_exit.py",
         "import atexit, os, signal, sys, time\n"
         "from nfjax import cli\n"
         "def work(args):\n"
@@ -522,8 +520,6 @@ def test_an_interrupted_command_line_skips_the_teardown(tmp_path):
         "print('in process:', cli.main(['hkls', 'x']), flush=True)\n"
         "sys.argv = ['nfjax', 'hkls', 'x']\n"
         "sys.exit(cli.main())\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120)
     assert proc.returncode == 143, (proc.stdout, proc.stderr)
     assert proc.stdout == "in process: 143\n"
     assert proc.stderr.splitlines() == ["nfjax: terminated (SIGTERM)"] * 2
