@@ -238,6 +238,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
     """
     import optax
 
+    from nfjax import observe
     from nfjax.crystal import reflections
     from nfjax.forward import footprint_box
     from nfjax.geometry import geometry_from_params
@@ -276,7 +277,7 @@ def calibrate(params, obs, points: np.ndarray, hkls=None, *, steps: int = 300,
     euler0 = pts[:, 7:10].copy()
     u0 = euler_to_matrix_midas(jnp.asarray(euler0))
     n_pts = len(pts)
-    words, shape = obs.words, obs.shape
+    words, shape = observe.device_words(obs.words), obs.shape   # one transfer
 
     def turned(rot, mats):
         """``R(rot_p)·U_p`` for rotation vectors ``rot (M, 3)`` and matrices ``(M, 3, 3)``."""

@@ -249,7 +249,7 @@ def screen_counts(verts: np.ndarray, spots: np.ndarray, mask: np.ndarray, obs, g
     """
     fn = _screen_fn(geom.astype(dtype), box, obs.shape, sticky)
     t, o = fn(jnp.asarray(verts, dtype), jnp.asarray(spots, dtype), jnp.asarray(mask),
-              jnp.asarray(obs.words))
+              observe.device_words(obs.words))
     return np.asarray(t), np.asarray(o)
 
 
@@ -287,7 +287,7 @@ def screen(verts: np.ndarray, spot_table, obs, geom: Geometry, *, min_frac: floa
     vox_chunk = min(n_vox, 4096)
     or_chunk = chunk_size(n_or, per_pair * vox_chunk, max_memory, maximum=1 << 16)
     fn = _screen_fn(geom.astype(dtype), box, obs.shape, sticky)
-    words = jnp.asarray(obs.words)
+    words = observe.device_words(obs.words)
     spots_d = spots.astype(np.dtype(dtype))
     counts = np.zeros(n_vox, np.int64)
     found_v, found_o, found_f = [], [], []
@@ -656,7 +656,8 @@ def refine(euler0: np.ndarray, voxel: np.ndarray, cand: np.ndarray, verts: np.nd
     u0[cand] = np.asarray(euler_to_matrix_midas(jnp.asarray(euler0)))
     g_d, th_d = jnp.asarray(g, dtype), jnp.asarray(theta, dtype)
     tables = (jnp.asarray(u0, dtype), jnp.asarray(verts, dtype), jnp.asarray(cand_idx),
-              jnp.asarray(cand_mask), g_d, th_d, bragg_v(g_d, th_d), jnp.asarray(obs.words))
+              jnp.asarray(cand_mask), g_d, th_d, bragg_v(g_d, th_d),
+              observe.device_words(obs.words))
     centre = euler0 if param == "euler" else np.zeros_like(euler0)
     start = centre if start is None else np.asarray(start, np.float64)
     step = np.full((m, 3), step_frac * tol)
@@ -731,7 +732,7 @@ def exact_fracs(euler: np.ndarray, voxel: np.ndarray, verts: np.ndarray, g: np.n
                                              words))(e, vi)
 
     chunk = chunk_size(m, 2 * len(theta) * box_pixels(box) * 400, max_memory, maximum=1024)
-    words = jnp.asarray(obs.words)
+    words = observe.device_words(obs.words)
     parts = map_chunked(lambda e, vi: run(e, vi, words),
                         [np.asarray(euler).astype(dtype), np.asarray(voxel, np.int32)],
                         chunk, progress=False)
@@ -966,8 +967,8 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
         raise NfjaxError(f"observation volume has shape {tuple(obs.shape)}, the parameter "
                          f"file {params.source} describes {geom.shape}")
     table = reflections(params, hkls)
-    # One device copy of the words for every stage (jnp.asarray of host words copies).
-    obs = observe.ObsVolume(jnp.asarray(obs.words), obs.shape)
+    # One device copy of the words for every stage (shared with the host words on the CPU).
+    obs = observe.ObsVolume(observe.device_words(obs.words), obs.shape)
     verts = triangle_vertices(grid)
     edge = float(np.max(2 * grid[:, 4]))
     box = fit_box(edge, verts, table.theta, geom, spot_table.spots)
@@ -1181,7 +1182,7 @@ def polish_solutions(euler, frac, voxel, euler0, verts, g, theta, obs, geom: Geo
 
     chunk = chunk_size(m, 2 * len(theta) * window * window * frame_window * 400, max_memory,
                        maximum=256)
-    words = jnp.asarray(obs.words)
+    words = observe.device_words(obs.words)
     parts = map_chunked(lambda e, e0, vi: run(e, e0, vi, words),
                         [euler.astype(dtype), np.asarray(euler0).astype(dtype),
                          np.asarray(voxel, np.int32)], chunk, desc="polish", unit="voxel")

@@ -1033,8 +1033,10 @@ def _light_frames(params, L: int, files: list, words: np.ndarray, frame0: int,
         res = np.asarray(res)[:cnt]
         first = frame0 + f0 + j0            # volume frame of the batch's first frame
         if aligned:
-            w0 = first * frame_words
-            words[w0:w0 + cnt * frame_words] |= res.reshape(-1)
+            # Only the lit words: the volume's pages without a lit pixel stay untouched.
+            flat = res.reshape(-1)
+            lit = np.flatnonzero(flat)
+            words[first * frame_words + lit] |= flat[lit]
         else:
             # Unaligned frames (NY*NZ not a multiple of 32): set bits one by one.
             yz = np.swapaxes(res[:, ::-1, ::-1], 1, 2).reshape(cnt, -1)
@@ -1147,15 +1149,19 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
             raise NfjaxError(f"distance {L + 1}: expected 1..{nd} (nDistances), found {L + 1}")
     if base is not None and tuple(base.shape) != shape:
         raise ValueError(f"base volume shape {base.shape} != {shape}")
-    words = np.array(base.words, dtype=np.uint32, copy=True) if base is not None \
-        else np.zeros(observe.n_words(shape), dtype=np.uint32)
+    if base is not None:
+        words = observe.zero_words(observe.n_words(shape))
+        words[:] = np.asarray(base.words, dtype=np.uint32)
+    else:
+        words = observe.zero_words(observe.n_words(shape))
     budget_left = _budget_beside(params, max_memory, words.nbytes)
     per_distance_bits = nf * shape[2] * shape[3]
     parallel = comm is not None and comm.size > 1
     if parallel and not comm.is_root:
         progress = False
     for L in distances:
-        _clear_bits(words, L * per_distance_bits, (L + 1) * per_distance_bits)
+        if base is not None:      # a fresh volume is zero already (and left untouched)
+            _clear_bits(words, L * per_distance_bits, (L + 1) * per_distance_bits)
         median = _process_into(params, L, words, L * nf, progress=progress,
                                max_memory=budget_left, comm=comm, scratch=scratch)
         if median_dir_writer is not None:

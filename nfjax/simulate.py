@@ -263,7 +263,7 @@ class WholeMap:
         per_voxel = k * box * box * reference.n_distances * 32
         self._chunk = chunk_size(len(rows), per_voxel, max_memory,
                                  what=f"one voxel rendered as a {self.cell:g} um triangle")
-        self._words = jnp.asarray(obs.words)                # on the device once
+        self._words = observe.device_words(obs.words)      # on the device once
         self.observed = observe.count(obs)
 
         def chunk(geom, eul, verts, spots, keep, words):

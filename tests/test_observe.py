@@ -1,6 +1,9 @@
 """Observation volume: bit layout, round trips, lookup, and the MIDAS Au SpotsInfo fixture."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -142,12 +145,91 @@ def test_au_reference_volume(ref_run):
     assert expect.sum() > 1000  # the z+1 neighbours are often lit: the probe is not trivial
 
 
-@pytest.mark.slow
+def _holes_supported(directory) -> bool:
+    """Whether files in ``directory`` can have holes (most local file systems)."""
+    probe = directory / "hole-probe"
+    with open(probe, "wb") as fh:
+        fh.truncate(64 << 20)
+    blocks = os.stat(probe).st_blocks
+    probe.unlink()
+    return blocks * 512 < (1 << 20)
+
+
 def test_au_reference_full_file_roundtrip(ref_run, tmp_path):
     k = np.load(ref_run / "SpotsInfo_lit.npz")["index"]
     shape = (2, 1440, 2048, 2048)
     path = tmp_path / "SpotsInfo.bin"
-    observe.write_spots_info(path, observe.from_bit_indices(shape, k))
+    vol = observe.from_bit_indices(shape, k)
+    observe.write_spots_info(path, vol)
     assert path.stat().st_size == 1_509_949_440
+    if _holes_supported(tmp_path):
+        # Written sparse: the pages of zero words are holes, not 1.5 GB of disk.
+        assert path.stat().st_blocks * 512 < 40 << 20
     back = observe.read_spots_info(path, shape, mmap=True)
     np.testing.assert_array_equal(observe.lit_indices(back), np.sort(k))
+    np.testing.assert_array_equal(observe.lit_indices(observe.read_spots_info(path, shape)),
+                                  np.sort(k))
+
+
+def _pages_words(shape, rng):
+    """Bit indices of a volume several read buffers (16 MiB) long: words at page (1024
+    words) and buffer edges, the first and the last bit, and a random scatter."""
+    nb = observe.n_bits(shape)
+    edges = np.array([0, 1023, 1024, 1025, 2047, (1 << 22) - 1, 1 << 22, (1 << 22) + 1])
+    k = np.r_[edges * 32 + rng.integers(0, 32, edges.size), nb - 1,
+              rng.integers(0, nb, 300)]
+    return k[k < nb]
+
+
+@pytest.mark.parametrize("shape", [(1, 25, 2048, 2048), (1, 3, 1999, 4077)])
+def test_sparse_files_and_page_reads_keep_every_word(tmp_path, shape):
+    """The sparse writer and the page-skipping reader against plain bytes: a volume of
+    several read buffers (and, second case, a word count that is no whole number of
+    pages), written sparse and dense, read back whole, the MIDAS floor-sized file too."""
+    vol = observe.from_bit_indices(shape, _pages_words(shape, np.random.default_rng(3)))
+    plain = np.asarray(vol.words, dtype="<u4").tobytes()
+    sparse, dense = tmp_path / "sparse.bin", tmp_path / "dense.bin"
+    observe.write_spots_info(sparse, vol)
+    dense.write_bytes(plain)
+    assert sparse.read_bytes() == plain
+    if _holes_supported(tmp_path):
+        # Only the pages that hold a lit word take disk space.
+        pages = np.unique(np.flatnonzero(vol.words) // observe.PAGE_WORDS).size
+        assert sparse.stat().st_blocks * 512 <= 4096 * pages + (64 << 10) < len(plain)
+    for path in (sparse, dense):
+        np.testing.assert_array_equal(observe.read_spots_info(path, shape).words, vol.words)
+    floor_w, ceil_w = observe.file_words(shape)
+    if floor_w != ceil_w:
+        floor = tmp_path / "floor.bin"
+        floor.write_bytes(plain[:4 * floor_w])
+        back = observe.read_spots_info(floor, shape).words
+        np.testing.assert_array_equal(back[:floor_w], vol.words[:floor_w])
+        assert back[-1] == 0
+
+
+def test_reading_a_sparse_volume_leaves_its_zero_pages_alone(tmp_path):
+    """A 512 MiB volume with a few lit pixels is read without writing its zero pages: the
+    process's resident memory grows by far less than the volume (Linux only), and on the
+    CPU backend the device array shares the host words instead of copying them."""
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        pytest.skip("needs /proc/self/statm (Linux) to measure resident memory")
+    shape = (1, 128, 2048, 2048 * 4)     # 2**32 bits, 512 MiB
+    path = tmp_path / "big.bin"
+    vol = observe.from_bit_indices(shape, _pages_words(shape, np.random.default_rng(5)))
+    observe.write_spots_info(path, vol)
+    expect = vol.words[vol.words != 0]
+    del vol
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(statm.read_text().split()[1]) * page
+
+    before = resident()
+    back = observe.read_spots_info(path, shape)
+    on_device = observe.device_words(back.words)
+    grown = resident() - before
+    assert grown < 64 << 20, f"reading grew resident memory by {grown >> 20} MiB"
+    if jax.default_backend() == "cpu":
+        assert on_device.unsafe_buffer_pointer() == back.words.ctypes.data
+    np.testing.assert_array_equal(back.words[back.words != 0], expect)
