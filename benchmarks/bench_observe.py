@@ -14,7 +14,8 @@ it pays for memory the process has not touched yet:
 
 Prints the time to load, the peak resident memory of the process once the volume is on
 the device (the Python interpreter and JAX alone take about 0.1 GiB), the disk the file
-takes, and the lit pixels counted from the loaded words; ``--record`` appends the table to RESULTS.md.
+takes, and the lit pixels counted from the loaded words; ``--record`` appends the table
+to RESULTS.md.
 
     .venv/bin/python benchmarks/bench_observe.py [--repeat 3] [--record]
 """

@@ -74,6 +74,24 @@ def device_free_bytes(device=None) -> int:
     return host_available_bytes()
 
 
+def bucket(n: int) -> int:
+    """``n`` rounded up to the next size of a fixed ladder: powers of two up to 64, then
+    eight sizes per octave (72, 80, ..., 128, 144, ...: at most 12.5 % more than ``n``).
+
+    Every compiled kernel is specialised to its array shapes, so work whose size follows
+    the data (the winners of a pass, the voxels of a grid) would otherwise compile again
+    for each new size: 1.5-3 s per kernel on a CPU, 26 compilations in one small
+    multi-resolution run. Padded to the ladder, nearby sizes share one program (within a
+    run, and across runs through the compilation cache)."""
+    n = int(n)
+    if n <= 1:
+        return 1
+    if n <= 64:
+        return 1 << (n - 1).bit_length()
+    step = 1 << ((n - 1).bit_length() - 4)
+    return -(-n // step) * step
+
+
 def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None = None,
                *, device=None, fraction: float = 0.5, multiple: int = 1,
                maximum: int | None = None, cpu_waves: int = 1, minimum: int = 1,
@@ -82,8 +100,9 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
 
     The budget is ``max_memory`` if given, else ``fraction`` of the free device memory.
     The result is at least 1 (at least ``multiple``), a multiple of ``multiple``, at most
-    ``maximum`` and never larger than needed for ``n_items``. On the CPU backend it is
-    also at most ``n_items / cpu_waves`` (but not below ``minimum``): for lockstep pools,
+    ``maximum`` and never larger than ``n_items`` rounded up to :func:`bucket` (the padded
+    tail then lets nearby sizes share a compiled program). On the CPU backend it is
+    also at most ``n_items / cpu_waves`` (bucketed, but not below ``minimum``): for lockstep pools,
     where an idle slot costs as much as a busy one on a CPU but nothing extra on a GPU.
     The smallest chunk needing more than the device has free is an :class:`NfjaxError`
     naming ``what`` an item is (it would be killed or abort the process instead).
@@ -103,9 +122,9 @@ def chunk_size(n_items: int, bytes_per_item: int, max_memory: int | str | None =
     n = max(1, budget // max(1, int(bytes_per_item)))
     if maximum is not None:
         n = min(n, maximum)
-    n = min(n, max(1, n_items))
+    n = min(n, bucket(n_items))
     if cpu_waves > 1 and (device or default_device()).platform == "cpu":
-        n = min(n, max(minimum, -(-n_items // cpu_waves)))
+        n = min(n, max(minimum, bucket(-(-n_items // cpu_waves))))
     if multiple > 1:
         n = max(multiple, (n // multiple) * multiple)
     if max_memory is not None and n * bytes_per_item > budget:

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfjax import observe
-from nfjax.chunking import _pad_to, chunk_size, map_chunked, parse_memory, progress_bar
+from nfjax.chunking import (_pad_to, bucket, chunk_size, map_chunked, parse_memory,
+                             progress_bar)
 from nfjax.errors import InputFileError, NfjaxError
 from nfjax.forward import bragg_v, box_pixels, fit_box, predict_spots
 from nfjax.geometry import Geometry, geometry_from_params, tilt_matrix
@@ -652,18 +653,21 @@ def refine(euler0: np.ndarray, voxel: np.ndarray, cand: np.ndarray, verts: np.nd
     fn = _refine_fn(geom_d, box, obs.shape, sticky, pool, max_evals, param)
     euler0 = np.asarray(euler0, np.float64)
     cand = np.asarray(cand, np.int32)
-    u0 = np.zeros((cand_idx.shape[0], 3, 3))
-    u0[cand] = np.asarray(euler_to_matrix_midas(jnp.asarray(euler0)))
+    # The tables are padded to bucketed lengths (rows no problem refers to), so that
+    # passes of nearby sizes share the compiled program.
+    n_tab = bucket(cand_idx.shape[0])
+    u0 = np.zeros((n_tab, 3, 3))
+    u0[cand] = np.asarray(euler_to_matrix_midas(jnp.asarray(_pad_to(euler0, bucket(m)))))[:m]
     g_d, th_d = jnp.asarray(g, dtype), jnp.asarray(theta, dtype)
-    tables = (jnp.asarray(u0, dtype), jnp.asarray(verts, dtype), jnp.asarray(cand_idx),
-              jnp.asarray(cand_mask), g_d, th_d, bragg_v(g_d, th_d),
-              observe.device_words(obs.words))
+    tables = (jnp.asarray(u0, dtype), _bucketed(verts, dtype),
+              jnp.asarray(_pad_to(cand_idx, n_tab)), jnp.asarray(_pad_to(cand_mask, n_tab)),
+              g_d, th_d, bragg_v(g_d, th_d), observe.device_words(obs.words))
     centre = euler0 if param == "euler" else np.zeros_like(euler0)
     start = centre if start is None else np.asarray(start, np.float64)
     step = np.full((m, 3), step_frac * tol)
     tol_d = jnp.asarray(tol, dtype)
     # A queue chunk holds many pools' worth of problems; memory per queued problem is tiny.
-    queue = max(pool, min(m, 64 * pool))
+    queue = max(pool, min(bucket(m), 64 * pool))
     parts = map_chunked(lambda a, b, c, d, e: fn(a, b, c, tol_d, d, e, *tables),
                         [centre.astype(dtype), start.astype(dtype), step.astype(dtype),
                          np.asarray(voxel, np.int32), cand],
@@ -681,6 +685,14 @@ def refine(euler0: np.ndarray, voxel: np.ndarray, cand: np.ndarray, verts: np.nd
     return x, eul, frac, nev
 
 
+def _bucketed(table, dtype) -> jax.Array:
+    """A table indexed by the problems (the voxels' triangles) on the device, its rows
+    padded to :func:`nfjax.chunking.bucket`: an argument of the compiled program, not a
+    constant, so that one compilation serves every grid of nearby size."""
+    table = np.asarray(table)
+    return jnp.asarray(_pad_to(table, bucket(len(table))), dtype)
+
+
 def missed_reflections(euler: np.ndarray, cand: np.ndarray, cand_idx: np.ndarray,
                        cand_mask: np.ndarray, g: np.ndarray, theta: np.ndarray,
                        geom: Geometry, *, max_memory=None) -> np.ndarray:
@@ -690,7 +702,7 @@ def missed_reflections(euler: np.ndarray, cand: np.ndarray, cand_idx: np.ndarray
     r = int(np.shape(theta)[0])
     if m == 0:
         return np.zeros(0, bool)
-    member = np.zeros((cand_idx.shape[0], r), bool)
+    member = np.zeros((bucket(cand_idx.shape[0]), r), bool)
     rows = np.repeat(np.arange(cand_idx.shape[0]), cand_idx.shape[1])
     member[rows[cand_mask.ravel()], cand_idx.ravel()[cand_mask.ravel()]] = True
     g_j, th_j = jnp.asarray(g, jnp.float64), jnp.asarray(theta, jnp.float64)
@@ -724,16 +736,16 @@ def exact_fracs(euler: np.ndarray, voxel: np.ndarray, verts: np.ndarray, g: np.n
     eye = jnp.eye(3, dtype=dtype)
     g_d, th_d = jnp.asarray(g, dtype), jnp.asarray(theta, dtype)
     v_d = bragg_v(g_d, th_d)
-    verts_d = jnp.asarray(verts, dtype)
+    verts_d = _bucketed(verts, dtype)
 
     @jax.jit
-    def run(e, vi, words):
+    def run(e, vi, verts_d, words):
         return 1.0 - jax.vmap(lambda a, b: f(a, eye, verts_d[b], g_d, th_d, v_d, ones,
                                              words))(e, vi)
 
     chunk = chunk_size(m, 2 * len(theta) * box_pixels(box) * 400, max_memory, maximum=1024)
     words = observe.device_words(obs.words)
-    parts = map_chunked(lambda e, vi: run(e, vi, words),
+    parts = map_chunked(lambda e, vi: run(e, vi, verts_d, words),
                         [np.asarray(euler).astype(dtype), np.asarray(voxel, np.int32)],
                         chunk, progress=False)
     return np.concatenate(parts).astype(np.float64)
@@ -818,7 +830,7 @@ def select_solutions(winners: Winners, euler: np.ndarray, frac: np.ndarray, n_vo
     counts = np.bincount(winners.voxel, minlength=n_voxels)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     has = np.flatnonzero(counts)
-    width = int(counts.max())
+    width = bucket(int(counts.max()))     # padding columns are not ``valid``
     fn = _select_fn(int(n_save), math.radians(float(min_miso_deg)),
                     symmetry_quaternions(int(space_group)))
     # Pad winners per voxel to the widest voxel; chunk over voxels.
@@ -1159,7 +1171,7 @@ def polish_solutions(euler, frac, voxel, euler0, verts, g, theta, obs, geom: Geo
     tol = math.radians(float(tol_deg))
     geom_d = geom.astype(dtype)
     g_d, th_d = jnp.asarray(g, dtype), jnp.asarray(theta, dtype)
-    verts_d = jnp.asarray(verts, dtype)
+    verts_d = _bucketed(verts, dtype)
     opt = optax.adam(learning_rate)
 
     def loss(e, vv, words):
@@ -1167,7 +1179,7 @@ def polish_solutions(euler, frac, voxel, euler0, verts, g, theta, obs, geom: Geo
                              window=window, frame_window=frame_window)
 
     @jax.jit
-    def run(e, e0, vi, words):
+    def run(e, e0, vi, verts_d, words):
         vv = verts_d[vi]
         grad = jax.vmap(jax.grad(loss), in_axes=(0, 0, None))
 
@@ -1183,7 +1195,7 @@ def polish_solutions(euler, frac, voxel, euler0, verts, g, theta, obs, geom: Geo
     chunk = chunk_size(m, 2 * len(theta) * window * window * frame_window * 400, max_memory,
                        maximum=256)
     words = observe.device_words(obs.words)
-    parts = map_chunked(lambda e, e0, vi: run(e, e0, vi, words),
+    parts = map_chunked(lambda e, e0, vi: run(e, e0, vi, verts_d, words),
                         [euler.astype(dtype), np.asarray(euler0).astype(dtype),
                          np.asarray(voxel, np.int32)], chunk, desc="polish", unit="voxel")
     pol = np.concatenate(parts).astype(np.float64)

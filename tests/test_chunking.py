@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nfjax  # noqa: F401
-from nfjax.chunking import chunk_size, map_chunked, parse_memory
+from nfjax.chunking import bucket, chunk_size, map_chunked, parse_memory
 from nfjax.errors import NfjaxError
 
 
@@ -29,9 +29,27 @@ def test_chunk_size_budget_multiple_maximum():
     # 1 MiB budget, 1000 bytes per item -> 1048 items, rounded down to a multiple of 8.
     assert chunk_size(10**6, 1000, "1MiB", multiple=8) == 1048
     assert chunk_size(10**6, 1000, "1MiB", maximum=100) == 100
-    assert chunk_size(37, 1000, "1MiB") == 37                 # never more than needed
+    # never more than needed, rounded up to the bucket ladder
+    assert chunk_size(37, 1000, "1MiB") == 64
+    assert chunk_size(1000, 1000, "1MiB") == 1024
+    assert chunk_size(1000, 1000, "1000KB") == 1024           # the budget still bounds it
+    assert chunk_size(1000, 1000, "900KB") == 921
     assert chunk_size(10, 10**9, "1MiB") == 1                 # at least one item
     assert chunk_size(10, 10**9, "1MiB", multiple=8) == 8
+
+
+def test_bucket_ladder():
+    """Sizes that follow the data are padded to a fixed ladder, so nearby sizes share one
+    compiled program: powers of two up to 64, then eight steps per octave."""
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 17, 33, 64)] == [1, 1, 2, 4, 8, 32, 64, 64]
+    assert [bucket(n) for n in (65, 72, 73, 129, 132, 1000, 4097)] == [
+        72, 72, 80, 144, 144, 1024, 4608]
+    sizes = np.arange(1, 20000)
+    up = np.array([bucket(n) for n in sizes])
+    assert np.all(up >= sizes) and np.all(np.diff(up) >= 0)
+    assert np.all(up[sizes > 64] <= 1.125 * sizes[sizes > 64])      # at most 12.5 % padding
+    # 7 sizes up to 64, 8 in each octave to 16384, and 18432, 20480
+    assert len(np.unique(up)) == 7 + 8 * 8 + 2
 
 
 def test_budget_below_one_unit_warns_once(capsys, monkeypatch):
@@ -44,7 +62,7 @@ def test_budget_below_one_unit_warns_once(capsys, monkeypatch):
                            "work (3 MB): it runs one unit at a time, above the budget; give "
                            "at least that")
     assert chunk_size(10, 3 << 20, "1MiB") == 1
-    assert chunk_size(10, 1000, "1MiB") == 10                    # within the budget
+    assert chunk_size(10, 1000, "1MiB") == 16                    # within the budget
     assert capsys.readouterr().err == ""                          # said once
 
 

@@ -676,11 +676,24 @@ def _multi_small_setup(out: Path, spotsinfo: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def multi_small(tmp_path_factory, spotsinfo):
-    """One uninterrupted single-process multi-resolution run of :func:`_multi_small_setup`."""
-    out = tmp_path_factory.mktemp("multi") / "run"
-    final = reconstruct(_multi_small_setup(out, spotsinfo), image_processing=False,
-                        progress=False)
-    return out, final
+    """One uninterrupted single-process multi-resolution run of :func:`_multi_small_setup`,
+    read-only for the tests. Under pytest-xdist the workers share it: the first to need it
+    runs it (about 30 s) under a lock, the others wait for it and read its files."""
+    import fcntl
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker else root          # the run's folder, common to the workers
+    out = root / "multi_small" / "run"
+    done = root / "multi_small" / "done"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / "multi_small.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            final = reconstruct(_multi_small_setup(out, spotsinfo), image_processing=False,
+                                progress=False)
+            done.write_text(final.name)
+    return out, out / done.read_text()
 
 
 # Every file a multi-resolution run writes (beside the logs and the map).
