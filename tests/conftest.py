@@ -94,18 +94,3 @@ def _once_per_process_messages_start_untold(monkeypatch):
 
     monkeypatch.setattr(errors, "_said", set())
 
-
-# The modules whose tests take minutes (whole reconstructions, MPI jobs, calibrations) run
-# first. pytest-xdist hands tests out in collection order, so the long ones then start
-# while the many short ones fill in beside them, instead of running last on one worker
-# while the other waits (the suite's wall time on 2 cores).
-_LONG_FIRST = ("test_workflow.py", "test_calibrate.py", "test_fit.py", "test_score.py",
-               "test_simulate.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    def rank(item) -> int:
-        name = item.path.name
-        return _LONG_FIRST.index(name) if name in _LONG_FIRST else len(_LONG_FIRST)
-
-    items.sort(key=rank)      # stable: each module's tests keep their order, together
