@@ -476,6 +476,9 @@ def test_mpiexec_two_ranks_equals_one_process(tmp_path, spotsinfo):
         assert a[name] == b[name], name
 
 
+# About 45 s cold (three ranks, each compiling): kept out of the default run, which must
+# stay under 15 minutes on 2 cores; two ranks against one process run by default above.
+@pytest.mark.slow
 def test_mpiexec_more_ranks_than_voxels(tmp_path, spotsinfo):
     """3 ranks for a 2-voxel grid (as a retry pass of a few voxels can be): the rank with
     no rows fits nothing instead of failing on an empty grid, and the files are those of
