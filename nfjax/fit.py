@@ -980,7 +980,7 @@ def fit_grid(params, grid: np.ndarray, spot_table, obs, hkls=None, *, max_memory
                          f"file {params.source} describes {geom.shape}")
     table = reflections(params, hkls)
     # One device copy of the words for every stage (shared with the host words on the CPU).
-    obs = observe.ObsVolume(observe.device_words(obs.words), obs.shape)
+    obs = obs.to_device()
     verts = triangle_vertices(grid)
     edge = float(np.max(2 * grid[:, 4]))
     box = fit_box(edge, verts, table.theta, geom, spot_table.spots)

@@ -1149,11 +1149,9 @@ def process_all(params, distances: Sequence[int] | None = None, max_memory: int 
             raise NfjaxError(f"distance {L + 1}: expected 1..{nd} (nDistances), found {L + 1}")
     if base is not None and tuple(base.shape) != shape:
         raise ValueError(f"base volume shape {base.shape} != {shape}")
+    words = observe.zero_words(observe.n_words(shape))
     if base is not None:
-        words = observe.zero_words(observe.n_words(shape))
         words[:] = np.asarray(base.words, dtype=np.uint32)
-    else:
-        words = observe.zero_words(observe.n_words(shape))
     budget_left = _budget_beside(params, max_memory, words.nbytes)
     per_distance_bits = nf * shape[2] * shape[3]
     parallel = comm is not None and comm.size > 1

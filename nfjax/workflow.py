@@ -475,6 +475,8 @@ def _spots(run: Run, name: str, hkls, quats, out_dir: Path):
 
 
 def _observations(run: Run):
+    """The observation volume on the device, once for every fit stage of the run (a GPU's
+    copy is made once, not per stage; on the CPU the host words are shared)."""
     from nfjax import observe
 
     p = run.params
@@ -483,8 +485,8 @@ def _observations(run: Run):
     if not run.image_processing:      # preflight checked that it is there
         # Seconds for a large volume (1.5 GB for the Au example): say what the wait is.
         t0 = time.perf_counter()
-        vol = _on_device(run.comm.share(observe.read_spots_info(path, shape)
-                                        if run.comm.is_root else None))
+        vol = run.comm.share(observe.read_spots_info(path, shape)
+                             if run.comm.is_root else None).to_device()
         run.log.info("observations   %s (%.2f GB) read in %.1f s", path,
                      vol.words.size * 4 / 1e9, time.perf_counter() - t0)
         return vol
@@ -513,14 +515,8 @@ def _observations(run: Run):
                 run.log.info("warning: %s", warning)
         return vol
 
-    return _on_device(run.stage("images", inputs, [path, *medians], compute,
-                                lambda: observe.read_spots_info(path, shape)))
-
-
-def _on_device(vol):
-    """The observation words as one device array for every fit stage of the run (a GPU's
-    copy is made once, not per stage; on the CPU the host words are shared)."""
-    return vol.to_device()
+    return run.stage("images", inputs, [path, *medians], compute,
+                     lambda: observe.read_spots_info(path, shape)).to_device()
 
 
 def _fit(run: Run, name: str, params, grid, spots, obs, hkls, bin_path: Path,

@@ -93,4 +93,3 @@ def _once_per_process_messages_start_untold(monkeypatch):
     from nfjax import errors
 
     monkeypatch.setattr(errors, "_said", set())
-
